@@ -1,0 +1,79 @@
+"""Exponential backoff with jitter, so a fleet does not retry in lockstep."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from machine import Event
+
+from ._driver import Envelope, StateContext
+
+
+class Backoff:
+    """Delays that double from `initial` up to `maximum`, each shaved by up to `jitter`.
+
+    The n-th delay (counting from 0) is drawn from
+    ``[base * (1 - jitter), base]`` with ``base = min(maximum, initial * multiplier**n)``,
+    so no delay ever exceeds what the operator configured.
+    """
+
+    def __init__(
+        self,
+        initial: float,
+        maximum: float,
+        *,
+        multiplier: float = 2.0,
+        jitter: float = 0.2,
+        rng: random.Random | None = None,
+    ) -> None:
+        if initial <= 0 or maximum < initial:
+            raise ValueError(f"backoff needs 0 < initial <= maximum, got {initial=} {maximum=}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"backoff jitter must be in [0, 1), got {jitter}")
+        if multiplier < 1:
+            raise ValueError(f"backoff multiplier must be >= 1, got {multiplier}")
+        self.initial = initial
+        self.maximum = maximum
+        self.multiplier = multiplier
+        self.jitter = jitter
+        self._rng = rng or random.Random()
+        self._attempt = 0
+
+    @property
+    def attempt(self) -> int:
+        """How many delays have been handed out since the last reset."""
+        return self._attempt
+
+    def base(self, attempt: int) -> float:
+        # Cap the exponent so a long outage cannot overflow the float.
+        return min(self.maximum, self.initial * self.multiplier ** min(attempt, 64))
+
+    def next_delay(self) -> float:
+        base = self.base(self._attempt)
+        self._attempt += 1
+        return base * (1 - self.jitter * self._rng.random())
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+class BackoffActivity:
+    """The `reconnecting` state's activity: sleep the next delay, then say so.
+
+    CONNECTED resets it (the RESET_BACKOFF effect), so one good connection
+    brings the next reconnect back to the initial delay.
+    """
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.backoff = backoff
+        self.last_delay: float | None = None
+
+    async def __call__(self, context: StateContext) -> None:
+        self.last_delay = self.backoff.next_delay()
+        await trio.sleep(self.last_delay)
+        await context.emit(Event.BACKOFF_ELAPSED)
+
+    def reset(self, _envelope: Envelope | None = None) -> None:
+        self.backoff.reset()

@@ -1,0 +1,190 @@
+"""The `pullwake` command line. The only place that configures logging or installs signal handlers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import structlog
+import trio
+
+import machine
+
+from ._config import Settings, load_settings
+from ._exceptions import ConfigError, StopError, WakeStreamClosed
+from ._logging import LEVELS, configure_logging
+from ._runner import Runner
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_CONFIG = 78
+
+log = structlog.get_logger("pullwake.cli")
+
+
+def _fail_config(error: ConfigError) -> NoReturn:
+    click.echo(f"pullwake: {error}", err=True)
+    sys.exit(EX_CONFIG)
+
+
+def _settings(config: Path | None, **flags: Any) -> Settings:
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    try:
+        settings = load_settings(config, overrides)
+    except ConfigError as error:
+        _fail_config(error)
+    # systemd hands us these directories (StateDirectory=, RuntimeDirectory=); explicit settings win.
+    defaults: dict[str, Any] = {}
+    if settings.state_dir is None and (state := os.environ.get("STATE_DIRECTORY")):
+        defaults["state_dir"] = Path(state.split(":")[0])
+    if settings.control_socket is None and (runtime := os.environ.get("RUNTIME_DIRECTORY")):
+        defaults["control_socket"] = Path(runtime.split(":")[0]) / "control.sock"
+    return settings.model_copy(update=defaults) if defaults else settings
+
+
+config_option = click.option(
+    "--config",
+    "-c",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="PULLWAKE_CONFIG",
+    help="TOML configuration file (env: PULLWAKE_CONFIG).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="pullwake-runner")
+def main() -> None:
+    """Follow Durable Streams pull-wake subscriptions: claim, run handlers, ack."""
+
+
+@main.command()
+@config_option
+@click.option("--server-url", help="Durable Streams server base URL.")
+@click.option("--runner-id", help="Worker name used when claiming.")
+@click.option("--wake-stream", help="Wake stream to follow.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint directory.")
+@click.option("--live-mode", type=click.Choice(["sse", "long-poll"]), help="How to follow the wake stream.")
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
+def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> None:
+    """Run the worker until SIGTERM or SIGINT (a second signal skips the drain wait)."""
+    settings = _settings(config, **flags)
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        runner = Runner(settings)
+        code = trio.run(_serve, runner)
+    except ConfigError as error:
+        _fail_config(error)
+    sys.exit(code)
+
+
+async def _serve(runner: Runner) -> int:
+    problems: list[BaseException] = []
+    fatal = False
+    try:
+        async with trio.open_nursery() as nursery:
+            await runner.start(nursery)
+            with trio.CancelScope() as listening:
+                nursery.start_soon(_watch_signals, runner, nursery, problems, listening)
+                await runner.wait_stopped()
+                listening.cancel()
+    except* WakeStreamClosed as group:
+        log.error("runner.fatal", error=str(group.exceptions[0]))
+        fatal = True
+    return EX_FAILURE if fatal or problems else EX_OK
+
+
+async def _watch_signals(
+    runner: Runner, nursery: trio.Nursery, problems: list[BaseException], listening: trio.CancelScope
+) -> None:
+    with listening, trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        stopping = False
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stopping:
+                stopping = True
+                log.info("signal.stop", signal=name, detail="draining in-flight claims")
+                nursery.start_soon(_stop, runner, problems)
+            else:
+                log.warning("signal.again", signal=name, detail="skipping the drain wait; finalizers still run")
+                runner.interrupt()
+
+
+async def _stop(runner: Runner, problems: list[BaseException]) -> None:
+    try:
+        await runner.stop()
+    except StopError as error:
+        problems.extend(error.errors)
+        for problem in error.errors:
+            log.error("stop.problem", error=str(problem))
+
+
+@main.command()
+@click.option("--port", default=4437, show_default=True, help="Loopback port (0 picks a free one).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep streams on disk here.")
+@click.option("--long-poll-timeout", default=30.0, show_default=True, help="Seconds a live read is held open.")
+@click.option("--install-only", is_flag=True, help="Install the pinned server into the cache and exit.")
+def dev(port: int, data_dir: Path | None, long_poll_timeout: float, install_only: bool) -> None:
+    """Run the pinned Durable Streams reference server on 127.0.0.1 (installs it on first use)."""
+    from ._devserver import PACKAGE, VERSION, DevServer, DevServerError, install
+
+    server = DevServer(port=port, data_dir=data_dir, long_poll_timeout=long_poll_timeout)
+    try:
+        if install_only:
+            click.echo(f"{PACKAGE}@{VERSION} installed in {install()}")
+            return
+        url = server.start()
+    except DevServerError as error:
+        click.echo(f"pullwake dev: {error}", err=True)
+        sys.exit(EX_FAILURE)
+    click.echo(f"reference server listening on {url} (stream root /v1/stream); Ctrl-C to stop")
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@main.command()
+@click.option("--jobs", default=300, show_default=True, help="How many jobs to append.")
+def demo(jobs: int) -> None:
+    """Start a local reference server, run a runner with an example handler, and show it working."""
+    from ._demo import demo as run_demo
+
+    configure_logging("warning", "console", stream=sys.stderr)
+    sys.exit(trio.run(run_demo, jobs))
+
+
+@main.command("machine")
+@click.option("--mermaid", "as_mermaid", is_flag=True, help="Print a Mermaid stateDiagram-v2 instead of the table.")
+def show_machine(as_mermaid: bool) -> None:
+    """Print the lifecycle: the (event x state) table, or the Mermaid diagram."""
+    click.echo(machine.mermaid() if as_mermaid else machine.table_text(), nl=False)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect the configuration."""
+
+
+@config_group.command("check")
+@config_option
+def config_check(config: Path | None) -> None:
+    """Validate the configuration and print the effective settings (secrets redacted)."""
+    settings = _settings(config)
+    try:
+        settings.service_token()
+        Runner(settings)._resolved_handlers()
+    except ConfigError as error:
+        _fail_config(error)
+    document = settings.model_dump(mode="json")
+    for key in ("token",):
+        if document.get(key) is not None:
+            document[key] = "**********"
+    click.echo(json.dumps(document, indent=2))

@@ -1,0 +1,269 @@
+"""Configuration: defaults < TOML file < PULLWAKE_* environment < explicit overrides (CLI flags)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from ._exceptions import ConfigError
+
+CREDENTIAL_NAME = "pullwake-token"
+"""The name of the systemd credential holding the service token (LoadCredential=)."""
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _default_runner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _stream_path(value: str) -> str:
+    path = value.strip().strip("/")
+    if not path:
+        raise ValueError("must name a stream, e.g. 'wake/pool'")
+    if "?" in path or "#" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"{value!r} is not a valid stream path")
+    return path
+
+
+class SubscriptionSpec(BaseModel):
+    """One pull-wake subscription this runner serves (and, if `manage`, keeps in place)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Subscription id on the server.")
+    pattern: str | None = Field(None, description="Glob of streams to follow, e.g. 'jobs/*'.")
+    streams: tuple[str, ...] = Field((), description="Explicit list of streams to follow.")
+    lease_ttl_ms: int = Field(30_000, ge=1_000, le=600_000, description="Lease length the server grants a claim.")
+    description: str | None = None
+    handler: str | None = Field(None, description="Python handler as 'module:function'.")
+    command: tuple[str, ...] | None = Field(None, description="External command handler: argv list.")
+    manage: bool = Field(True, description="Create/confirm the subscription on the server after every connect.")
+    dead_letter_stream: str | None = Field(None, description="Where exhausted batches go; overrides the default.")
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (no slashes)")
+        return value
+
+    @field_validator("streams")
+    @classmethod
+    def _valid_streams(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_stream_path(stream) for stream in value)
+
+    @field_validator("command")
+    @classmethod
+    def _valid_command(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and not value:
+            raise ValueError("must name a program to run")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SubscriptionSpec:
+        if self.manage and not self.pattern and not self.streams:
+            raise ValueError("a managed subscription needs 'pattern' or 'streams'")
+        if self.handler and self.command:
+            raise ValueError("give either 'handler' or 'command', not both")
+        return self
+
+
+_toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
+
+
+class Settings(BaseSettings):
+    """Everything the runner can be told. Every key can come from `PULLWAKE_<KEY>`."""
+
+    model_config = SettingsConfigDict(env_prefix="PULLWAKE_", extra="forbid", validate_default=True)
+
+    # Where the work is
+    server_url: str = Field("http://127.0.0.1:4437", description="Base URL of the Durable Streams server.")
+    stream_root: str = Field("/v1/stream", description="Path under which the server keeps streams.")
+    runner_id: str = Field(default_factory=_default_runner_id, description="Worker name used when claiming.")
+    wake_stream: str = Field("wake/pool", description="The wake stream this runner follows.")
+    subscriptions: tuple[SubscriptionSpec, ...] = ()
+    state_dir: Path | None = Field(None, description="Where the wake offset checkpoint is kept.")
+
+    # Credentials and TLS
+    token: SecretStr | None = Field(None, description="Service bearer token for the server.")
+    token_file: Path | None = Field(None, description="File holding the service token.")
+    ca_file: Path | None = Field(None, description="Extra CA bundle to verify the server's certificate.")
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
+
+    # The wire
+    live_mode: Literal["sse", "long-poll"] = Field("sse", description="How to follow the wake stream.")
+    request_timeout: float = Field(10.0, gt=0, description="Bound on every request except the live stream.")
+    connect_timeout: float = Field(10.0, gt=0, description="Bound on opening the wake stream.")
+    keepalive_timeout: float = Field(75.0, gt=0, description="Silence on the live stream that counts as dead.")
+    long_poll_timeout: float = Field(30.0, gt=0, description="How long the server holds a long-poll.")
+
+    # Liveness
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between liveness probes.")
+    heartbeat_timeout: float = Field(5.0, gt=0, description="Bound on one liveness probe.")
+    heartbeat_failure_threshold: int = Field(2, ge=1, description="Consecutive failed probes that reset.")
+    backoff_initial: float = Field(1.0, gt=0, description="First reconnect delay.")
+    backoff_max: float = Field(30.0, gt=0, description="Longest reconnect delay.")
+    backoff_jitter: float = Field(0.2, ge=0, lt=1, description="Fraction by which a delay may be shortened.")
+
+    # Work
+    max_concurrent_claims: int = Field(16, ge=1, description="Claims worked on at the same time.")
+    sweep_interval: float = Field(300.0, gt=0, description="How often every served subscription is claimed.")
+    handler_max_attempts: int = Field(3, ge=1, description="Tries per batch before giving up on it.")
+    handler_retry_initial: float = Field(1.0, gt=0, description="Delay before the first retry of a batch.")
+    handler_retry_max: float = Field(30.0, gt=0, description="Longest delay between retries of a batch.")
+    handler_timeout: float | None = Field(None, gt=0, description="Bound on one handler call (none if unset).")
+    command_kill_grace: float = Field(5.0, gt=0, description="SIGTERM-to-SIGKILL grace for command handlers.")
+    cooldown: float = Field(30.0, ge=0, description="Pause before reclaiming a subscription that failed.")
+    dead_letter_stream: str | None = Field(None, description="Default stream for exhausted batches.")
+
+    # Stopping
+    drain_timeout: float = Field(30.0, ge=0, description="How long stop() lets in-flight claims finish.")
+    finalizer_timeout: float = Field(5.0, gt=0, description="Bound on a cancelled claim's ack and release.")
+    checkpoint_interval: float = Field(1.0, gt=0, description="Most frequent wake offset checkpoint.")
+
+    # Control and observation
+    control_stream: str | None = Field(None, description="Stream of control events (default runners/<id>/control).")
+    control_stream_enabled: bool = Field(True, description="Follow the control stream for remote aborts.")
+    control_socket: Path | None = Field(None, description="Unix socket for status, health, metrics and abort.")
+    metrics_listen: str | None = Field(None, description="Loopback host:port serving /healthz and /metrics.")
+
+    @field_validator("server_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("stream_root")
+    @classmethod
+    def _valid_root(cls, value: str) -> str:
+        return "/" + value.strip("/") if value.strip("/") else ""
+
+    @field_validator("runner_id")
+    @classmethod
+    def _valid_runner_id(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("wake_stream", "dead_letter_stream", "control_stream")
+    @classmethod
+    def _valid_stream(cls, value: str | None) -> str | None:
+        return None if value is None else _stream_path(value)
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _loopback_listener(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit():
+            raise ValueError("must be a loopback host:port such as 127.0.0.1:9464")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        ids = [spec.id for spec in self.subscriptions]
+        if duplicates := sorted({i for i in ids if ids.count(i) > 1}):
+            raise ValueError(f"subscription ids must be unique: {', '.join(duplicates)}")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give either token or token_file, not both")
+        return self
+
+    @property
+    def control_stream_path(self) -> str:
+        return self.control_stream or f"runners/{self.runner_id}/control"
+
+    def service_token(self) -> SecretStr | None:
+        """The service token: `token`, else `token_file`, else the systemd credential."""
+        if self.token is not None:
+            return self.token
+        candidates = [self.token_file] if self.token_file else []
+        if credentials := os.environ.get("CREDENTIALS_DIRECTORY"):
+            candidates.append(Path(credentials) / CREDENTIAL_NAME)
+        for path in candidates:
+            try:
+                return SecretStr(path.read_text().strip())
+            except OSError as exc:
+                if path == self.token_file:
+                    raise ConfigError(f"token_file: cannot read {path}: {exc.strerror}") from exc
+        return None
+
+    def subscription(self, subscription_id: str) -> SubscriptionSpec | None:
+        return next((spec for spec in self.subscriptions if spec.id == subscription_id), None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _toml_file.get()
+        file_values = _read_toml(path) if path is not None else {}
+        return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+@contextmanager
+def _reading(path: Path | None) -> Iterator[None]:
+    token = _toml_file.set(path)
+    try:
+        yield
+    finally:
+        _toml_file.reset(token)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build the settings from a TOML file, the environment and explicit overrides.
+
+    Raises `ConfigError` with one line per bad key.
+    """
+    path = Path(config_file) if config_file is not None else None
+    with _reading(path):
+        try:
+            return Settings(**dict(overrides or {}))
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from None

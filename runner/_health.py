@@ -1,0 +1,182 @@
+"""What the runner has been doing, for operators: one recorder, one immutable snapshot."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from machine import State
+
+
+class Outcome(enum.StrEnum):
+    """How one claim ended."""
+
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+    SUSPENDED = "suspended"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    INTERRUPTED = "interrupted"
+    ABORTED = "aborted"
+    FENCED = "fenced"
+    ERROR = "error"
+
+
+SUCCEEDED = frozenset({Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED})
+FAILED = frozenset({Outcome.FAILED, Outcome.FENCED, Outcome.ERROR, Outcome.INTERRUPTED, Outcome.ABORTED})
+
+
+@dataclass(frozen=True)
+class InFlightClaim:
+    subscription: str
+    wake_id: str | None
+    generation: int | None
+    started_at: float
+    stream: str | None
+    batches_done: int
+
+
+@dataclass(frozen=True)
+class Health:
+    """A point-in-time picture of one runner. Times are Unix seconds (None: never)."""
+
+    runner_id: str
+    state: str
+    status: str
+    """`ok`, `degraded` (running but not following the wake stream right now), or `stopped`."""
+    reason: str | None
+    offset: str | None
+    started_at: float | None
+    stream_connected: bool
+    stream_connected_since: float | None
+    reconnect_count: int
+    last_error: str | None
+    last_error_at: float | None
+    last_heartbeat_at: float | None
+    last_heartbeat_ok: bool | None
+    heartbeat_failures: int
+    last_claim_at: float | None
+    last_claim_result: str | None
+    last_dispatch_at: float | None
+    events_received: int
+    claims_succeeded: int
+    claims_skipped: int
+    claims_failed: int
+    claims: dict[str, int]
+    batches: dict[str, int]
+    in_flight: list[InFlightClaim] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Vitals:
+    """The mutable record behind `Health`; components report, the runner snapshots."""
+
+    def __init__(self, runner_id: str) -> None:
+        self.runner_id = runner_id
+        self.reset()
+
+    def reset(self) -> None:
+        """Called at every start: counters describe the current run."""
+        self.state = State.STOPPED
+        self.started_at: float | None = None
+        self.offset: str | None = None
+        self.connected_since: float | None = None
+        self.reconnect_count = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_heartbeat_at: float | None = None
+        self.last_heartbeat_ok: bool | None = None
+        self.heartbeat_failures = 0
+        self.last_claim_at: float | None = None
+        self.last_claim_result: Outcome | None = None
+        self.last_dispatch_at: float | None = None
+        self.events_received = 0
+        self.claims: Counter[Outcome] = Counter()
+        self.batches: Counter[str] = Counter()
+
+    # -- reports ---------------------------------------------------------------------------
+
+    def started(self) -> None:
+        self.reset()
+        self.started_at = time.time()
+
+    def entered(self, state: State) -> None:
+        if state is State.STREAMING:
+            self.connected_since = time.time()
+        elif self.connected_since is not None or state is State.STOPPED:
+            self.connected_since = None
+        if state is State.RECONNECTING:
+            self.reconnect_count += 1
+        self.state = state
+
+    def error(self, error: BaseException | str) -> None:
+        self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.last_error_at = time.time()
+
+    def heartbeat(self, ok: bool, consecutive_failures: int) -> None:
+        self.last_heartbeat_at = time.time()
+        self.last_heartbeat_ok = ok
+        self.heartbeat_failures = consecutive_failures
+
+    def wake_received(self) -> None:
+        self.events_received += 1
+
+    def dispatched(self) -> None:
+        self.last_dispatch_at = time.time()
+
+    def claim_ended(self, outcome: Outcome) -> None:
+        self.claims[outcome] += 1
+        self.last_claim_at = time.time()
+        self.last_claim_result = outcome
+
+    def batch(self, outcome: str) -> None:
+        self.batches[outcome] += 1
+
+    # -- snapshot --------------------------------------------------------------------------
+
+    def snapshot(self, in_flight: list[InFlightClaim]) -> Health:
+        status, reason = self._status()
+        return Health(
+            runner_id=self.runner_id,
+            state=self.state.value,
+            status=status,
+            reason=reason,
+            offset=self.offset,
+            started_at=self.started_at,
+            stream_connected=self.connected_since is not None,
+            stream_connected_since=self.connected_since,
+            reconnect_count=self.reconnect_count,
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            last_heartbeat_at=self.last_heartbeat_at,
+            last_heartbeat_ok=self.last_heartbeat_ok,
+            heartbeat_failures=self.heartbeat_failures,
+            last_claim_at=self.last_claim_at,
+            last_claim_result=self.last_claim_result.value if self.last_claim_result else None,
+            last_dispatch_at=self.last_dispatch_at,
+            events_received=self.events_received,
+            claims_succeeded=sum(self.claims[o] for o in SUCCEEDED),
+            claims_skipped=self.claims[Outcome.SKIPPED],
+            claims_failed=sum(self.claims[o] for o in FAILED),
+            claims={outcome.value: self.claims[outcome] for outcome in Outcome},
+            batches=dict(self.batches),
+            in_flight=in_flight,
+        )
+
+    def _status(self) -> tuple[str, str | None]:
+        if self.state is State.STOPPED:
+            return "stopped", "the runner is not running"
+        if self.state is State.STOPPING:
+            return "degraded", "stopping"
+        if self.heartbeat_failures:
+            return "degraded", f"{self.heartbeat_failures} liveness probe(s) failed in a row"
+        if self.state is not State.STREAMING:
+            return "degraded", f"{self.state.value}: not following the wake stream" + (
+                f" (last error: {self.last_error})" if self.last_error else ""
+            )
+        return "ok", None

@@ -1,0 +1,105 @@
+"""Never alive-but-idle: probe the server, and reset a connection that is not really alive.
+
+The heartbeat lives for the whole run. Every `interval` it HEADs the wake
+stream with its own timeout. After `threshold` consecutive failures it sends
+STREAM_RESET, which in `connecting` cancels a connect attempt that hangs and
+in `streaming` drops a stream that stopped carrying anything; it keeps sending
+one per failed probe while the failures last. While streaming, a tail that is
+ahead of what the runner received, on two probes in a row with nothing arriving
+in between, is a stalled stream: STREAM_RESET as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from machine import Event, State
+
+from ._checkpoint import WakePosition
+from ._client import is_after
+from ._driver import Driver
+from ._exceptions import ClientError
+from ._health import Vitals
+
+log = structlog.get_logger("pullwake.liveness")
+
+Probe = Callable[[], Awaitable[str]]
+
+
+@dataclass
+class _Observation:
+    epoch: int
+    received: str | None
+    behind: bool
+
+
+class Liveness:
+    """The heartbeat task and its counters; one per run, so counters start at zero."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        driver: Driver,
+        position: WakePosition,
+        vitals: Vitals,
+        *,
+        interval: float,
+        timeout: float,
+        threshold: int,
+    ) -> None:
+        self._probe = probe
+        self._driver = driver
+        self._position = position
+        self._vitals = vitals
+        self.interval = interval
+        self.timeout = timeout
+        self.threshold = threshold
+        self.failures = 0
+        self.resets = 0
+        self._last: _Observation | None = None
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One probe and what follows from it."""
+        tail = await self._tail()
+        self.failures = 0 if tail is not None else self.failures + 1
+        self._vitals.heartbeat(tail is not None, self.failures)
+        state, epoch = self._driver.state, self._driver.epoch
+        if self.failures >= self.threshold:
+            if state in (State.CONNECTING, State.STREAMING):
+                await self._reset(f"{self.failures} liveness probes failed in a row", epoch)
+            return
+        if tail is None or state is not State.STREAMING:
+            self._last = None
+            return
+        received = self._position.offset
+        behind = received is not None and is_after(tail, received)
+        last, self._last = self._last, _Observation(epoch, received, behind)
+        if behind and last is not None and last.behind and last.epoch == epoch and last.received == received:
+            self._last = None
+            await self._reset(f"the wake stream is stalled: tail {tail} is ahead of {received}", epoch)
+
+    async def _tail(self) -> str | None:
+        with trio.move_on_after(self.timeout):
+            try:
+                return await self._probe()
+            except ClientError as exc:
+                log.warning("heartbeat.failed", error=str(exc))
+                self._vitals.error(exc)
+                return None
+        log.warning("heartbeat.failed", error=f"no answer within {self.timeout:g} s")
+        self._vitals.error(f"liveness probe: no answer within {self.timeout:g} s")
+        return None
+
+    async def _reset(self, reason: str, epoch: int) -> None:
+        self.resets += 1
+        log.warning("heartbeat.reset", reason=reason, state=self._driver.state.value)
+        await self._driver.send(Event.STREAM_RESET, epoch=epoch)

@@ -1,0 +1,311 @@
+"""The `Runner`: wires the lifecycle driver to the real activities and runs them.
+
+Nursery layout of one run (outermost first):
+
+    lifetime   heartbeat, checkpoint writer, sweep, control-stream reader
+      work     claim workers (never cancelled by a wake-stream reconnect)
+        driving   the driver, and inside it one nursery per lifecycle state
+
+The machine decides *when* (machine.TABLE); this module only says *what*.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import structlog
+import trio
+import trio.lowlevel
+
+from machine import Effect, Event, State, Step
+
+from ._backoff import Backoff, BackoffActivity
+from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
+from ._claims import Claims
+from ._client import StreamsClient, build_http
+from ._config import Settings
+from ._driver import Driver, Envelope, StateContext
+from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
+from ._handlers import AsyncHandler, CommandHandler, Handler, as_async, resolve
+from ._health import Health, Vitals
+from ._liveness import Liveness
+from ._subscriptions import SubscriptionKeeper
+from ._wake import Wake, WakeFollower
+
+log = structlog.get_logger("pullwake.runner")
+
+
+@dataclass
+class _Active:
+    """What exists only while a run is in progress."""
+
+    driver: Driver
+    claims: Claims
+    client: StreamsClient
+    liveness: Liveness
+    backoff: BackoffActivity
+
+
+class Runner:
+    """Follows a wake stream, claims subscriptions, feeds batches to handlers, acks progress.
+
+    Embedding in a trio program::
+
+        runner = Runner(settings)
+
+        @runner.handler("jobs")
+        async def process(batch: Batch) -> None: ...
+
+        async with trio.open_nursery() as nursery:
+            await runner.start(nursery)   # returns once the runner is under way
+            ...
+            await runner.stop()           # drains, then returns in `stopped`
+
+    `start → stop → start` works on the same object; each run starts from fresh
+    counters and a fresh HTTP client.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, handlers: Mapping[str, Handler] | None = None) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self._handlers: dict[str, Handler] = dict(handlers or {})
+        self._vitals = Vitals(self.settings.runner_id)
+        self._active: _Active | None = None
+        self._stop_errors: list[BaseException] = []
+        self._fatal: BaseException | None = None
+        self._run_done = trio.Event()
+        self._run_done.set()
+
+    def __repr__(self) -> str:
+        return f"<Runner {self.settings.runner_id!r} {self.state.value}>"
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def handler(self, subscription_id: str) -> Callable[[Handler], Handler]:
+        """Register the handler of one subscription (decorator)."""
+
+        def register(function: Handler) -> Handler:
+            self.add_handler(subscription_id, function)
+            return function
+
+        return register
+
+    def add_handler(self, subscription_id: str, handler: Handler) -> None:
+        if subscription_id in self._handlers:
+            raise ConfigError(f"subscription {subscription_id!r} already has a handler")
+        self._handlers[subscription_id] = handler
+
+    def _resolved_handlers(self) -> dict[str, AsyncHandler]:
+        resolved: dict[str, AsyncHandler] = {}
+        for spec in self.settings.subscriptions:
+            configured: Handler | None = None
+            if spec.command:
+                configured = CommandHandler(spec.command, kill_grace=self.settings.command_kill_grace)
+            elif spec.handler:
+                configured = resolve(spec.handler)
+            if configured is not None and spec.id in self._handlers:
+                raise ConfigError(f"subscription {spec.id!r} has a handler in the configuration and one in code")
+            chosen = configured or self._handlers.get(spec.id)
+            if chosen is None:
+                raise ConfigError(
+                    f"subscription {spec.id!r} has no handler: set 'handler' or 'command' in the configuration, "
+                    f"or register one with @runner.handler({spec.id!r})"
+                )
+            resolved[spec.id] = as_async(chosen)
+        for subscription_id, handler in self._handlers.items():
+            resolved.setdefault(subscription_id, as_async(handler))
+        if not resolved:
+            raise ConfigError("no subscriptions to serve: configure [[subscriptions]] or register a handler")
+        return resolved
+
+    # -- observation -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._active.driver.state if self._active is not None else State.STOPPED
+
+    @property
+    def running(self) -> bool:
+        return self._active is not None
+
+    def health(self) -> Health:
+        return self._vitals.snapshot(self._active.claims.in_flight() if self._active else [])
+
+    # -- control ---------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Run in `nursery`; returns once the runner is under way (state `connecting`)."""
+        await nursery.start(self.run)
+
+    async def stop(self) -> None:
+        """Drain and stop; safe from any state and from many tasks at once.
+
+        Every caller waits for the same stop sequence. Raises `StopError` if the
+        drain ran into trouble (the runner is `stopped` all the same).
+        """
+        if self._active is not None:
+            await self._active.driver.stop()
+        await self._run_done.wait()
+        if self._stop_errors:
+            raise StopError(f"the runner stopped with {len(self._stop_errors)} problem(s)", list(self._stop_errors))
+
+    def interrupt(self) -> None:
+        """Cut a running drain short: in-flight claims are cancelled now (finalizers still run)."""
+        if self._active is not None:
+            self._active.claims.interrupt_all()
+
+    async def wait_stopped(self) -> None:
+        await self._run_done.wait()
+
+    async def wait_until(self, *states: State) -> None:
+        """Wait until the lifecycle is in one of `states` (e.g. STREAMING: following the wake stream)."""
+        if self._active is None:
+            if State.STOPPED in states:
+                return
+            raise RunnerError("the runner is not running: start it first")
+        await self._active.driver.wait_until(*states)
+
+    def abort(self, subscription_id: str) -> bool:
+        """Abort the in-flight claim of one subscription; the runner keeps serving the others."""
+        return self._active is not None and self._active.claims.abort(subscription_id)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped. Raises `WakeStreamClosed` if the wake stream reached its end."""
+        if self._active is not None or not self._run_done.is_set():
+            raise AlreadyRunning(f"runner {self.settings.runner_id!r} is already running")
+        handlers = self._resolved_handlers()
+        settings = self.settings
+        self._run_done = trio.Event()
+        self._stop_errors, self._fatal = [], None
+        self._vitals.started()
+        try:
+            with structlog.contextvars.bound_contextvars(runner_id=settings.runner_id):
+                await self._run(settings, handlers, task_status)
+        finally:
+            self._active = None
+            self._vitals.entered(State.STOPPED)
+            self._run_done.set()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _run(
+        self, settings: Settings, handlers: dict[str, AsyncHandler], task_status: trio.TaskStatus[None]
+    ) -> None:
+        http = build_http(
+            settings.server_url,
+            timeout=settings.request_timeout,
+            verify_tls=settings.verify_tls,
+            ca_file=str(settings.ca_file) if settings.ca_file else None,
+        )
+        client = StreamsClient(
+            http, stream_root=settings.stream_root, token=settings.service_token(), timeout=settings.request_timeout
+        )
+        checkpoint = (
+            Checkpoint(Path(settings.state_dir), server_url=settings.server_url, wake_stream=settings.wake_stream)
+            if settings.state_dir is not None
+            else None
+        )
+        position = WakePosition(checkpoint.load() if checkpoint else None)
+        self._vitals.offset = position.offset
+        log.info(
+            "runner.starting", server=settings.server_url, wake_stream=settings.wake_stream, offset=position.offset
+        )
+        async with http, trio.open_nursery() as lifetime:
+            async with trio.open_nursery() as work:
+                claims: Claims
+                keeper = SubscriptionKeeper(
+                    client,
+                    settings.subscriptions,
+                    wake_stream=settings.wake_stream,
+                    on_created=lambda subscription: claims.forget(subscription),
+                )
+                claims = Claims(client, settings, handlers, self._vitals, keeper, work)
+                follower = WakeFollower(
+                    client,
+                    wake_stream=settings.wake_stream,
+                    position=position,
+                    vitals=self._vitals,
+                    prepare=keeper.ensure_all,
+                    live_mode=settings.live_mode,
+                    connect_timeout=settings.connect_timeout,
+                    keepalive_timeout=settings.keepalive_timeout,
+                    long_poll_timeout=settings.long_poll_timeout,
+                )
+                backoff = BackoffActivity(
+                    Backoff(settings.backoff_initial, settings.backoff_max, jitter=settings.backoff_jitter)
+                )
+
+                async def drain(context: StateContext) -> None:
+                    await claims.drain(settings.drain_timeout)
+                    self._stop_errors.extend(claims.cleanup_errors)
+                    await context.emit(Event.DRAINED)
+
+                driver = Driver(
+                    {"connect": follower.connect, "consume": follower.consume, "backoff": backoff, "drain": drain},
+                    {
+                        Effect.CLAIM: lambda envelope: claims.wake(_wake_of(envelope)),
+                        Effect.RESET_BACKOFF: backoff.reset,
+                        Effect.FATAL: self._record_fatal,
+                    },
+                    on_step=self._observe,
+                )
+                liveness = Liveness(
+                    lambda: client.tail(settings.wake_stream, timeout=settings.heartbeat_timeout),
+                    driver,
+                    position,
+                    self._vitals,
+                    interval=settings.heartbeat_interval,
+                    timeout=settings.heartbeat_timeout,
+                    threshold=settings.heartbeat_failure_threshold,
+                )
+                self._active = _Active(driver, claims, client, liveness, backoff)
+                lifetime.start_soon(liveness.run, name="heartbeat")
+                lifetime.start_soon(self._sweep, driver, claims, settings.sweep_interval, name="sweep")
+                if checkpoint is not None:
+                    lifetime.start_soon(
+                        partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
+                        name="checkpoint",
+                    )
+                async with trio.open_nursery() as driving:
+                    await driving.start(driver.run)
+                    await driver.send(Event.START)
+                    task_status.started()
+                # The drain has emptied the work nursery; anything left is a bug, not work.
+                work.cancel_scope.cancel()
+            lifetime.cancel_scope.cancel()
+        log.info("runner.stopped", claims=dict(self._vitals.claims))
+
+    async def _sweep(self, driver: Driver, claims: Claims, interval: float) -> None:
+        """Claim every served subscription once when streaming starts, then every `interval`."""
+        while True:
+            await driver.wait_until(State.STREAMING)
+            for subscription in claims.served:
+                await driver.send(Event.WAKE, payload=Wake(subscription))
+            await trio.sleep(interval)
+
+    def _record_fatal(self, envelope: Envelope) -> None:
+        self._fatal = envelope.error or WakeStreamClosed("the wake stream ended for good")
+
+    def _observe(self, step: Step, envelope: Envelope, epoch: int) -> None:
+        if step.event is Event.DRAINED and envelope.error is not None:
+            self._stop_errors.append(envelope.error)
+        if not step.entered:
+            return
+        self._vitals.entered(step.target)
+        log.info(
+            "lifecycle.transition",
+            source=step.source.value,
+            target=step.target.value,
+            lifecycle_event=step.event.value,
+            epoch=epoch,
+            error=str(envelope.error) if envelope.error else None,
+        )
+
+
+def _wake_of(envelope: Envelope) -> Wake:
+    assert isinstance(envelope.payload, Wake)
+    return envelope.payload

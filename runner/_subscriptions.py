@@ -1,0 +1,80 @@
+"""Managed subscriptions: the server keeps them in memory, so we keep putting them back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from ._client import StreamsClient
+from ._config import SubscriptionSpec
+from ._exceptions import StreamConflict, SubscriptionConflict
+
+log = structlog.get_logger("pullwake.subscriptions")
+
+
+class SubscriptionKeeper:
+    """Ensures the wake stream and every managed subscription exist (idempotent PUTs).
+
+    Called on every successful connect and whenever a claim finds its
+    subscription gone. A subscription that exists with another configuration is
+    reported and left alone: the operator decides which one is right.
+    """
+
+    def __init__(
+        self,
+        client: StreamsClient,
+        specs: Sequence[SubscriptionSpec],
+        *,
+        wake_stream: str,
+        on_created: Callable[[str], None],
+    ) -> None:
+        self._client = client
+        self._specs = {spec.id: spec for spec in specs if spec.manage}
+        self._wake_stream = wake_stream
+        self._on_created = on_created
+        self.conflicts: set[str] = set()
+
+    @property
+    def managed(self) -> bool:
+        return bool(self._specs)
+
+    async def ensure_all(self) -> None:
+        if not self._specs:
+            return
+        try:
+            await self._client.create_stream(self._wake_stream)
+        except StreamConflict as exc:
+            log.error("wake_stream.conflict", wake_stream=self._wake_stream, error=str(exc))
+        for spec in self._specs.values():
+            await self.ensure(spec.id)
+
+    async def ensure(self, subscription_id: str) -> bool:
+        """Create or confirm one managed subscription; True if it had to be created."""
+        spec = self._specs.get(subscription_id)
+        if spec is None:
+            return False
+        try:
+            created = await self._client.ensure_subscription(
+                spec.id,
+                wake_stream=self._wake_stream,
+                pattern=spec.pattern,
+                streams=spec.streams,
+                lease_ttl_ms=spec.lease_ttl_ms,
+                description=spec.description,
+            )
+        except SubscriptionConflict:
+            if spec.id not in self.conflicts:
+                log.error(
+                    "subscription.conflict",
+                    subscription=spec.id,
+                    detail="a subscription with this id exists with a different configuration; "
+                    "serving it as it is. Delete it on the server or change the id to apply ours.",
+                )
+            self.conflicts.add(spec.id)
+            return False
+        self.conflicts.discard(spec.id)
+        if created:
+            log.info("subscription.created", subscription=spec.id, pattern=spec.pattern, streams=list(spec.streams))
+            self._on_created(spec.id)
+        return created

@@ -1,0 +1,106 @@
+"""Reconnect backoff, in virtual time, through the real driver."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from machine import Effect, Event, State
+from runner._backoff import Backoff, BackoffActivity
+from runner._driver import Driver, StateContext
+
+INITIAL, MAXIMUM, JITTER = 1.0, 30.0, 0.2
+
+
+class FailingConnect:
+    """A connect activity that fails at once, except when told to succeed."""
+
+    def __init__(self) -> None:
+        self.attempts_at: list[float] = []
+        self.succeed_next = False
+        self._waiters: list[tuple[int, trio.Event]] = []
+
+    async def attempts(self, count: int) -> None:
+        event = trio.Event()
+        self._waiters.append((count, event))
+        await event.wait()
+
+    async def __call__(self, context: StateContext) -> None:
+        self.attempts_at.append(trio.current_time())
+        for count, event in self._waiters:
+            if len(self.attempts_at) >= count:
+                event.set()
+        if self.succeed_next:
+            self.succeed_next = False
+            await context.emit(Event.CONNECTED)
+        else:
+            await context.emit(Event.CONNECT_FAILED)
+
+
+async def fail_stream(context: StateContext) -> None:
+    await context.emit(Event.STREAM_ERROR)
+
+
+async def idle(context: StateContext) -> None:
+    await trio.sleep_forever()
+
+
+def driver_with(connect: FailingConnect, backoff: BackoffActivity) -> Driver:
+    return Driver(
+        {"connect": connect, "consume": fail_stream, "backoff": backoff, "drain": idle},
+        {Effect.CLAIM: lambda e: None, Effect.FATAL: lambda e: None, Effect.RESET_BACKOFF: backoff.reset},
+    )
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+def assert_schedule(delays: list[float], first_attempt: int = 0) -> None:
+    for n, delay in enumerate(delays, start=first_attempt):
+        base = min(MAXIMUM, INITIAL * 2**n)
+        assert base * (1 - JITTER) - 1e-9 <= delay <= base + 1e-9, (
+            f"delay {n} = {delay} outside jitter bounds of {base}"
+        )
+
+
+async def test_delays_double_to_the_cap_within_jitter_and_reset_after_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    connect = FailingConnect()
+    backoff = BackoffActivity(Backoff(INITIAL, MAXIMUM, jitter=JITTER, rng=random.Random(7)))
+    driver = driver_with(connect, backoff)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await driver.send(Event.START)
+        await connect.attempts(9)
+        delays = gaps(connect.attempts_at)
+        assert_schedule(delays)
+        assert delays[-1] >= MAXIMUM * (1 - JITTER), "after enough failures the delay sits at the cap"
+        assert len(set(delays)) == len(delays), "jitter makes every delay different"
+
+        # One good connection, then the stream fails: the next wait is short again.
+        connect.succeed_next = True
+        count = len(connect.attempts_at)
+        await connect.attempts(count + 4)
+        after_reset = gaps(connect.attempts_at[count:])
+        assert_schedule(after_reset)
+        assert driver.state in (State.CONNECTING, State.RECONNECTING)
+        nursery.cancel_scope.cancel()
+
+
+def test_backoff_never_exceeds_the_configured_maximum() -> None:
+    backoff = Backoff(0.5, 7.0, jitter=0.5, rng=random.Random(1))
+    delays = [backoff.next_delay() for _ in range(200)]
+    assert max(delays) <= 7.0
+    assert min(delays) >= 0.25
+
+
+@pytest.mark.parametrize(("initial", "maximum", "jitter"), [(0, 1, 0.1), (2, 1, 0.1), (1, 2, 1.0), (1, 2, -0.1)])
+def test_backoff_rejects_nonsense(initial: float, maximum: float, jitter: float) -> None:
+    with pytest.raises(ValueError, match="backoff"):
+        Backoff(initial, maximum, jitter=jitter)

@@ -1,0 +1,178 @@
+"""The driver's structural guarantees: cancellation by state, epochs, stop."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from machine import Effect, Event, State
+from runner._driver import Driver, StateContext
+from tests.driver_harness import Fakes, drive_to, settle
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(("state", "activity"), [(State.CONNECTING, "connect"), (State.STREAMING, "consume")])
+async def test_stream_reset_cancels_a_hung_activity(state: State, activity: str) -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, state)
+        [hung] = fakes.running()
+        assert hung.name == activity
+
+        # The heartbeat is a runner-lifetime sender: it speaks for the epoch it observed.
+        await driver.send(Event.STREAM_RESET, epoch=driver.epoch)
+        await settle()
+
+        assert hung.cancelled, f"the hung {activity} activity must observe trio cancellation"
+        assert hung.finished
+        assert driver.state is State.RECONNECTING
+        nursery.cancel_scope.cancel()
+
+
+async def test_connected_from_an_abandoned_connect_is_dropped_and_its_connection_closed() -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.CONNECTING)
+        [connect] = fakes.running()
+        stale_epoch = driver.epoch
+
+        # The reset and the connect attempt's success race; the reset wins.
+        await driver.send(Event.STREAM_RESET, epoch=stale_epoch)
+        connection = FakeConnection()
+        await connect.context.emit(Event.CONNECTED, payload=connection)
+        await settle()
+
+        assert driver.state is State.RECONNECTING
+        assert driver.epoch == stale_epoch + 1
+        assert connection.closed, "a connection nobody took over must be closed, not leaked"
+        assert [effect for effect, _ in fakes.effects] == [], "a dropped CONNECTED must not reset the backoff"
+        nursery.cancel_scope.cancel()
+
+
+async def test_connected_hands_its_connection_to_the_streaming_activity() -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.CONNECTING)
+        [connect] = fakes.running()
+        connection = FakeConnection()
+        await connect.context.emit(Event.CONNECTED, payload=connection)
+        await settle()
+        [consume] = fakes.running()
+        assert consume.context.trigger.payload is connection
+        assert not connection.closed
+
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)
+        await settle()
+        assert connection.closed, "leaving streaming closes the connection it was handed"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_event_from_an_older_epoch_never_moves_the_machine() -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        old = driver.epoch
+        await driver.send(Event.STREAM_END, epoch=old)  # streaming -> connecting
+        await settle()
+        assert driver.state is State.CONNECTING
+        for event in (Event.CONNECT_FAILED, Event.STREAM_RESET, Event.STOP, Event.CONNECTED):
+            await driver.send(event, epoch=old)
+        await settle()
+        assert driver.state is State.CONNECTING
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_crashing_activity_sends_its_declared_failure_event() -> None:
+    fakes = Fakes()
+
+    async def explode(context: StateContext) -> None:
+        raise RuntimeError("bug in connect")
+
+    fakes.scripts["connect"] = explode
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await driver.send(Event.START)
+        await settle()
+        assert driver.state is State.RECONNECTING
+        nursery.cancel_scope.cancel()
+
+
+def test_the_driver_refuses_missing_activities_or_effects() -> None:
+    with pytest.raises(ValueError, match="drain"):
+        Driver({"connect": Fakes().activity("x")}, {})
+    fakes = Fakes()
+    activities = {name: fakes.activity(name) for name in ("connect", "consume", "backoff", "drain")}
+    with pytest.raises(ValueError, match="effects"):
+        Driver(activities, {Effect.CLAIM: lambda envelope: None})
+
+
+async def drain_in(seconds: float, context: StateContext) -> None:
+    await trio.sleep(seconds)
+    await context.emit(Event.DRAINED)
+
+
+@pytest.mark.parametrize("state", list(State))
+async def test_stop_from_every_state_reaches_stopped(state: State, autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    fakes.scripts["drain"] = lambda context: drain_in(5, context)
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, state)
+        await driver.stop()
+        assert driver.state is State.STOPPED
+        assert fakes.running() == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_stops_share_one_sequence(autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    fakes.scripts["drain"] = lambda context: drain_in(5, context)
+    driver = fakes.driver()
+    returned: list[float] = []
+
+    async def stop() -> None:
+        await driver.stop()
+        returned.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        started = trio.current_time()
+        async with trio.open_nursery() as stoppers:
+            for _ in range(3):
+                stoppers.start_soon(stop)
+    assert [life.name for life in fakes.lives].count("drain") == 1, "one drain for all the callers"
+    assert len(returned) == 3
+    assert all(at - started == pytest.approx(5) for at in returned), "every caller waits for the same drain"
+
+
+async def test_start_stop_start_in_one_driver(autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    fakes.scripts["drain"] = lambda context: drain_in(1, context)
+    driver = fakes.driver()
+    for _ in range(3):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            await drive_to(driver, State.STREAMING)
+            await driver.stop()
+        assert driver.state is State.STOPPED
+        assert not driver.running
+    assert fakes.running() == []
