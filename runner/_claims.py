@@ -176,7 +176,7 @@ class Claims:
         if self._closed:
             return
         if subscription not in self._handlers:
-            log.debug("wake.unknown_subscription", subscription=subscription)
+            log.info("wake.not_served", subscription=subscription, detail="no handler here for this subscription")
             return
         if subscription in self._in_flight:
             self._remember(subscription, wake.generation)
@@ -416,6 +416,13 @@ class HeldClaim:
                 result = await self._read(stream.path, offset)
                 if not result.messages:
                     break
+                if not result.is_json:
+                    log.warning(
+                        "stream.not_json",
+                        stream=stream.path,
+                        content_type=result.content_type,
+                        detail="handing the raw body to the handler as one bytes message",
+                    )
                 batch = Batch(
                     subscription=self.subscription,
                     stream=stream.path,

@@ -89,10 +89,10 @@ async def _serve(runner: Runner) -> int:
     try:
         async with trio.open_nursery() as nursery:
             await runner.start(nursery)
-            with trio.CancelScope() as listening:
-                nursery.start_soon(_watch_signals, runner, nursery, problems, listening)
-                await runner.wait_stopped()
-                listening.cancel()
+            listening = trio.CancelScope()
+            nursery.start_soon(_watch_signals, runner, nursery, problems, listening)
+            await runner.wait_stopped()
+            listening.cancel()
     except* WakeStreamClosed as group:
         log.error("runner.fatal", error=str(group.exceptions[0]))
         fatal = True

@@ -1,0 +1,26 @@
+"""Handlers for runner processes started by tests (`handler = "tests.file_handlers:record"`).
+
+They write one JSON line per message to the file named by PULLWAKE_TEST_RECORD, so a
+test can see what a separate process handled, even after that process was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import trio
+
+from runner import Batch
+
+
+async def record(batch: Batch) -> None:
+    delay = float(os.environ.get("PULLWAKE_TEST_DELAY", "0"))
+    if delay:
+        await trio.sleep(delay)
+    lines = "".join(
+        json.dumps({"stream": batch.stream, "message": message, "pid": os.getpid()}) + "\n"
+        for message in batch.messages
+    )
+    async with await trio.open_file(os.environ["PULLWAKE_TEST_RECORD"], "a") as out:
+        await out.write(lines)
