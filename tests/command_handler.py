@@ -21,6 +21,11 @@ def note(text: str) -> None:
         out.write(text + "\n")
 
 
+def terminated(*_: object) -> None:
+    note("terminated")
+    sys.exit(143)
+
+
 def main() -> int:
     batch = json.load(sys.stdin)
     for message in batch["messages"]:
@@ -33,7 +38,7 @@ def main() -> int:
             print("this batch is hopeless", file=sys.stderr)
             return 3
         if action == "hang":
-            signal.signal(signal.SIGTERM, lambda *_: (note("terminated"), sys.exit(143)))
+            signal.signal(signal.SIGTERM, terminated)
             note("hanging")
             time.sleep(600)  # real-time: a stuck external command
         if action == "stubborn":
