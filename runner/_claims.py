@@ -64,7 +64,13 @@ class ClaimAbandoned(Exception):
     """The claim cannot go on (a read kept failing, an ack was refused); hand it back."""
 
 
-async def retrying(call: Callable[[], Awaitable[T]], *, what: str, deadline: float | None = None) -> T:
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline: float | None = None,
+    report: Callable[[BaseException], None] | None = None,
+) -> T:
     """Retry transient client errors with backoff, up to REQUEST_ATTEMPTS or `deadline`."""
     backoff = Backoff(REQUEST_RETRY_INITIAL, REQUEST_RETRY_MAX)
     attempt = 1
@@ -72,6 +78,8 @@ async def retrying(call: Callable[[], Awaitable[T]], *, what: str, deadline: flo
         try:
             return await call()
         except ClientError as exc:
+            if report is not None and exc.retryable:
+                report(exc)
             if not exc.retryable or (deadline is None and attempt >= REQUEST_ATTEMPTS):
                 raise
             delay = backoff.next_delay()
@@ -202,9 +210,16 @@ class Claims:
         generation = self._pending.pop(subscription)
         return generation is None or generation > self._handled_generation.get(subscription, -1)
 
-    def forget(self, subscription: str) -> None:
-        """The subscription was (re)created: its generations start over."""
-        self._handled_generation.pop(subscription, None)
+    def forget(self, subscription: str | None = None) -> None:
+        """Generations start over when a subscription is (re)created, e.g. by a server restart.
+
+        Called for every subscription on each (re)connect: a wake that was already
+        handled costs one skipped claim at worst, a forgotten reset would cost a missed one.
+        """
+        if subscription is None:
+            self._handled_generation.clear()
+        else:
+            self._handled_generation.pop(subscription, None)
 
     def abort(self, subscription: str) -> bool:
         """Abort the subscription's in-flight claim, if any. True if there was one."""
@@ -281,7 +296,11 @@ class Claims:
     async def _obtain(self, subscription: str) -> Claim | Outcome:
         """POST /claim, retrying transient failures; an Outcome when there is nothing to hold."""
         try:
-            return await retrying(lambda: self._client.claim(subscription, self._settings.runner_id), what="claim")
+            return await retrying(
+                lambda: self._client.claim(subscription, self._settings.runner_id),
+                what="claim",
+                report=self._vitals.error,
+            )
         except (AlreadyClaimed, NoPendingWork) as exc:
             log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return Outcome.SKIPPED
@@ -363,7 +382,7 @@ class HeldClaim:
                 if trio.current_effective_deadline() == -math.inf:
                     await self._finalize_cancelled()
                 raise
-            finally:
+            if outcome in (Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED):
                 self.claims._handled(self.subscription, claim.generation)
             self.claims._record(outcome, subscription=self.subscription, generation=claim.generation)
         return outcome, next_wake
@@ -451,7 +470,9 @@ class HeldClaim:
 
     async def _read(self, stream: str, offset: str) -> ReadResult:
         try:
-            return await retrying(lambda: self.client.read(stream, offset), what=f"read {stream}")
+            return await retrying(
+                lambda: self.client.read(stream, offset), what=f"read {stream}", report=self.claims._vitals.error
+            )
         except ClientError as exc:
             raise ClaimAbandoned(f"reading {stream} from {offset} failed: {exc}") from exc
 
@@ -522,7 +543,10 @@ class HeldClaim:
             acks = progress.unacked()
             try:
                 next_wake = await retrying(
-                    lambda: self.client.ack(claim, acks, done=done), what="ack", deadline=self.lease_deadline
+                    lambda: self.client.ack(claim, acks, done=done),
+                    what="ack",
+                    deadline=self.lease_deadline,
+                    report=self.claims._vitals.error,
                 )
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
                 raise LeaseLost(str(exc)) from exc

@@ -115,7 +115,7 @@ class Settings(BaseSettings):
 
     # Liveness
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between liveness probes.")
-    heartbeat_timeout: float = Field(5.0, gt=0, description="Bound on one liveness probe.")
+    heartbeat_timeout: float = Field(3.0, gt=0, description="Bound on one liveness probe (at most the interval).")
     heartbeat_failure_threshold: int = Field(2, ge=1, description="Consecutive failed probes that reset.")
     backoff_initial: float = Field(1.0, gt=0, description="First reconnect delay.")
     backoff_max: float = Field(30.0, gt=0, description="Longest reconnect delay.")
@@ -181,6 +181,8 @@ class Settings(BaseSettings):
     def _coherent(self) -> Settings:
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max must be at least backoff_initial")
+        if self.heartbeat_timeout > self.heartbeat_interval:
+            raise ValueError("heartbeat_timeout must not exceed heartbeat_interval")
         ids = [spec.id for spec in self.subscriptions]
         if duplicates := sorted({i for i in ids if ids.count(i) > 1}):
             raise ValueError(f"subscription ids must be unique: {', '.join(duplicates)}")

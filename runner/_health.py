@@ -58,6 +58,8 @@ class Health:
     last_heartbeat_at: float | None
     last_heartbeat_ok: bool | None
     heartbeat_failures: int
+    liveness_resets: int
+    """STREAM_RESETs sent by the heartbeat (failed probes or a stalled stream) in this run."""
     last_claim_at: float | None
     last_claim_result: str | None
     last_dispatch_at: float | None
@@ -92,6 +94,7 @@ class Vitals:
         self.last_heartbeat_at: float | None = None
         self.last_heartbeat_ok: bool | None = None
         self.heartbeat_failures = 0
+        self.liveness_resets = 0
         self.last_claim_at: float | None = None
         self.last_claim_result: Outcome | None = None
         self.last_dispatch_at: float | None = None
@@ -156,6 +159,7 @@ class Vitals:
             last_heartbeat_at=self.last_heartbeat_at,
             last_heartbeat_ok=self.last_heartbeat_ok,
             heartbeat_failures=self.heartbeat_failures,
+            liveness_resets=self.liveness_resets,
             last_claim_at=self.last_claim_at,
             last_claim_result=self.last_claim_result.value if self.last_claim_result else None,
             last_dispatch_at=self.last_dispatch_at,

@@ -63,9 +63,13 @@ class Liveness:
         self._last: _Observation | None = None
 
     async def run(self) -> None:
+        # Fixed ticks: a slow probe does not push the next one back, so a dead server is
+        # noticed within `threshold` intervals of the first failed probe.
+        next_beat = trio.current_time() + self.interval
         while True:
-            await trio.sleep(self.interval)
+            await trio.sleep_until(next_beat)
             await self.beat()
+            next_beat = max(next_beat + self.interval, trio.current_time())
 
     async def beat(self) -> None:
         """One probe and what follows from it."""
@@ -101,5 +105,7 @@ class Liveness:
 
     async def _reset(self, reason: str, epoch: int) -> None:
         self.resets += 1
+        self._vitals.liveness_resets = self.resets
+        self._vitals.error(f"liveness reset: {reason}")
         log.warning("heartbeat.reset", reason=reason, state=self._driver.state.value)
         await self._driver.send(Event.STREAM_RESET, epoch=epoch)

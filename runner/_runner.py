@@ -216,20 +216,21 @@ class Runner:
         )
         async with http, trio.open_nursery() as lifetime:
             async with trio.open_nursery() as work:
-                claims: Claims
-                keeper = SubscriptionKeeper(
-                    client,
-                    settings.subscriptions,
-                    wake_stream=settings.wake_stream,
-                    on_created=lambda subscription: claims.forget(subscription),
-                )
+                keeper = SubscriptionKeeper(client, settings.subscriptions, wake_stream=settings.wake_stream)
                 claims = Claims(client, settings, handlers, self._vitals, keeper, work)
+
+                async def resync() -> None:
+                    # The server may have restarted: its generations start over, and the
+                    # reference server forgets subscriptions, so put ours back.
+                    claims.forget()
+                    await keeper.ensure_all()
+
                 follower = WakeFollower(
                     client,
                     wake_stream=settings.wake_stream,
                     position=position,
                     vitals=self._vitals,
-                    prepare=keeper.ensure_all,
+                    prepare=resync,
                     live_mode=settings.live_mode,
                     connect_timeout=settings.connect_timeout,
                     keepalive_timeout=settings.keepalive_timeout,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import structlog
 
@@ -27,12 +27,10 @@ class SubscriptionKeeper:
         specs: Sequence[SubscriptionSpec],
         *,
         wake_stream: str,
-        on_created: Callable[[str], None],
     ) -> None:
         self._client = client
         self._specs = {spec.id: spec for spec in specs if spec.manage}
         self._wake_stream = wake_stream
-        self._on_created = on_created
         self.conflicts: set[str] = set()
 
     @property
@@ -76,5 +74,4 @@ class SubscriptionKeeper:
         self.conflicts.discard(spec.id)
         if created:
             log.info("subscription.created", subscription=spec.id, pattern=spec.pattern, streams=list(spec.streams))
-            self._on_created(spec.id)
         return created

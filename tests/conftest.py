@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from runner._devserver import DevServer, install
 from tests.support import World
@@ -55,3 +58,10 @@ async def world(shared_server: DevServer, tmp_path: Path) -> AsyncIterator[World
 async def own_world(own_server: DevServer, tmp_path: Path) -> AsyncIterator[World]:
     async with World.open(own_server, f"o{next(_counter)}{uuid.uuid4().hex[:6]}", tmp_path) as made:
         yield made
+
+
+@pytest.fixture(autouse=True, scope="session")
+def quiet_logs() -> None:
+    """Only warnings and errors show up in a failing test's captured output (PULLWAKE_TEST_LOG_LEVEL)."""
+    level = os.environ.get("PULLWAKE_TEST_LOG_LEVEL", "warning").upper()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)))

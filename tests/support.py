@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import structlog
 import trio
 
 from machine import State
@@ -47,6 +49,18 @@ async def running(runner: Runner, *, streaming: bool = True) -> AsyncIterator[Ru
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 await runner.stop()
+
+
+@contextmanager
+def captured_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every log entry (all levels) emitted inside the block."""
+    previous = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            yield logs
+    finally:
+        structlog.configure(**previous)
 
 
 class Overlap:

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 import trio
 
 from runner import SUSPEND, Batch, CommandHandler, Runner, Suspend
-from tests.support import Overlap, Recorder, World, eventually, running
+from tests.support import Overlap, Recorder, World, captured_logs, eventually, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,7 +219,7 @@ async def test_suspend_finishes_the_claim_and_a_new_event_resumes(world: World) 
 async def test_wake_stream_garbage_and_non_json_streams_are_logged_and_survived(world: World) -> None:
     recorder = Recorder()
     runner = Runner(world.settings(), handlers={world.sub: recorder})
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs() as logs:
         async with running(runner):
             for junk in (
                 {"type": "wake", "subscription_id": "someone-else", "stream": "x", "generation": 1, "ts": 1},
@@ -252,6 +251,7 @@ def write_config(path: Path, world: World, state_dir: Path, **extra: Any) -> Pat
         f'wake_stream = "{world.wake}"',
         f'state_dir = "{state_dir}"',
         "heartbeat_interval = 0.5",
+        "heartbeat_timeout = 0.5",
         "checkpoint_interval = 0.1",
         *(f"{key} = {json.dumps(value)}" for key, value in extra.items()),
         "[[subscriptions]]",

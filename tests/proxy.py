@@ -1,0 +1,91 @@
+"""A small TCP proxy for fault tests: it can freeze connections without closing them, or cut them."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+
+
+class Proxy:
+    """Forwards 127.0.0.1:<port> to an upstream loopback port.
+
+    - `freeze()`: stop moving bytes on every open connection and on new ones, keeping the
+      sockets open: the peer sees a connection that is alive but silent.
+    - `freeze(existing_only=True)`: only the connections open right now go silent.
+    - `thaw()`: move bytes again everywhere.
+    - `cut()`: close every open connection at once.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.connections = 0
+        self._gates: dict[int, trio.Event] = {}
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._new_connections_frozen = False
+        self._ids = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(self._serve, listeners, handler_nursery=nursery)
+
+    def freeze(self, *, existing_only: bool = False) -> None:
+        for ident, gate in self._gates.items():
+            if gate.is_set():
+                self._gates[ident] = trio.Event()
+        self._new_connections_frozen = not existing_only
+
+    def thaw(self) -> None:
+        self._new_connections_frozen = False
+        for gate in self._gates.values():
+            gate.set()
+
+    def cut(self) -> None:
+        for scope in self._scopes.values():
+            scope.cancel()
+
+    async def _serve(self, client: trio.SocketStream) -> None:
+        self._ids += 1
+        ident = self._ids
+        self.connections += 1
+        gate = trio.Event()
+        if not self._new_connections_frozen:
+            gate.set()
+        self._gates[ident] = gate
+        try:
+            with trio.CancelScope() as scope:
+                self._scopes[ident] = scope
+                try:
+                    upstream = await trio.open_tcp_stream("127.0.0.1", self.upstream_port)
+                except OSError:
+                    await client.aclose()
+                    return
+                async with client, upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(self._pump, client, upstream, ident, nursery.cancel_scope))
+                    nursery.start_soon(partial(self._pump, upstream, client, ident, nursery.cancel_scope))
+        finally:
+            self._scopes.pop(ident, None)
+            self._gates.pop(ident, None)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, ident: int, both: trio.CancelScope
+    ) -> None:
+        try:
+            while True:
+                await self._gates[ident].wait()
+                data = await source.receive_some(65536)
+                if not data:
+                    break
+                await self._gates[ident].wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        both.cancel()
