@@ -166,6 +166,8 @@ class Claims:
         self._idle.set()
         self._closed = False
         self._dead_letter_streams: set[str] = set()
+        self._woken_at: dict[str, float] = {}
+        """When the server wrote the newest wake of each subscription (Unix seconds), for latency."""
         self.cleanup_errors: list[BaseException] = []
         """Finalizers of cancelled claims that could not hand their claim back."""
 
@@ -186,6 +188,8 @@ class Claims:
         if subscription not in self._handlers:
             log.info("wake.not_served", subscription=subscription, detail="no handler here for this subscription")
             return
+        if wake.ts_ms is not None:
+            self._woken_at[subscription] = wake.ts_ms / 1000
         if subscription in self._in_flight:
             self._remember(subscription, wake.generation)
             return
@@ -262,6 +266,7 @@ class Claims:
         self._in_flight[subscription] = entry
         self._idle = trio.Event()
         self._vitals.dispatched()
+        self._vitals.in_flight(len(self._in_flight))
         self._nursery.start_soon(self._serve, entry, name=f"claim:{subscription}")
 
     async def _serve(self, entry: InFlight) -> None:
@@ -290,6 +295,7 @@ class Claims:
             # Only remove the handle this worker registered: a new worker may own the slot now.
             if self._in_flight.get(subscription) is entry:
                 del self._in_flight[subscription]
+            self._vitals.in_flight(len(self._in_flight))
             if not self._in_flight:
                 self._idle.set()
 
@@ -349,8 +355,10 @@ class HeldClaim:
         self.settings = claims._settings
         self.client = claims._client
         self.handler = claims._handlers[claim.subscription]
+        self.vitals = claims._vitals
         self.progress = Progress(claim)
         self.renewed_at = trio.current_time()
+        self.woken_at = claims._woken_at.pop(claim.subscription, None)
         self.ack_lock = trio.Lock()
         self.lost: LeaseLost | None = None
         self.dead_lettered = 0
@@ -398,7 +406,7 @@ class HeldClaim:
                     nursery.cancel_scope.cancel()
         except* ClaimAbandoned as group:
             log.warning("claim.abandoned", error=str(group.exceptions[0]))
-            self.claims._vitals.error(group.exceptions[0])
+            self.vitals.error(group.exceptions[0])
             outcome = Outcome.ERROR
         if self.lost is not None:
             log.warning("claim.lease_lost", reason=str(self.lost))
@@ -471,7 +479,7 @@ class HeldClaim:
     async def _read(self, stream: str, offset: str) -> ReadResult:
         try:
             return await retrying(
-                lambda: self.client.read(stream, offset), what=f"read {stream}", report=self.claims._vitals.error
+                lambda: self.client.read(stream, offset), what=f"read {stream}", report=self.vitals.error
             )
         except ClientError as exc:
             raise ClaimAbandoned(f"reading {stream} from {offset} failed: {exc}") from exc
@@ -486,6 +494,9 @@ class HeldClaim:
         for attempt in range(1, settings.handler_max_attempts + 1):
             batch = first if attempt == 1 else replace(first, attempt=attempt)
             started = trio.current_time()
+            if self.woken_at is not None:
+                self.vitals.wake_latency(time.time() - self.woken_at)
+                self.woken_at = None
             try:
                 if settings.handler_timeout is None:
                     result = await self.handler(batch)
@@ -493,18 +504,21 @@ class HeldClaim:
                     with trio.fail_after(settings.handler_timeout):
                         result = await self.handler(batch)
             except PermanentFailure as exc:
+                self.vitals.handler_ran(trio.current_time() - started)
                 error = exc
                 log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=str(exc), permanent=True)
                 break
             except Exception as exc:
+                self.vitals.handler_ran(trio.current_time() - started)
                 error = exc
                 log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
                 if attempt < settings.handler_max_attempts:
-                    self.claims._vitals.batch("retried")
+                    self.vitals.batch("retried")
                     await trio.sleep(backoff.next_delay())
             else:
                 took = trio.current_time() - started
-                self.claims._vitals.batch("suspended" if result is SUSPEND else "ok")
+                self.vitals.handler_ran(took)
+                self.vitals.batch("suspended" if result is SUSPEND else "ok")
                 log.debug("batch.done", stream=batch.stream, size=len(batch.messages), took=round(took, 6))
                 return Outcome.SUSPENDED if result is SUSPEND else Outcome.COMPLETED
         assert error is not None
@@ -514,7 +528,7 @@ class HeldClaim:
         spec = self.settings.subscription(self.subscription)
         stream = (spec.dead_letter_stream if spec else None) or self.settings.dead_letter_stream
         if stream is None:
-            self.claims._vitals.batch("failed")
+            self.vitals.batch("failed")
             return Outcome.FAILED
         letter = {
             "type": "dead_letter",
@@ -529,10 +543,10 @@ class HeldClaim:
             await retrying(lambda: self.client.append(stream, letter), what="dead-letter")
         except ClientError as exc:
             log.error("batch.dead_letter_failed", dead_letter_stream=stream, error=str(exc))
-            self.claims._vitals.batch("failed")
+            self.vitals.batch("failed")
             return Outcome.FAILED
         log.warning("batch.dead_lettered", stream=batch.stream, dead_letter_stream=stream, error=letter["error"])
-        self.claims._vitals.batch("dead_lettered")
+        self.vitals.batch("dead_lettered")
         self.dead_lettered += 1
         return Outcome.COMPLETED
 
@@ -546,16 +560,20 @@ class HeldClaim:
                     lambda: self.client.ack(claim, acks, done=done),
                     what="ack",
                     deadline=self.lease_deadline,
-                    report=self.claims._vitals.error,
+                    report=self.vitals.error,
                 )
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
+                self.vitals.lease_renewal("lost")
                 raise LeaseLost(str(exc)) from exc
             except InvalidOffset as exc:
                 raise ClaimAbandoned(f"the server refused our acks: {exc}") from exc
             except ClientError as exc:
+                self.vitals.lease_renewal("lost")
                 raise LeaseLost(f"could not renew the lease before it ran out: {exc}") from exc
             progress.acknowledged(acks)
             self.renewed_at = trio.current_time()
+            if not done:
+                self.vitals.lease_renewal("ok")
             return next_wake
 
     async def _hand_back(self) -> ClientError | None:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +17,7 @@ import trio
 import machine
 
 from ._config import Settings, load_settings
-from ._exceptions import ConfigError, StopError, WakeStreamClosed
+from ._exceptions import ConfigError, RunnerError, StopError, WakeStreamClosed
 from ._logging import LEVELS, configure_logging
 from ._runner import Runner
 
@@ -166,6 +167,104 @@ def demo(jobs: int) -> None:
 def show_machine(as_mermaid: bool) -> None:
     """Print the lifecycle: the (event x state) table, or the Mermaid diagram."""
     click.echo(machine.mermaid() if as_mermaid else machine.table_text(), nl=False)
+
+
+def _socket_path(socket: Path | None, config: Path | None) -> Path:
+    if socket is not None:
+        return socket
+    if config is not None or os.environ.get("PULLWAKE_CONFIG"):
+        configured = _settings(config).control_socket
+        if configured is not None:
+            return configured
+    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(runtime.split(":")[0]) / "control.sock"
+    return Path("/run/pullwake-runner/control.sock")
+
+
+socket_option = click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Control socket of the runner (default: from the config, else /run/pullwake-runner/control.sock).",
+)
+
+
+def _ask(socket_path: Path | None, config: Path | None, method: str, url: str) -> tuple[int, Any]:
+    from ._control import request
+
+    try:
+        return request(_socket_path(socket_path, config), method, url)
+    except RunnerError as error:
+        click.echo(f"pullwake: {error}", err=True)
+        sys.exit(EX_FAILURE)
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    seconds = max(0.0, time.time() - timestamp)
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+@main.command()
+@config_option
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="Print the full status snapshot as JSON.")
+def status(config: Path | None, socket_path: Path | None, as_json: bool) -> None:
+    """Show what a running runner is doing: state, health, counters, claims in flight."""
+    _, snapshot = _ask(socket_path, config, "GET", "/status")
+    code, health = _ask(socket_path, config, "GET", "/health")
+    if as_json:
+        click.echo(json.dumps({**snapshot, "healthy": health["ok"], "health_reason": health["reason"]}, indent=2))
+        sys.exit(EX_OK if code == 200 else EX_FAILURE)
+    rows = [
+        ("runner", snapshot["runner_id"]),
+        ("state", f"{snapshot['state']} (since {_ago(snapshot['state_since'])})"),
+        ("health", f"{'healthy' if health['ok'] else 'UNHEALTHY'}: {health['reason']}"),
+        ("wake offset", snapshot["offset"] or "-"),
+        ("reconnects", str(snapshot["reconnect_count"])),
+        (
+            "last error",
+            f"{snapshot['last_error']} ({_ago(snapshot['last_error_at'])})" if snapshot["last_error"] else "-",
+        ),
+        (
+            "heartbeat",
+            f"{'ok' if snapshot['last_heartbeat_ok'] else 'failing'} ({_ago(snapshot['last_heartbeat_at'])}), "
+            f"{snapshot['liveness_resets']} reset(s)",
+        ),
+        ("events", str(snapshot["events_received"])),
+        (
+            "claims",
+            f"{snapshot['claims_succeeded']} succeeded, {snapshot['claims_skipped']} skipped, "
+            f"{snapshot['claims_failed']} failed",
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label:<{width}}  {value}")
+    claims = snapshot["in_flight"]
+    click.echo(f"\nin flight: {len(claims)}")
+    for claim in claims:
+        generation, stream = claim["generation"] or "-", claim["stream"] or "-"
+        click.echo(
+            f"  {claim['subscription']:<24} generation {generation:<6} stream {stream:<24} "
+            f"batches {claim['batches_done']:<4} started {_ago(claim['started_at'])}"
+        )
+    sys.exit(EX_OK if code == 200 else EX_FAILURE)
+
+
+@main.command()
+@click.argument("subscription")
+@config_option
+@socket_option
+def abort(subscription: str, config: Path | None, socket_path: Path | None) -> None:
+    """Abort the in-flight claim of SUBSCRIPTION: progress is acked, the claim released."""
+    code, answer = _ask(socket_path, config, "POST", f"/claims/{subscription}/abort")
+    if code == 202:
+        click.echo(f"aborted the claim of {subscription}")
+        return
+    click.echo(f"pullwake: {answer.get('error', answer)}", err=True)
+    sys.exit(EX_FAILURE)
 
 
 @main.group("config")

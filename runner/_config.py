@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     control_stream_enabled: bool = Field(True, description="Follow the control stream for remote aborts.")
     control_socket: Path | None = Field(None, description="Unix socket for status, health, metrics and abort.")
     metrics_listen: str | None = Field(None, description="Loopback host:port serving /healthz and /metrics.")
+    stuck_after: float = Field(60.0, gt=0, description="Not following the wake stream this long is unhealthy.")
 
     @field_validator("server_url")
     @classmethod

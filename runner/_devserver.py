@@ -109,6 +109,7 @@ class DevServer:
 
     def __post_init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
         self._log: IO[bytes] | None = None
         self.url: str | None = None
 
@@ -181,7 +182,8 @@ class DevServer:
                     log.write(line)
                     log.flush()
 
-        threading.Thread(target=pump, name="devserver-stdout", daemon=True).start()
+        self._pump = threading.Thread(target=pump, name="devserver-stdout", daemon=True)
+        self._pump.start()
 
     def stop(self, *, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
@@ -192,8 +194,13 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if process is not None and process.stdin is not None:
-            process.stdin.close()
+        if self._pump is not None:
+            self._pump.join(timeout=5)  # the pipe reaches EOF once the server is gone
+            self._pump = None
+        if process is not None:
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
         if self._log is not None:
             self._log.close()
             self._log = None

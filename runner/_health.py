@@ -10,6 +10,8 @@ from typing import Any
 
 from machine import State
 
+from ._metrics import Metrics
+
 
 class Outcome(enum.StrEnum):
     """How one claim ended."""
@@ -45,6 +47,7 @@ class Health:
 
     runner_id: str
     state: str
+    state_since: float | None
     status: str
     """`ok`, `degraded` (running but not following the wake stream right now), or `stopped`."""
     reason: str | None
@@ -74,17 +77,31 @@ class Health:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def verdict(self, *, stuck_after: float, now: float | None = None) -> tuple[bool, str]:
+        """Is the runner working? Degraded for less than `stuck_after` seconds still counts."""
+        if self.status == "ok":
+            return True, "following the wake stream"
+        if self.status == "stopped":
+            return False, "stopped"
+        since = self.state_since if self.state_since is not None else self.started_at
+        stalled_for = (now if now is not None else time.time()) - (since or 0.0)
+        if self.state != "stopping" and stalled_for >= stuck_after:
+            return False, f"stuck for {stalled_for:.0f} s: {self.reason}"
+        return True, f"recovering: {self.reason}"
+
 
 class Vitals:
     """The mutable record behind `Health`; components report, the runner snapshots."""
 
     def __init__(self, runner_id: str) -> None:
         self.runner_id = runner_id
+        self.metrics = Metrics(runner_id)
         self.reset()
 
     def reset(self) -> None:
         """Called at every start: counters describe the current run."""
         self.state = State.STOPPED
+        self.state_since: float | None = None
         self.started_at: float | None = None
         self.offset: str | None = None
         self.connected_since: float | None = None
@@ -115,6 +132,13 @@ class Vitals:
             self.connected_since = None
         if state is State.RECONNECTING:
             self.reconnect_count += 1
+            self.metrics.reconnects.inc()
+        self.metrics.entered(state)
+        # "Since" counts from the first state that is not streaming, so a connect/backoff
+        # loop reads as one long outage rather than many short ones.
+        was_following = self.state in (State.STREAMING, State.STOPPED)
+        if state is State.STREAMING or state is State.STOPPED or was_following:
+            self.state_since = time.time()
         self.state = state
 
     def error(self, error: BaseException | str) -> None:
@@ -125,9 +149,17 @@ class Vitals:
         self.last_heartbeat_at = time.time()
         self.last_heartbeat_ok = ok
         self.heartbeat_failures = consecutive_failures
+        if not ok:
+            self.metrics.heartbeat_failures.inc()
+
+    def liveness_reset(self, reason: str) -> None:
+        self.liveness_resets += 1
+        self.metrics.liveness_resets.inc()
+        self.error(f"liveness reset: {reason}")
 
     def wake_received(self) -> None:
         self.events_received += 1
+        self.metrics.wake_events.inc()
 
     def dispatched(self) -> None:
         self.last_dispatch_at = time.time()
@@ -136,9 +168,23 @@ class Vitals:
         self.claims[outcome] += 1
         self.last_claim_at = time.time()
         self.last_claim_result = outcome
+        self.metrics.claims.labels(outcome.value).inc()
 
     def batch(self, outcome: str) -> None:
         self.batches[outcome] += 1
+        self.metrics.batches.labels(outcome).inc()
+
+    def handler_ran(self, seconds: float) -> None:
+        self.metrics.handler_duration.observe(seconds)
+
+    def wake_latency(self, seconds: float) -> None:
+        self.metrics.wake_to_handler.observe(max(seconds, 0.0))
+
+    def lease_renewal(self, result: str) -> None:
+        self.metrics.lease_renewals.labels(result).inc()
+
+    def in_flight(self, count: int) -> None:
+        self.metrics.in_flight.set(count)
 
     # -- snapshot --------------------------------------------------------------------------
 
@@ -147,6 +193,7 @@ class Vitals:
         return Health(
             runner_id=self.runner_id,
             state=self.state.value,
+            state_since=self.state_since,
             status=status,
             reason=reason,
             offset=self.offset,

@@ -105,7 +105,6 @@ class Liveness:
 
     async def _reset(self, reason: str, epoch: int) -> None:
         self.resets += 1
-        self._vitals.liveness_resets = self.resets
-        self._vitals.error(f"liveness reset: {reason}")
+        self._vitals.liveness_reset(reason)
         log.warning("heartbeat.reset", reason=reason, state=self._driver.state.value)
         await self._driver.send(Event.STREAM_RESET, epoch=epoch)

@@ -19,6 +19,7 @@ from pathlib import Path
 import structlog
 import trio
 import trio.lowlevel
+from prometheus_client import CollectorRegistry
 
 from machine import Effect, Event, State, Step
 
@@ -27,11 +28,13 @@ from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._claims import Claims
 from ._client import StreamsClient, build_http
 from ._config import Settings
+from ._control import serve_control, serve_metrics
 from ._driver import Driver, Envelope, StateContext
 from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
 from ._handlers import AsyncHandler, CommandHandler, Handler, as_async, resolve
 from ._health import Health, Vitals
 from ._liveness import Liveness
+from ._remote import follow_control_stream
 from ._subscriptions import SubscriptionKeeper
 from ._wake import Wake, WakeFollower
 
@@ -132,6 +135,15 @@ class Runner:
 
     def health(self) -> Health:
         return self._vitals.snapshot(self._active.claims.in_flight() if self._active else [])
+
+    def metrics_exposition(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this runner's own registry, and its content type."""
+        return self._vitals.metrics.exposition()
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """This runner's Prometheus registry, to mount in an app's own /metrics if wanted."""
+        return self._vitals.metrics.registry
 
     # -- control ---------------------------------------------------------------------------
 
@@ -264,6 +276,22 @@ class Runner:
                     threshold=settings.heartbeat_failure_threshold,
                 )
                 self._active = _Active(driver, claims, client, liveness, backoff)
+                if settings.control_socket is not None:
+                    await lifetime.start(serve_control, self, Path(settings.control_socket))
+                if settings.metrics_listen is not None:
+                    await lifetime.start(serve_metrics, self, settings.metrics_listen)
+                if settings.control_stream_enabled:
+                    await lifetime.start(
+                        partial(
+                            follow_control_stream,
+                            client,
+                            settings.control_stream_path,
+                            claims.abort,
+                            hold=settings.long_poll_timeout,
+                            backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                        ),
+                        name="control-stream",
+                    )
                 lifetime.start_soon(liveness.run, name="heartbeat")
                 lifetime.start_soon(self._sweep, driver, claims, settings.sweep_interval, name="sweep")
                 if checkpoint is not None:

@@ -2,6 +2,7 @@
 
 They write one JSON line per message to the file named by PULLWAKE_TEST_RECORD, so a
 test can see what a separate process handled, even after that process was killed.
+A message with `"slow": true` makes the batch take a minute (after a "started" line).
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ import trio
 from runner import Batch
 
 
-async def record(batch: Batch) -> None:
-    delay = float(os.environ.get("PULLWAKE_TEST_DELAY", "0"))
-    if delay:
-        await trio.sleep(delay)
-    lines = "".join(
-        json.dumps({"stream": batch.stream, "message": message, "pid": os.getpid()}) + "\n"
-        for message in batch.messages
-    )
+async def _write(lines: str) -> None:
     async with await trio.open_file(os.environ["PULLWAKE_TEST_RECORD"], "a") as out:
         await out.write(lines)
+
+
+async def record(batch: Batch) -> None:
+    delay = float(os.environ.get("PULLWAKE_TEST_DELAY", "0"))
+    if any(isinstance(message, dict) and message.get("slow") for message in batch.messages):
+        await _write(json.dumps({"started": batch.next_offset, "pid": os.getpid()}) + "\n")
+        delay = 60
+    if delay:
+        await trio.sleep(delay)
+    await _write(
+        "".join(
+            json.dumps({"stream": batch.stream, "message": message, "pid": os.getpid()}) + "\n"
+            for message in batch.messages
+        )
+    )

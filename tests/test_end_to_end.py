@@ -266,12 +266,13 @@ def write_config(path: Path, world: World, state_dir: Path, **extra: Any) -> Pat
 
 def start_runner_process(config: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.Popen(
-        [sys.executable, "-m", "runner", "run", "--config", str(config), "--log-format", "json"],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env=environment,
-    )
+    with log.open("ab") as output:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "runner", "run", "--config", str(config), "--log-format", "json"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
 
 
 async def test_a_killed_runner_resumes_from_its_checkpoint_and_loses_nothing(
