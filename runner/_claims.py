@@ -264,7 +264,8 @@ class Claims:
     def _start(self, subscription: str) -> None:
         entry = InFlight(subscription)
         self._in_flight[subscription] = entry
-        self._idle = trio.Event()
+        if self._idle.is_set():
+            self._idle = trio.Event()
         self._vitals.dispatched()
         self._vitals.in_flight(len(self._in_flight))
         self._nursery.start_soon(self._serve, entry, name=f"claim:{subscription}")
@@ -295,6 +296,10 @@ class Claims:
             # Only remove the handle this worker registered: a new worker may own the slot now.
             if self._in_flight.get(subscription) is entry:
                 del self._in_flight[subscription]
+            # A wake that came in while this worker was winding down (an abort's finalizer,
+            # say) must not be forgotten: the server writes one wake and then waits for a claim.
+            if not self._closed and subscription not in self._in_flight and self._take_pending(subscription):
+                self._start(subscription)
             self._vitals.in_flight(len(self._in_flight))
             if not self._in_flight:
                 self._idle.set()
