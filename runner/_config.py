@@ -168,6 +168,13 @@ class Settings(BaseSettings):
     def _valid_stream(cls, value: str | None) -> str | None:
         return None if value is None else _stream_path(value)
 
+    @field_validator("ca_file")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
     @field_validator("metrics_listen")
     @classmethod
     def _loopback_listener(cls, value: str | None) -> str | None:
@@ -204,7 +211,9 @@ class Settings(BaseSettings):
             candidates.append(Path(credentials) / CREDENTIAL_NAME)
         for path in candidates:
             try:
-                return SecretStr(path.read_text().strip())
+                secret = path.read_text().strip()
+                # An empty credential file means "no token" (the unit's LoadCredential= needs a file).
+                return SecretStr(secret) if secret else None
             except OSError as exc:
                 if path == self.token_file:
                     raise ConfigError(f"token_file: cannot read {path}: {exc.strerror}") from exc

@@ -115,12 +115,12 @@ async def serve_control(runner: Runner, path: Path, *, task_status: trio.TaskSta
         path.unlink(missing_ok=True)  # noqa: ASYNC240 - a quick local unlink, also during cancellation
 
 
-async def serve_metrics(runner: Runner, listen: str, *, task_status: trio.TaskStatus[None]) -> None:
-    """Serve /healthz and /metrics on a loopback TCP port until cancelled."""
+async def serve_metrics(runner: Runner, listen: str, *, task_status: trio.TaskStatus[str]) -> None:
+    """Serve /healthz and /metrics on a loopback TCP port until cancelled; reports the bound URL."""
     await _serve(control_app(runner, with_abort=False), _config(listen), task_status)
 
 
-async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[None]) -> None:
+async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[Any]) -> None:
     never = trio.Event()
 
     async def serving(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -129,7 +129,7 @@ async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[No
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(serving)
         log.info("control.listening", on=bound)
-        task_status.started()
+        task_status.started(bound[0] if bound else None)
 
 
 # -- the client side, for `pullwake status` and `pullwake abort` -------------------------

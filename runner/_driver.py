@@ -107,6 +107,7 @@ class Driver:
         self._states: trio.Nursery | None = None
         self._inbox: trio.MemorySendChannel[Envelope] | None = None
         self._changed = trio.Event()
+        self._busy_since: float | None = None
 
     @property
     def state(self) -> State:
@@ -119,6 +120,14 @@ class Driver:
     @property
     def running(self) -> bool:
         return self._inbox is not None
+
+    def busy_for(self) -> float:
+        """How long the driver has been inside one transition (0 when waiting for events).
+
+        A transition waits for the previous state's activity to finish cancelling;
+        an activity that refuses to end leaves the driver wedged here.
+        """
+        return 0.0 if self._busy_since is None else trio.current_time() - self._busy_since
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Process events until the lifecycle comes back to `stopped`.
@@ -136,7 +145,11 @@ class Driver:
                 task_status.started()
                 async with outbox:
                     async for envelope in outbox:
-                        step = await self._handle(envelope)
+                        self._busy_since = trio.current_time()
+                        try:
+                            step = await self._handle(envelope)
+                        finally:
+                            self._busy_since = None
                         if step is not None and step.entered and step.target is State.STOPPED:
                             break
                     # Whatever is still queued belongs to a run that is over.

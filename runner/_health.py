@@ -224,10 +224,9 @@ class Vitals:
             return "stopped", "the runner is not running"
         if self.state is State.STOPPING:
             return "degraded", "stopping"
+        last_error = f" (last error: {self.last_error})" if self.last_error else ""
         if self.heartbeat_failures:
-            return "degraded", f"{self.heartbeat_failures} liveness probe(s) failed in a row"
+            return "degraded", f"{self.heartbeat_failures} liveness probe(s) failed in a row{last_error}"
         if self.state is not State.STREAMING:
-            return "degraded", f"{self.state.value}: not following the wake stream" + (
-                f" (last error: {self.last_error})" if self.last_error else ""
-            )
+            return "degraded", f"{self.state.value}: not following the wake stream{last_error}"
         return "ok", None

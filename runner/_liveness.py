@@ -60,6 +60,8 @@ class Liveness:
         self.threshold = threshold
         self.failures = 0
         self.resets = 0
+        self.started_at = trio.current_time()
+        self.last_beat_at: float | None = None
         self._last: _Observation | None = None
 
     async def run(self) -> None:
@@ -71,9 +73,14 @@ class Liveness:
             await self.beat()
             next_beat = max(next_beat + self.interval, trio.current_time())
 
+    def silent_for(self) -> float:
+        """Time since the last completed beat (or since the start, before the first)."""
+        return trio.current_time() - (self.last_beat_at if self.last_beat_at is not None else self.started_at)
+
     async def beat(self) -> None:
         """One probe and what follows from it."""
         tail = await self._tail()
+        self.last_beat_at = trio.current_time()
         self.failures = 0 if tail is not None else self.failures + 1
         self._vitals.heartbeat(tail is not None, self.failures)
         state, epoch = self._driver.state, self._driver.epoch

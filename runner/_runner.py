@@ -11,6 +11,7 @@ The machine decides *when* (machine.TABLE); this module only says *what*.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,10 @@ from ._subscriptions import SubscriptionKeeper
 from ._wake import Wake, WakeFollower
 
 log = structlog.get_logger("pullwake.runner")
+
+# A transition that takes longer than this means the driver is wedged: cancelled
+# activities finish their (bounded) cleanup within a couple of seconds.
+WEDGED_AFTER = 10.0
 
 
 @dataclass
@@ -80,6 +85,9 @@ class Runner:
         self._fatal: BaseException | None = None
         self._run_done = trio.Event()
         self._run_done.set()
+        self._listeners: list[Callable[[State], None]] = []
+        self.metrics_url: str | None = None
+        """Where `metrics_listen` ended up (useful with port 0), while running."""
 
     def __repr__(self) -> str:
         return f"<Runner {self.settings.runner_id!r} {self.state.value}>"
@@ -124,6 +132,39 @@ class Runner:
         return resolved
 
     # -- observation -----------------------------------------------------------------------
+
+    def add_state_listener(self, listener: Callable[[State], None]) -> None:
+        """Call `listener(state)` on every entry into a lifecycle state (from the runner's task).
+
+        Keep it quick and non-blocking: it runs between two transitions.
+        """
+        self._listeners.append(listener)
+
+    def remove_state_listener(self, listener: Callable[[State], None]) -> None:
+        self._listeners.remove(listener)
+
+    def progressing(self) -> tuple[bool, str]:
+        """Is the runner making progress? False when wedged: what a watchdog should act on.
+
+        Wedged means: the lifecycle driver is stuck inside one transition, the liveness
+        heartbeat stopped beating, or a stop has overrun its deadline. Waiting for a
+        server that is down is not wedged: the runner is doing its job, retrying.
+        """
+        active = self._active
+        if active is None:
+            return False, "the runner is not running"
+        settings = self.settings
+        if (busy := active.driver.busy_for()) > WEDGED_AFTER:
+            return False, f"the lifecycle driver is stuck in one transition for {busy:.0f} s"
+        beat_limit = 3 * settings.heartbeat_interval + settings.heartbeat_timeout
+        if (silent := active.liveness.silent_for()) > beat_limit:
+            return False, f"the liveness heartbeat has not completed a beat for {silent:.0f} s"
+        health = self.health()
+        if health.state == State.STOPPING.value and health.state_since is not None:
+            deadline = settings.drain_timeout + settings.command_kill_grace + settings.finalizer_timeout + 5
+            if (stopping := time.time() - health.state_since) > deadline:
+                return False, f"stopping for {stopping:.0f} s, past its {deadline:.0f} s deadline"
+        return True, f"{health.state}"
 
     @property
     def state(self) -> State:
@@ -199,6 +240,7 @@ class Runner:
                 await self._run(settings, handlers, task_status)
         finally:
             self._active = None
+            self.metrics_url = None
             self._vitals.entered(State.STOPPED)
             self._run_done.set()
         if self._fatal is not None:
@@ -279,7 +321,7 @@ class Runner:
                 if settings.control_socket is not None:
                     await lifetime.start(serve_control, self, Path(settings.control_socket))
                 if settings.metrics_listen is not None:
-                    await lifetime.start(serve_metrics, self, settings.metrics_listen)
+                    self.metrics_url = await lifetime.start(serve_metrics, self, settings.metrics_listen)
                 if settings.control_stream_enabled:
                     await lifetime.start(
                         partial(
@@ -325,6 +367,11 @@ class Runner:
         if not step.entered:
             return
         self._vitals.entered(step.target)
+        for listener in list(self._listeners):
+            try:
+                listener(step.target)
+            except Exception:
+                log.exception("state_listener.failed", listener=repr(listener))
         log.info(
             "lifecycle.transition",
             source=step.source.value,
