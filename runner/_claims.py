@@ -439,9 +439,8 @@ class HeldClaim:
                 return
 
     async def _process(self, work: trio.CancelScope) -> Outcome:
-        for stream in self.claim.streams:
-            if not stream.has_pending:
-                continue
+        pending = [stream for stream in self.claim.streams if stream.has_pending]
+        for index, stream in enumerate(pending):
             self.entry.stream = stream.path
             offset = stream.acked_offset
             while is_after(stream.tail_offset, offset):
@@ -470,15 +469,18 @@ class HeldClaim:
                     return Outcome.FAILED
                 self.progress.finish(stream.path, result.next_offset)
                 self.entry.batches_done += 1
-                try:
-                    await self._ack()
-                except LeaseLost as exc:
-                    self.lost = exc
-                    work.cancel()
-                    await trio.lowlevel.checkpoint()
+                offset = result.next_offset
                 if verdict is Outcome.SUSPENDED:
                     return Outcome.SUSPENDED
-                offset = result.next_offset
+                last = index == len(pending) - 1 and not is_after(stream.tail_offset, offset)
+                if not last:
+                    # Persist progress (and renew the lease) now; the last batch rides on the done ack.
+                    try:
+                        await self._ack()
+                    except LeaseLost as exc:
+                        self.lost = exc
+                        work.cancel()
+                        await trio.lowlevel.checkpoint()
         return Outcome.DEAD_LETTERED if self.dead_lettered else Outcome.COMPLETED
 
     async def _read(self, stream: str, offset: str) -> ReadResult:
@@ -523,6 +525,7 @@ class HeldClaim:
             else:
                 took = trio.current_time() - started
                 self.vitals.handler_ran(took)
+                self.vitals.events_handled(len(batch.messages))
                 self.vitals.batch("suspended" if result is SUSPEND else "ok")
                 log.debug("batch.done", stream=batch.stream, size=len(batch.messages), took=round(took, 6))
                 return Outcome.SUSPENDED if result is SUSPEND else Outcome.COMPLETED

@@ -102,8 +102,18 @@ def is_after(offset: str, other: str) -> bool:
 
 
 def build_http(
-    server_url: str, *, timeout: float, verify_tls: bool = True, ca_file: str | None = None
+    server_url: str,
+    *,
+    timeout: float,
+    verify_tls: bool = True,
+    ca_file: str | None = None,
+    concurrency: int = 16,
 ) -> httpx.AsyncClient:
+    """An HTTP client sized for `concurrency` claims plus the live stream, heartbeat and control.
+
+    The pool is kept close to what is used: httpcore scans every pooled connection on
+    each request, which showed up as a top cost under load with an oversized pool.
+    """
     verify: ssl.SSLContext | bool = verify_tls
     if verify_tls and ca_file:
         verify = ssl.create_default_context(cafile=ca_file)
@@ -111,7 +121,7 @@ def build_http(
         base_url=server_url,
         timeout=httpx.Timeout(timeout),
         verify=verify,
-        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        limits=httpx.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 4),
         follow_redirects=False,
     )
 

@@ -177,6 +177,9 @@ class Vitals:
     def handler_ran(self, seconds: float) -> None:
         self.metrics.handler_duration.observe(seconds)
 
+    def events_handled(self, count: int) -> None:
+        self.metrics.events_handled.inc(count)
+
     def wake_latency(self, seconds: float) -> None:
         self.metrics.wake_to_handler.observe(max(seconds, 0.0))
 

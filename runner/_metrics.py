@@ -21,6 +21,9 @@ class Metrics:
         self.wake_events = Counter("pullwake_wake_events", "Events read from the wake stream", registry=r)
         self.claims = Counter("pullwake_claims", "Claims by how they ended", ["result"], registry=r)
         self.batches = Counter("pullwake_batches", "Batches by how they ended", ["outcome"], registry=r)
+        self.events_handled = Counter(
+            "pullwake_events_handled", "Events in batches that handlers finished (ok or suspended)", registry=r
+        )
         self.handler_duration = Histogram(
             "pullwake_handler_duration_seconds",
             "Time spent in handlers per batch",

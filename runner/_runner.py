@@ -254,6 +254,7 @@ class Runner:
             timeout=settings.request_timeout,
             verify_tls=settings.verify_tls,
             ca_file=str(settings.ca_file) if settings.ca_file else None,
+            concurrency=settings.max_concurrent_claims,
         )
         client = StreamsClient(
             http, stream_root=settings.stream_root, token=settings.service_token(), timeout=settings.request_timeout

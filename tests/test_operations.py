@@ -405,6 +405,7 @@ async def test_metrics_after_a_short_run_are_plausible_and_per_runner(world: Wor
     latency_count = metric(exposition, "pullwake_wake_to_handler_seconds_count")
     assert latency_count >= 1
     assert 0 <= metric(exposition, "pullwake_wake_to_handler_seconds_sum") / latency_count < 5
+    assert metric(exposition, "pullwake_events_handled_total") == 20
     assert metric(exposition, "pullwake_reconnects_total") == 0
     assert metric(exposition, "pullwake_heartbeat_failures_total") == 0
     assert metric(exposition, "pullwake_claims_in_flight") == 0

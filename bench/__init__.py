@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (or `make bench`). Never part of the test suite."""
