@@ -28,12 +28,14 @@ from ._exceptions import (
 )
 from ._handlers import SUSPEND, Batch, CommandHandler, Handler, Suspend
 from ._health import Health, InFlightClaim, Outcome
+from ._hosts import BackgroundRunner
 from ._runner import Runner
 
 __all__ = [
     "SUSPEND",
     "AlreadyClaimed",
     "AlreadyRunning",
+    "BackgroundRunner",
     "Backoff",
     "Batch",
     "ClientError",

@@ -6,8 +6,9 @@ flight; then the wake is remembered and the worker claims again when it ends
 a lifecycle state: losing the wake stream never interrupts a handler.
 
 Inside a claim, batches of each pending stream go to the handler in order;
-each successful batch is acknowledged at once (which also renews the lease), and
-a lease keeper renews it while a handler takes its time. `FENCED` or a refused
+each successful batch is acknowledged at once (which also renews the lease; the
+last one rides on the final `done` ack), and a lease keeper renews the lease
+while a handler takes its time. `FENCED` or a refused
 token means the claim is someone else's now: the handler is cancelled at once
 and nothing is acknowledged or released afterwards. A claim cancelled by a stop
 or an abort runs a shielded, time-bounded finalizer that acknowledges what was
@@ -39,7 +40,7 @@ from ._exceptions import (
     TokenInvalid,
 )
 from ._handlers import SUSPEND, AsyncHandler, Batch
-from ._health import InFlightClaim, Outcome, Vitals
+from ._health import SUCCEEDED, InFlightClaim, Outcome, Vitals
 from ._subscriptions import SubscriptionKeeper
 from ._wake import Wake
 
@@ -395,7 +396,7 @@ class HeldClaim:
                 if trio.current_effective_deadline() == -math.inf:
                     await self._finalize_cancelled()
                 raise
-            if outcome in (Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED):
+            if outcome in SUCCEEDED:
                 self.claims._handled(self.subscription, claim.generation)
             self.claims._record(outcome, subscription=self.subscription, generation=claim.generation)
         return outcome, next_wake
@@ -416,7 +417,7 @@ class HeldClaim:
         if self.lost is not None:
             log.warning("claim.lease_lost", reason=str(self.lost))
             return Outcome.FENCED, False
-        if outcome in (Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED):
+        if outcome in SUCCEEDED:
             try:
                 next_wake = await self._ack(done=True)
             except LeaseLost as exc:
@@ -434,9 +435,13 @@ class HeldClaim:
             try:
                 await self._ack()
             except LeaseLost as exc:
-                self.lost = exc
-                work.cancel()
-                return
+                await self._lose(exc, work)
+
+    async def _lose(self, lost: LeaseLost, work: trio.CancelScope) -> None:
+        """The claim is someone else's: stop the handler at once, and touch nothing more."""
+        self.lost = lost
+        work.cancel()
+        await trio.lowlevel.checkpoint()  # raises Cancelled right here
 
     async def _process(self, work: trio.CancelScope) -> Outcome:
         pending = [stream for stream in self.claim.streams if stream.has_pending]
@@ -478,9 +483,7 @@ class HeldClaim:
                     try:
                         await self._ack()
                     except LeaseLost as exc:
-                        self.lost = exc
-                        work.cancel()
-                        await trio.lowlevel.checkpoint()
+                        await self._lose(exc, work)
         return Outcome.DEAD_LETTERED if self.dead_lettered else Outcome.COMPLETED
 
     async def _read(self, stream: str, offset: str) -> ReadResult:
