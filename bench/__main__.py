@@ -151,6 +151,20 @@ async def running(runner: Runner) -> AsyncIterator[Runner]:
 
 
 @dataclass
+class Proxied:
+    """A runner behind a proxy, what it handled, and when it entered each state."""
+
+    runner: Runner
+    proxy: Proxy
+    wake: str
+    seen: list[float]
+    entered: list[tuple[State, float]]
+
+    def reconnects_since(self, moment: float) -> list[float]:
+        return [at for state, at in self.entered if state is State.RECONNECTING and at > moment]
+
+
+@dataclass
 class Bench:
     server: DevServer
     scale: Scale
@@ -406,8 +420,10 @@ class Bench:
 
         nursery.start_soon(feed)
 
-    async def _recover_hung_connect(self) -> dict[str, float]:
-        uid, wake = self.names("rh")
+    @asynccontextmanager
+    async def _behind_a_proxy(self, prefix: str) -> AsyncIterator[Proxied]:
+        """A runner that reaches the server through a proxy, with events flowing (one per 100 ms)."""
+        uid, wake = self.names(prefix)
         spec = SubscriptionSpec(id=f"sub-{uid}", pattern=f"{uid}/*")
         await self.producer.create_stream(f"{uid}/a")
         seen: list[float] = []
@@ -418,61 +434,50 @@ class Bench:
         async with trio.open_nursery() as nursery:
             proxy = Proxy(self.server.port)
             await nursery.start(proxy.run)
-            left_connecting: list[float] = []
             runner = Runner(self._recovery_settings(wake, spec, server_url=proxy.url), handlers={spec.id: handler})
-            runner.add_state_listener(
-                lambda state: left_connecting.append(time.perf_counter()) if state is State.RECONNECTING else None
-            )
+            entered: list[tuple[State, float]] = []
+            runner.add_state_listener(lambda state: entered.append((state, time.perf_counter())))
             async with running(runner):
                 self._feed(f"{uid}/a", nursery)
                 await until(lambda: bool(seen), 30, "events flowing")
-                await self.producer.request(
-                    "POST",
-                    "/_test/inject-error",
-                    json_body={"path": f"/v1/stream/{wake}", "delayMs": 600_000, "count": 1_000_000},
-                )
-                fault = time.perf_counter()
-                proxy.cut()
-                # The cut itself is noticed at once; detection is the runner giving up on the hung connect.
-                await until(
-                    lambda: len([t for t in left_connecting if t > fault]) >= 2, 120, "the hung connect to be abandoned"
-                )
-                detected = [t for t in left_connecting if t > fault][1] - fault
-                await trio.sleep(2)
-                await self.producer.request("DELETE", "/_test/inject-error")
-                cleared, count = time.perf_counter(), len(seen)
-                await until(lambda: len(seen) > count, 120, "events after the fault")
-                recovered = seen[count] - cleared
-                health = runner.health()
+                yield Proxied(runner, proxy, wake, seen, entered)
             nursery.cancel_scope.cancel()
-        return {"detect_s": detected, "recover_s": recovered, "liveness_resets": health.liveness_resets}
+
+    async def _recover_hung_connect(self) -> dict[str, float]:
+        async with self._behind_a_proxy("rh") as setup:
+            await self.producer.request(
+                "POST",
+                "/_test/inject-error",
+                json_body={"path": f"/v1/stream/{setup.wake}", "delayMs": 600_000, "count": 1_000_000},
+            )
+            fault = time.perf_counter()
+            setup.proxy.cut()
+            # The cut itself is noticed at once; detection is the runner giving up on the hung connect.
+            await until(lambda: len(setup.reconnects_since(fault)) >= 2, 120, "the hung connect to be abandoned")
+            detected = setup.reconnects_since(fault)[1] - fault
+            await trio.sleep(2)
+            await self.producer.request("DELETE", "/_test/inject-error")
+            cleared, count = time.perf_counter(), len(setup.seen)
+            await until(lambda: len(setup.seen) > count, 120, "events after the fault")
+            return {
+                "detect_s": detected,
+                "recover_s": setup.seen[count] - cleared,
+                "liveness_resets": setup.runner.health().liveness_resets,
+            }
 
     async def _recover_frozen_stream(self) -> dict[str, float]:
-        uid, wake = self.names("rf")
-        spec = SubscriptionSpec(id=f"sub-{uid}", pattern=f"{uid}/*")
-        await self.producer.create_stream(f"{uid}/a")
-        seen: list[float] = []
-
-        async def handler(batch: Batch) -> None:
-            seen.append(time.perf_counter())
-
-        async with trio.open_nursery() as nursery:
-            proxy = Proxy(self.server.port)
-            await nursery.start(proxy.run)
-            runner = Runner(self._recovery_settings(wake, spec, server_url=proxy.url), handlers={spec.id: handler})
-            async with running(runner):
-                self._feed(f"{uid}/a", nursery)
-                await until(lambda: bool(seen), 30, "events flowing")
-                frozen = time.perf_counter()
-                proxy.freeze(existing_only=True)
-                await until(lambda: runner.health().reconnect_count >= 1, 180, "the frozen stream to be noticed")
-                noticed = time.perf_counter()
-                count = len(seen)
-                await until(lambda: len(seen) > count, 180, "events after the freeze")
-                detected, recovered = noticed - frozen, seen[count] - noticed
-                health = runner.health()
-            nursery.cancel_scope.cancel()
-        return {"detect_s": detected, "recover_s": recovered, "liveness_resets": health.liveness_resets}
+        async with self._behind_a_proxy("rf") as setup:
+            frozen = time.perf_counter()
+            setup.proxy.freeze(existing_only=True)
+            await until(lambda: bool(setup.reconnects_since(frozen)), 180, "the frozen stream to be noticed")
+            noticed = setup.reconnects_since(frozen)[0]
+            count = len(setup.seen)
+            await until(lambda: len(setup.seen) > count, 180, "events after the freeze")
+            return {
+                "detect_s": noticed - frozen,
+                "recover_s": setup.seen[count] - noticed,
+                "liveness_resets": setup.runner.health().liveness_resets,
+            }
 
     async def _recover_server_restart(self) -> dict[str, float]:
         uid, wake = self.names("rr")

@@ -60,6 +60,15 @@ async def own_world(own_server: DevServer, tmp_path: Path) -> AsyncIterator[Worl
         yield made
 
 
+@pytest.fixture
+def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where handlers in runner processes (tests/file_handlers.py) write what they handled."""
+    path = tmp_path / "record.txt"
+    path.touch()
+    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(path))
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def quiet_logs() -> None:
     """Only warnings and errors show up in a failing test's captured output (PULLWAKE_TEST_LOG_LEVEL)."""

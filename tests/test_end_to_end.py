@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
 from runner import SUSPEND, Batch, CommandHandler, Runner, Suspend
@@ -153,14 +152,6 @@ async def test_without_a_dead_letter_stream_a_failing_batch_is_released_and_cool
     assert calls[2] - calls[1] >= 0.9, "the subscription cools down before it is claimed again"
     assert runner.health().claims["failed"] >= 2
     assert (await world.acked_offsets())[world.stream("a")] == "0000000000000000_0000000000000000"
-
-
-@pytest.fixture
-def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "record.txt"
-    path.touch()
-    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(path))
-    return path
 
 
 def lines(path: Path) -> list[str]:

@@ -176,12 +176,10 @@ def test_the_token_comes_from_the_setting_a_file_or_the_systemd_credential(
 
 
 async def test_a_full_run_logs_json_with_context_and_never_a_token(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tmp_path: Path, record_file: Path
 ) -> None:
     await world.create("a")
-    record = tmp_path / "record.txt"
-    record.touch()
-    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(record))
+    record = record_file
     secret = "s3cr3t-service-token-do-not-log"
     config = write_config(tmp_path / "runner.toml", world, tmp_path / "state", token=secret)
     log = tmp_path / "runner.log"
@@ -208,10 +206,9 @@ async def test_a_full_run_logs_json_with_context_and_never_a_token(
 
 
 async def test_systemd_hears_ready_status_watchdog_and_stopping_in_order(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, tmp_path: Path, record_file: Path
 ) -> None:
     await world.create("a")
-    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(tmp_path / "record.txt"))
     notify_path = tmp_path / "notify.sock"
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await sock.bind(str(notify_path))

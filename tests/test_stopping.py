@@ -13,21 +13,12 @@ from pathlib import Path
 
 import prometheus_client
 import psutil
-import pytest
 import trio
 
 from machine import State
 from runner import Batch, CommandHandler, Runner, StopError
 from tests.support import Recorder, World, eventually, running
 from tests.test_end_to_end import ROOT, lines, start_runner_process, write_config
-
-
-@pytest.fixture
-def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "record.txt"
-    path.touch()
-    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(path))
-    return path
 
 
 async def sigterm_mid_batch(world: World, record_file: Path, tmp_path: Path, *, twice: bool) -> float:
@@ -261,12 +252,8 @@ async def test_a_stuck_sync_handler_cannot_hold_the_stop(world: World) -> None:
     assert runner.health().claims["interrupted"] == 1
 
 
-async def test_a_command_that_ignores_sigterm_cannot_hold_the_stop(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    record = tmp_path / "record.txt"
-    record.touch()
-    monkeypatch.setenv("PULLWAKE_TEST_RECORD", str(record))
+async def test_a_command_that_ignores_sigterm_cannot_hold_the_stop(world: World, record_file: Path) -> None:
+    record = record_file
     await world.create("a")
     command = CommandHandler([sys.executable, str(ROOT / "tests" / "command_handler.py")], kill_grace=1.0)
     runner = Runner(world.settings(drain_timeout=1.0, finalizer_timeout=1.0), handlers={world.sub: command})
