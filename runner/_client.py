@@ -282,6 +282,16 @@ class StreamsClient:
         self.raise_for_status(response, what=what)
         return self._read_result(response, what=what)
 
+    async def read_all(self, path: str, offset: str = "-1") -> list[Any]:
+        """Catch up: read from `offset`, following Stream-Next-Offset until the server says up to date."""
+        messages: list[Any] = []
+        while True:
+            result = await self.read(path, offset)
+            messages.extend(result.messages)
+            if result.up_to_date or result.closed or not result.messages or result.next_offset == offset:
+                return messages
+            offset = result.next_offset
+
     async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
         """Wait up to `hold` (server side) for messages after `offset`."""
         what = f"long-poll {path} from {offset}"

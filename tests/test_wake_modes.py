@@ -1,0 +1,110 @@
+"""How the wake stream is followed, and how subscriptions are kept in place."""
+
+from __future__ import annotations
+
+import trio
+
+from machine import State
+from runner import Batch, Runner, WakeStreamClosed
+from tests.support import Recorder, World, captured_logs, eventually, running
+
+
+async def test_long_poll_mode_follows_the_wake_stream(world: World) -> None:
+    await world.create("a")
+    recorder = Recorder()
+    runner = Runner(world.settings(live_mode="long-poll"), handlers={world.sub: recorder})
+    async with running(runner):
+        for n in range(10):
+            await world.append("a", {"n": n})
+        await eventually(lambda: recorder.count == 10)
+    assert [message["n"] for message in recorder.messages()] == list(range(10))
+
+
+async def test_a_server_that_refuses_sse_gets_long_polls_instead(world: World) -> None:
+    await world.create("a")
+    recorder = Recorder()
+    runner = Runner(world.settings(), handlers={world.sub: recorder})
+    await world.client.create_stream(world.wake)
+    await world.inject(world.stream_path(world.wake), method="GET", status=405, count=1)
+    with captured_logs() as logs:
+        async with running(runner):
+            await world.append("a", {"n": 1})
+            await eventually(lambda: recorder.count == 1)
+    assert any(entry["event"] == "wake.sse_refused" and entry["fallback"] == "long-poll" for entry in logs)
+    assert runner.health().reconnect_count == 0, "falling back is not a failure"
+
+
+async def test_a_closed_wake_stream_stops_the_runner_with_a_clear_error(world: World) -> None:
+    recorder = Recorder()
+    runner = Runner(world.settings(), handlers={world.sub: recorder})
+    raised: list[BaseException] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await runner.start(nursery)
+            await runner.wait_until(State.STREAMING)
+            response = await world.http.post(world.stream_path(world.wake), headers={"Stream-Closed": "true"})
+            assert response.status_code == 204
+            await runner.wait_stopped()
+    except* WakeStreamClosed as group:
+        raised.extend(group.exceptions)
+    assert len(raised) == 1, "run() raises WakeStreamClosed: the runner's job cannot go on"
+    assert "closed by its owner" in str(raised[0])
+    assert runner.state is State.STOPPED
+    assert "closed by its owner" in (runner.health().last_error or "")
+
+
+async def test_no_more_claims_at_once_than_max_concurrent_claims(world: World) -> None:
+    subscriptions = [f"{world.sub}-{i}" for i in range(4)]
+    specs = tuple(world.spec(sub, pattern=f"jobs-{world.uid}/{i}/*") for i, sub in enumerate(subscriptions))
+    await world.create(*(f"{i}/x" for i in range(4)))
+    active, most = 0, 0
+
+    async def handler(batch: Batch) -> None:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        await trio.sleep(0.2)
+        active -= 1
+
+    runner = Runner(
+        world.settings(subscriptions=specs, max_concurrent_claims=2), handlers=dict.fromkeys(subscriptions, handler)
+    )
+    async with running(runner):
+        for i in range(4):
+            await world.append(f"{i}/x", {"n": i})
+        await eventually(lambda: runner.health().claims["completed"] == 4)
+    assert most == 2
+
+
+async def test_a_conflicting_subscription_is_reported_and_served_as_it_is(world: World) -> None:
+    await world.create("a")
+    # Someone else created this id with another configuration (a different lease).
+    await world.client.create_stream(world.wake)
+    await world.client.ensure_subscription(
+        world.sub, wake_stream=world.wake, pattern=f"jobs-{world.uid}/*", lease_ttl_ms=7_000
+    )
+    recorder = Recorder()
+    runner = Runner(world.settings(), handlers={world.sub: recorder})
+    with captured_logs() as logs:
+        async with running(runner):
+            await world.append("a", {"n": 1})
+            await eventually(lambda: recorder.count == 1)
+    conflicts = [entry for entry in logs if entry["event"] == "subscription.conflict"]
+    assert conflicts
+    assert conflicts[0]["log_level"] == "error"
+    assert "different configuration" in conflicts[0]["detail"]
+    assert (await world.client.get_subscription(world.sub))["lease_ttl_ms"] == 7_000, "left as it is"
+
+
+async def test_a_vanished_subscription_is_put_back(world: World) -> None:
+    await world.create("a")
+    recorder = Recorder()
+    runner = Runner(world.settings(sweep_interval=0.3), handlers={world.sub: recorder})
+    with captured_logs() as logs:
+        async with running(runner):
+            await world.client.delete_subscription(world.sub)
+            # The next sweep's claim finds it gone and puts it back.
+            await eventually(lambda: any(entry["event"] == "subscription.was_missing" for entry in logs))
+            await world.append("a", {"n": 1})
+            await eventually(lambda: recorder.count == 1, what="an event on the re-created subscription")
+    assert (await world.client.get_subscription(world.sub))["pattern"] == f"jobs-{world.uid}/*"
