@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -72,6 +73,17 @@ class Fakes:
             {name: self.activity(name) for name in ("connect", "consume", "backoff", "drain")},
             {effect: record(effect) for effect in Effect},
         )
+
+
+@asynccontextmanager
+async def running_driver(fakes: Fakes, state: State = State.STOPPED) -> AsyncIterator[Driver]:
+    """A fake-activity driver running in `state` for the body of the block."""
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, state)
+        yield driver
+        nursery.cancel_scope.cancel()
 
 
 async def settle() -> None:

@@ -8,7 +8,7 @@ import trio.testing
 
 from machine import Effect, Event, State
 from runner._driver import Driver, StateContext
-from tests.driver_harness import Fakes, drive_to, settle
+from tests.driver_harness import Fakes, drive_to, running_driver, settle
 
 
 class FakeConnection:
@@ -22,10 +22,7 @@ class FakeConnection:
 @pytest.mark.parametrize(("state", "activity"), [(State.CONNECTING, "connect"), (State.STREAMING, "consume")])
 async def test_stream_reset_cancels_a_hung_activity(state: State, activity: str) -> None:
     fakes = Fakes()
-    driver = fakes.driver()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
-        await drive_to(driver, state)
+    async with running_driver(fakes, state) as driver:
         [hung] = fakes.running()
         assert hung.name == activity
 
@@ -36,15 +33,11 @@ async def test_stream_reset_cancels_a_hung_activity(state: State, activity: str)
         assert hung.cancelled, f"the hung {activity} activity must observe trio cancellation"
         assert hung.finished
         assert driver.state is State.RECONNECTING
-        nursery.cancel_scope.cancel()
 
 
 async def test_connected_from_an_abandoned_connect_is_dropped_and_its_connection_closed() -> None:
     fakes = Fakes()
-    driver = fakes.driver()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
-        await drive_to(driver, State.CONNECTING)
+    async with running_driver(fakes, State.CONNECTING) as driver:
         [connect] = fakes.running()
         stale_epoch = driver.epoch
 
@@ -58,15 +51,11 @@ async def test_connected_from_an_abandoned_connect_is_dropped_and_its_connection
         assert driver.epoch == stale_epoch + 1
         assert connection.closed, "a connection nobody took over must be closed, not leaked"
         assert [effect for effect, _ in fakes.effects] == [], "a dropped CONNECTED must not reset the backoff"
-        nursery.cancel_scope.cancel()
 
 
 async def test_connected_hands_its_connection_to_the_streaming_activity() -> None:
     fakes = Fakes()
-    driver = fakes.driver()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
-        await drive_to(driver, State.CONNECTING)
+    async with running_driver(fakes, State.CONNECTING) as driver:
         [connect] = fakes.running()
         connection = FakeConnection()
         await connect.context.emit(Event.CONNECTED, payload=connection)
@@ -78,15 +67,11 @@ async def test_connected_hands_its_connection_to_the_streaming_activity() -> Non
         await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)
         await settle()
         assert connection.closed, "leaving streaming closes the connection it was handed"
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_event_from_an_older_epoch_never_moves_the_machine() -> None:
     fakes = Fakes()
-    driver = fakes.driver()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
-        await drive_to(driver, State.STREAMING)
+    async with running_driver(fakes, State.STREAMING) as driver:
         old = driver.epoch
         await driver.send(Event.STREAM_END, epoch=old)  # streaming -> connecting
         await settle()
@@ -95,7 +80,6 @@ async def test_an_event_from_an_older_epoch_never_moves_the_machine() -> None:
             await driver.send(event, epoch=old)
         await settle()
         assert driver.state is State.CONNECTING
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_crashing_activity_sends_its_declared_failure_event() -> None:
@@ -132,14 +116,10 @@ async def drain_in(seconds: float, context: StateContext) -> None:
 async def test_stop_from_every_state_reaches_stopped(state: State, autojump_clock: trio.testing.MockClock) -> None:
     fakes = Fakes()
     fakes.scripts["drain"] = lambda context: drain_in(5, context)
-    driver = fakes.driver()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(driver.run)
-        await drive_to(driver, state)
+    async with running_driver(fakes, state) as driver:
         await driver.stop()
         assert driver.state is State.STOPPED
         assert fakes.running() == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_concurrent_stops_share_one_sequence(autojump_clock: trio.testing.MockClock) -> None:
