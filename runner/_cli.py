@@ -78,13 +78,13 @@ def main() -> None:
 def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> None:
     """Run the worker until SIGTERM or SIGINT (a second signal skips the drain wait)."""
     settings = _settings(config, **flags)
-    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    runner = Runner(settings)
     try:
-        runner = Runner(settings)
-        code = trio.run(_serve, runner)
+        runner.check()
     except ConfigError as error:
         _fail_config(error)
-    sys.exit(code)
+    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    sys.exit(trio.run(_serve, runner))
 
 
 async def _serve(runner: Runner) -> int:
@@ -312,8 +312,7 @@ def config_check(config: Path | None) -> None:
     """Validate the configuration and print the effective settings (secrets redacted)."""
     settings = _settings(config)
     try:
-        settings.service_token()
-        Runner(settings)._resolved_handlers()
+        Runner(settings).check()
     except ConfigError as error:
         _fail_config(error)
     document = settings.model_dump(mode="json")

@@ -4,6 +4,8 @@ PullwakeError
 ├── ConfigError                 the configuration is invalid
 ├── ClientError                 talking to the Durable Streams server failed
 │   ├── TransportError          no usable answer: refused, reset, timed out, cut off
+│   │   ├── StreamSilent        the live stream went quiet past the keep-alive timeout
+│   │   └── ImmediateClose      the live stream ended at once, having delivered nothing
 │   ├── ProtocolError           an answer the protocol does not allow
 │   ├── ServerError             the server answered 5xx
 │   └── RequestError            the server refused the request (4xx)
@@ -45,6 +47,14 @@ class TransportError(ClientError):
     """No usable answer: connection refused or reset, timed out, or the body was cut off."""
 
     retryable = True
+
+
+class StreamSilent(TransportError):
+    """The live stream sent nothing, not even a keep-alive, for longer than `keepalive_timeout`."""
+
+
+class ImmediateClose(TransportError):
+    """The live stream ended cleanly at once without delivering anything (no tight reconnect loops)."""
 
 
 class ProtocolError(ClientError):

@@ -52,9 +52,7 @@ class _Active:
 
     driver: Driver
     claims: Claims
-    client: StreamsClient
     liveness: Liveness
-    backoff: BackoffActivity
 
 
 class Runner:
@@ -107,6 +105,14 @@ class Runner:
         if subscription_id in self._handlers:
             raise ConfigError(f"subscription {subscription_id!r} already has a handler")
         self._handlers[subscription_id] = handler
+
+    def check(self) -> None:
+        """Raise `ConfigError` for what can be found wrong without the server.
+
+        Every subscription has a handler that imports, and the service token is readable.
+        """
+        self._resolved_handlers()
+        self.settings.service_token()
 
     def _resolved_handlers(self) -> dict[str, AsyncHandler]:
         resolved: dict[str, AsyncHandler] = {}
@@ -318,7 +324,7 @@ class Runner:
                     timeout=settings.heartbeat_timeout,
                     threshold=settings.heartbeat_failure_threshold,
                 )
-                self._active = _Active(driver, claims, client, liveness, backoff)
+                self._active = _Active(driver, claims, liveness)
                 if settings.control_socket is not None:
                     await lifetime.start(serve_control, self, Path(settings.control_socket))
                 if settings.metrics_listen is not None:

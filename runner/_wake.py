@@ -25,7 +25,15 @@ from machine import Event
 from ._checkpoint import WakePosition
 from ._client import StreamsClient
 from ._driver import StateContext
-from ._exceptions import ClientError, ProtocolError, RequestError, TransportError, WakeStreamClosed
+from ._exceptions import (
+    ClientError,
+    ImmediateClose,
+    ProtocolError,
+    RequestError,
+    StreamSilent,
+    TransportError,
+    WakeStreamClosed,
+)
 from ._health import Vitals
 
 log = structlog.get_logger("pullwake.wake")
@@ -51,16 +59,8 @@ class Wake:
         return self.generation is None
 
 
-class StreamSilent(TransportError):
-    """The live stream sent nothing, not even a keep-alive, for too long."""
-
-
-class ImmediateClose(TransportError):
-    """The live stream ended cleanly at once without delivering anything."""
-
-
 class SSERefused(ClientError):
-    """The server or a proxy will not serve SSE here."""
+    """The server or a proxy will not serve SSE here (never escapes: we fall back to long-poll)."""
 
 
 class SSEConnection:

@@ -134,6 +134,13 @@ def test_unreadable_toml_and_missing_files_are_config_errors(tmp_path: Path) -> 
     result = pullwake("run", "--config", str(EXAMPLE_TOML), env={"PULLWAKE_HEARTBEAT_TIMEOUT": "9"})
     assert result.returncode == 78
     assert "heartbeat_timeout must not exceed heartbeat_interval" in result.stderr
+    unimportable = tmp_path / "handler.toml"
+    unimportable.write_text('[[subscriptions]]\nid = "x"\npattern = "a/*"\nhandler = "no.such.module:handle"\n')
+    for command in (["run"], ["config", "check"]):
+        result = pullwake(*command, "--config", str(unimportable))
+        assert result.returncode == 78, result.stderr
+        assert "cannot import no.such.module" in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_precedence_is_defaults_then_file_then_environment_then_flags(

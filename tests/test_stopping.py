@@ -115,7 +115,7 @@ async def test_abort_by_control_api_and_by_control_stream(world: World, tmp_path
         await trio.sleep_forever()
 
     socket = tmp_path / "control.sock"
-    settings = world.settings(subscriptions=specs, control_socket=socket, cooldown=0.2)
+    settings = world.settings(subscriptions=specs, control_socket=socket, cooldown=1.0)
     runner = Runner(settings, handlers={world.sub: stubborn, other: others})
     async with running(runner):
         assert oct(socket.stat().st_mode & 0o777) == "0o600", "the control socket is owner-only"
@@ -129,6 +129,9 @@ async def test_abort_by_control_api_and_by_control_stream(world: World, tmp_path
         )
         assert result.returncode == 0, result.stderr
         await eventually(lambda: runner.health().claims["aborted"] == 1, what="the abort over the socket")
+        # Handed back at once: another worker can claim it now, long before the 5 s lease would end.
+        inspector = await world.client.claim(world.sub, "inspector")
+        await world.client.release(inspector)
 
         await world.append("b", {"n": 2})
         await eventually(lambda: others.count == 1, what="the other subscription to keep being served")
