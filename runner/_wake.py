@@ -23,7 +23,7 @@ from httpx_sse import EventSource
 from machine import Event
 
 from ._checkpoint import WakePosition
-from ._client import StreamsClient
+from ._client import StreamsClient, is_after
 from ._driver import StateContext
 from ._exceptions import (
     ClientError,
@@ -171,9 +171,16 @@ class WakeFollower:
         await context.emit(Event.CONNECTED, payload=connection)
 
     async def _open(self) -> SSEConnection | LongPollConnection:
+        # The tail says the stream is there, and whether our offset still means anything.
+        tail = await self._client.tail(self._path)
         if self._position.offset is None:
-            # First start without a checkpoint: begin at the tail (the sweep covers the past).
-            self._position.advance(await self._client.tail(self._path))
+            # First start without a checkpoint: begin at the tail (the start-up sweep covers the past).
+            self._position.advance(tail)
+        elif is_after(self._position.offset, tail):
+            # Deleted and re-created under us: our offset is past its end and a live read from
+            # there would never deliver. Every wake in the new stream is news: read it all.
+            log.warning("wake.stream_rewound", wake_stream=self._path, offset=self._position.offset, tail=tail)
+            self._position.advance("-1")
         offset = self._position.offset
         assert offset is not None
         if self.mode == "sse":
@@ -185,9 +192,6 @@ class WakeFollower:
             except SSERefused as exc:
                 log.warning("wake.sse_refused", wake_stream=self._path, reason=str(exc), fallback="long-poll")
                 self.mode = "long-poll"
-        else:
-            # Long-poll has no handshake: check the stream is there before calling it connected.
-            await self._client.tail(self._path)
         return LongPollConnection(self._client, self._path, offset, self._hold)
 
     async def _open_sse(self, offset: str) -> SSEConnection:
