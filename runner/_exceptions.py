@@ -7,6 +7,7 @@ PullwakeError
 │   │   ├── StreamSilent        the live stream went quiet past the keep-alive timeout
 │   │   └── ImmediateClose      the live stream ended at once, having delivered nothing
 │   ├── ProtocolError           an answer the protocol does not allow
+│   │   └── StreamRewound       a stream's offsets went backwards (deleted and re-created)
 │   ├── ServerError             the server answered 5xx
 │   └── RequestError            the server refused the request (4xx)
 │       ├── StreamNotFound
@@ -61,6 +62,10 @@ class ProtocolError(ClientError):
     """The server answered something the protocol does not allow (bad JSON, missing header)."""
 
     retryable = True
+
+
+class StreamRewound(ProtocolError):
+    """The server reported an offset before ours: the stream was deleted and re-created."""
 
 
 class ServerError(ClientError):

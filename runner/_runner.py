@@ -316,7 +316,7 @@ class Runner:
                     on_step=self._observe,
                 )
                 liveness = Liveness(
-                    lambda: client.tail(settings.wake_stream, timeout=settings.heartbeat_timeout),
+                    partial(follower.tail, timeout=settings.heartbeat_timeout),
                     driver,
                     position,
                     self._vitals,

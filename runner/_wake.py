@@ -30,6 +30,8 @@ from ._exceptions import (
     ImmediateClose,
     ProtocolError,
     RequestError,
+    StreamNotFound,
+    StreamRewound,
     StreamSilent,
     TransportError,
     WakeStreamClosed,
@@ -170,17 +172,28 @@ class WakeFollower:
         log.info("wake.connected", wake_stream=self._path, mode=self.mode, offset=connection.offset)
         await context.emit(Event.CONNECTED, payload=connection)
 
+    async def tail(self, *, timeout: float | None = None) -> str:
+        """HEAD of the wake stream: its tail. Also the liveness probe.
+
+        A missing wake stream means our offset refers to nothing: should the stream come
+        back (re-created), it is read from the start. Offsets alone cannot tell: the new
+        stream's tail may land exactly where we were in the old one.
+        """
+        try:
+            return await self._client.tail(self._path, timeout=timeout)
+        except StreamNotFound:
+            if self._position.offset not in (None, "-1"):
+                self._rewind("the wake stream is missing")
+            raise
+
     async def _open(self) -> SSEConnection | LongPollConnection:
         # The tail says the stream is there, and whether our offset still means anything.
-        tail = await self._client.tail(self._path)
+        tail = await self.tail()
         if self._position.offset is None:
             # First start without a checkpoint: begin at the tail (the start-up sweep covers the past).
             self._position.advance(tail)
         elif is_after(self._position.offset, tail):
-            # Deleted and re-created under us: our offset is past its end and a live read from
-            # there would never deliver. Every wake in the new stream is news: read it all.
-            log.warning("wake.stream_rewound", wake_stream=self._path, offset=self._position.offset, tail=tail)
-            self._position.advance("-1")
+            self._rewind(f"our offset is past its tail {tail}")
         offset = self._position.offset
         assert offset is not None
         if self.mode == "sse":
@@ -193,6 +206,12 @@ class WakeFollower:
                 log.warning("wake.sse_refused", wake_stream=self._path, reason=str(exc), fallback="long-poll")
                 self.mode = "long-poll"
         return LongPollConnection(self._client, self._path, offset, self._hold)
+
+    def _rewind(self, why: str) -> None:
+        """Deleted and re-created under us: our offset means nothing in the new stream, and a read
+        from it would skip what is there. Every wake in the new stream is news: read it all."""
+        log.warning("wake.stream_rewound", wake_stream=self._path, offset=self._position.offset, why=why)
+        self._position.advance("-1")
 
     async def _open_sse(self, offset: str) -> SSEConnection:
         try:
@@ -243,6 +262,10 @@ class WakeFollower:
                     if wake is not None:
                         await context.emit(Event.WAKE, payload=wake)
                 if offset is not None:
+                    current = self._position.offset
+                    if current is not None and is_after(current, offset):
+                        self._rewind(f"the server went back to {offset}")
+                        raise StreamRewound(f"the wake stream {self._path} went back from {current} to {offset}")
                     self._position.advance(offset)
                     self._vitals.offset = offset
                 if closed:
