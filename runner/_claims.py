@@ -184,8 +184,6 @@ class Claims:
     def wake(self, wake: Wake) -> None:
         """The CLAIM effect: never blocks, never raises."""
         subscription = wake.subscription
-        if self._closed:
-            return
         if subscription not in self._handlers:
             log.info("wake.not_served", subscription=subscription, detail="no handler here for this subscription")
             return

@@ -103,7 +103,6 @@ class Vitals:
         self.state = State.STOPPED
         self.state_since: float | None = None
         self.started_at: float | None = None
-        self.offset: str | None = None
         self.connected_since: float | None = None
         self.reconnect_count = 0
         self.last_error: str | None = None
@@ -191,7 +190,7 @@ class Vitals:
 
     # -- snapshot --------------------------------------------------------------------------
 
-    def snapshot(self, in_flight: list[InFlightClaim]) -> Health:
+    def snapshot(self, in_flight: list[InFlightClaim], offset: str | None) -> Health:
         status, reason = self._status()
         return Health(
             runner_id=self.runner_id,
@@ -199,7 +198,7 @@ class Vitals:
             state_since=self.state_since,
             status=status,
             reason=reason,
-            offset=self.offset,
+            offset=offset,
             started_at=self.started_at,
             stream_connected=self.connected_since is not None,
             stream_connected_since=self.connected_since,

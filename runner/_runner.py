@@ -79,6 +79,8 @@ class Runner:
         self._handlers: dict[str, Handler] = dict(handlers or {})
         self._vitals = Vitals(self.settings.runner_id)
         self._active: _Active | None = None
+        self._position: WakePosition | None = None
+        """The wake offset of the current (or last) run."""
         self._stop_errors: list[BaseException] = []
         self._fatal: BaseException | None = None
         self._run_done = trio.Event()
@@ -181,7 +183,8 @@ class Runner:
         return self._active is not None
 
     def health(self) -> Health:
-        return self._vitals.snapshot(self._active.claims.in_flight() if self._active else [])
+        in_flight = self._active.claims.in_flight() if self._active else []
+        return self._vitals.snapshot(in_flight, self._position.offset if self._position else None)
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this runner's own registry, and its content type."""
@@ -271,7 +274,7 @@ class Runner:
             else None
         )
         position = WakePosition(checkpoint.load() if checkpoint else None)
-        self._vitals.offset = position.offset
+        self._position = position
         log.info(
             "runner.starting", server=settings.server_url, wake_stream=settings.wake_stream, offset=position.offset
         )

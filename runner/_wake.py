@@ -267,7 +267,6 @@ class WakeFollower:
                         self._rewind(f"the server went back to {offset}")
                         raise StreamRewound(f"the wake stream {self._path} went back from {current} to {offset}")
                     self._position.advance(offset)
-                    self._vitals.offset = offset
                 if closed:
                     return delivered, True
         return delivered, False

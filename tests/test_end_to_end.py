@@ -37,6 +37,11 @@ async def test_every_event_is_handled_once_in_order_and_acknowledged(world: Worl
             await world.append("abc"[n % 3], {"n": n})
         await eventually(lambda: recorder.count >= 90, what="90 events handled")
         await eventually(lambda: not runner.health().in_flight, what="the last claim to finish")
+
+        async def offset_at_tail() -> bool:
+            return runner.health().offset == await world.client.tail(world.wake)
+
+        await eventually(offset_at_tail, what="the health offset to reach the wake stream's tail")
     for index, name in enumerate("abc"):
         assert numbers(recorder, world.stream(name)) == list(range(index, 90, 3)), f"stream {name} out of order"
     assert recorder.count == 90, "every event exactly once"

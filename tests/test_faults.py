@@ -252,4 +252,5 @@ async def test_truncated_and_corrupted_bodies_are_clear_errors_and_retried(world
     async with running(runner):
         await produce_through(world, runner, recorder, fault, exactly_once=False)
     assert runner.state is State.STOPPED
+    assert len(seen_errors) >= 2, "both the truncated and the corrupted body were reported"
     assert all("ProtocolError" in error or "not JSON" in error for error in seen_errors)
