@@ -31,11 +31,12 @@ import psutil
 import trio
 
 from bench import baseline
+from faults.proxy import Proxy
 from machine import State
 from runner import Batch, Runner, Settings, SubscriptionSpec
-from runner._client import Claim, StreamsClient, build_http
+from runner._client import StreamsClient, build_http
 from runner._devserver import VERSION, DevServer
-from tests.proxy import Proxy
+from runner._wire import Claim
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -443,12 +444,15 @@ class Bench:
                 yield Proxied(runner, proxy, wake, seen, entered)
             nursery.cancel_scope.cancel()
 
+    async def _server_faults(self, method: str, body: dict[str, Any] | None = None) -> None:
+        """Set (POST) or clear (DELETE) the reference server's own fault injection."""
+        async with httpx.AsyncClient(base_url=str(self.server.url), timeout=10) as http:
+            (await http.request(method, "/_test/inject-error", json=body)).raise_for_status()
+
     async def _recover_hung_connect(self) -> dict[str, float]:
         async with self._behind_a_proxy("rh") as setup:
-            await self.producer.request(
-                "POST",
-                "/_test/inject-error",
-                json_body={"path": f"/v1/stream/{setup.wake}", "delayMs": 600_000, "count": 1_000_000},
+            await self._server_faults(
+                "POST", {"path": f"/v1/stream/{setup.wake}", "delayMs": 600_000, "count": 1_000_000}
             )
             fault = time.perf_counter()
             setup.proxy.cut()
@@ -456,7 +460,7 @@ class Bench:
             await until(lambda: len(setup.reconnects_since(fault)) >= 2, 120, "the hung connect to be abandoned")
             detected = setup.reconnects_since(fault)[1] - fault
             await trio.sleep(2)
-            await self.producer.request("DELETE", "/_test/inject-error")
+            await self._server_faults("DELETE")
             cleared, count = time.perf_counter(), len(setup.seen)
             await until(lambda: len(setup.seen) > count, 120, "events after the fault")
             return {

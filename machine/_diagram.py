@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from ._lifecycle import ACTIVITIES, COLUMNS, INITIAL, TABLE, Event, State
+from ._lifecycle import ACTIVITIES, COLUMNS, INITIAL, TABLE, Cell, Event, State
 
 
-def _label(event: Event, effect: str | None) -> str:
-    return f"{event.value} / {effect}" if effect else event.value
+def _effects(cell: Cell) -> str:
+    return ", ".join(effect.value for effect in cell.effects)
+
+
+def _label(event: Event, cell: Cell) -> str:
+    return f"{event.value} / {_effects(cell)}" if cell.effects else event.value
 
 
 def mermaid() -> str:
@@ -21,13 +25,12 @@ def mermaid() -> str:
             if cell.ignored:
                 continue
             target = cell.target if cell.target is not None else source
-            effect = cell.effect.value if cell.effect is not None else None
-            lines.append(f"    {source.value} --> {target.value} : {_label(event, effect)}")
+            lines.append(f"    {source.value} --> {target.value} : {_label(event, cell)}")
     return "\n".join(lines) + "\n"
 
 
 def table_text() -> str:
-    """The lifecycle as the event-by-state table of DESIGN.md §4."""
+    """The lifecycle as the event-by-state table of docs/design.md §4."""
     header = ["event", *[state.value for state in COLUMNS]]
     rows = [header]
     for event in Event:
@@ -37,9 +40,9 @@ def table_text() -> str:
             if cell.ignored:
                 row.append("-")
             elif cell.target is None:
-                row.append(f"- ({cell.effect})")
+                row.append(f"- ({_effects(cell)})")
             else:
-                row.append(cell.target.value + (f" ({cell.effect})" if cell.effect else ""))
+                row.append(cell.target.value + (f" ({_effects(cell)})" if cell.effects else ""))
         rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return (

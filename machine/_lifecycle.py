@@ -1,4 +1,4 @@
-"""The runner's lifecycle, declared as data (DESIGN.md §4).
+"""The runner's lifecycle, declared as data (docs/design.md §4).
 
 The table below is written in the same orientation as the design document:
 one row per event, one column per state. Every cell must be decided: adding a
@@ -35,6 +35,7 @@ class Event(enum.StrEnum):
     STREAM_CLOSED = "STREAM_CLOSED"
     STREAM_RESET = "STREAM_RESET"
     BACKOFF_ELAPSED = "BACKOFF_ELAPSED"
+    PROBE_OK = "PROBE_OK"
     WAKE = "WAKE"
     DRAINED = "DRAINED"
 
@@ -54,17 +55,21 @@ class Effect(enum.StrEnum):
     FATAL = "fatal"
     """The wake stream ended for good: record it as the reason the runner stops."""
 
+    RESYNC = "resync"
+    """A new connection: the server may have restarted since the last one, and its
+    generations started over. Forget which generations were handled."""
+
 
 @dataclass(frozen=True)
 class Cell:
-    """What one (state, event) pair does: where it leads, and which effect runs."""
+    """What one (state, event) pair does: where it leads, and which effects run, in order."""
 
     target: State | None
-    effect: Effect | None = None
+    effects: tuple[Effect, ...] = ()
 
     @property
     def ignored(self) -> bool:
-        return self.target is None and self.effect is None
+        return self.target is None and not self.effects
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,12 @@ class IncompleteTableError(Exception):
 IGNORE = Cell(None)
 
 
-def go(target: State, effect: Effect | None = None) -> Cell:
-    return Cell(target, effect)
+def go(target: State, *effects: Effect) -> Cell:
+    return Cell(target, effects)
 
 
-def stay(effect: Effect) -> Cell:
-    return Cell(None, effect)
+def stay(*effects: Effect) -> Cell:
+    return Cell(None, effects)
 
 
 S = State
@@ -101,18 +106,19 @@ COLUMNS: tuple[State, ...] = (S.STOPPED, S.CONNECTING, S.STREAMING, S.RECONNECTI
 
 # fmt: off
 ROWS: tuple[tuple[Event, tuple[Cell, ...]], ...] = (
-    #                    stopped          connecting                          streaming                       reconnecting          stopping
-    (Event.START,           (go(S.CONNECTING), _,                              _,                              _,                    _)),
-    (Event.STOP,            (_,               go(S.STOPPING),                 go(S.STOPPING),                 go(S.STOPPING),       _)),
-    (Event.CONNECTED,       (_,               go(S.STREAMING, Effect.RESET_BACKOFF), _,                       _,                    _)),
-    (Event.CONNECT_FAILED,  (_,               go(S.RECONNECTING),             _,                              _,                    _)),
-    (Event.STREAM_END,      (_,               _,                              go(S.CONNECTING),               _,                    _)),
-    (Event.STREAM_ERROR,    (_,               _,                              go(S.RECONNECTING),             _,                    _)),
-    (Event.STREAM_CLOSED,   (_,               _,                              go(S.STOPPING, Effect.FATAL),   _,                    _)),
-    (Event.STREAM_RESET,    (_,               go(S.RECONNECTING),             go(S.RECONNECTING),             _,                    _)),
-    (Event.BACKOFF_ELAPSED, (_,               _,                              _,                              go(S.CONNECTING),     _)),
-    (Event.WAKE,            (_,               _,                              stay(Effect.CLAIM),             _,                    _)),
-    (Event.DRAINED,         (_,               _,                              _,                              _,                    go(S.STOPPED))),
+    #                    stopped           connecting                                          streaming                       reconnecting          stopping
+    (Event.START,           (go(S.CONNECTING), _,                                              _,                              _,                    _)),
+    (Event.STOP,            (_,                go(S.STOPPING),                                 go(S.STOPPING),                 go(S.STOPPING),       _)),
+    (Event.CONNECTED,       (_,                go(S.STREAMING, Effect.RESET_BACKOFF, Effect.RESYNC), _,                       _,                    _)),
+    (Event.CONNECT_FAILED,  (_,                go(S.RECONNECTING),                             _,                              _,                    _)),
+    (Event.STREAM_END,      (_,                _,                                              go(S.CONNECTING),               _,                    _)),
+    (Event.STREAM_ERROR,    (_,                _,                                              go(S.RECONNECTING),             _,                    _)),
+    (Event.STREAM_CLOSED,   (_,                _,                                              go(S.STOPPING, Effect.FATAL),   _,                    _)),
+    (Event.STREAM_RESET,    (_,                go(S.RECONNECTING),                             go(S.RECONNECTING),             _,                    _)),
+    (Event.BACKOFF_ELAPSED, (_,                _,                                              _,                              go(S.CONNECTING),     _)),
+    (Event.PROBE_OK,        (_,                _,                                              _,                              go(S.CONNECTING),     _)),
+    (Event.WAKE,            (_,                _,                                              stay(Effect.CLAIM),             _,                    _)),
+    (Event.DRAINED,         (_,                _,                                              _,                              _,                    go(S.STOPPED))),
 )
 # fmt: on
 

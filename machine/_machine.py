@@ -16,7 +16,7 @@ class Step:
     source: State
     event: Event
     target: State
-    effect: Effect | None
+    effects: tuple[Effect, ...]
     entered: bool
     """True when the event led into a state (its activity must start afresh)."""
 
@@ -61,6 +61,6 @@ class Lifecycle:
             source=source,
             event=event,
             target=self.current,
-            effect=cell.effect,
+            effects=cell.effects,
             entered=cell.target is not None,
         )

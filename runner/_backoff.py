@@ -1,14 +1,31 @@
-"""Exponential backoff with jitter, so a fleet does not retry in lockstep."""
+"""Pacing retries: exponential backoff with jitter, so a fleet does not retry in lockstep."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import structlog
 import trio
 
 from machine import Event
 
 from ._driver import Envelope, StateContext
+from ._exceptions import ClientError
+
+log = structlog.get_logger("pullwake.retry")
+
+T = TypeVar("T")
+
+# One generator for every backoff: seeding a new one per backoff costs more than the draw.
+_RANDOM = random.Random()
+
+# Transient request failures are retried this many times, backing off
+# from REQUEST_RETRY_INITIAL up to REQUEST_RETRY_MAX seconds.
+REQUEST_ATTEMPTS = 5
+REQUEST_RETRY_INITIAL = 0.2
+REQUEST_RETRY_MAX = 2.0
 
 
 class Backoff:
@@ -38,7 +55,7 @@ class Backoff:
         self.maximum = maximum
         self.multiplier = multiplier
         self.jitter = jitter
-        self._rng = rng or random.Random()
+        self._rng = rng or _RANDOM
         self._attempt = 0
 
     @property
@@ -77,3 +94,29 @@ class BackoffActivity:
 
     def reset(self, _envelope: Envelope | None = None) -> None:
         self.backoff.reset()
+
+
+async def retrying(
+    call: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    deadline: float | None = None,
+    report: Callable[[BaseException], None] | None = None,
+) -> T:
+    """Retry transient client errors with backoff, up to REQUEST_ATTEMPTS or until `deadline`."""
+    backoff = Backoff(REQUEST_RETRY_INITIAL, REQUEST_RETRY_MAX)
+    attempt = 1
+    while True:
+        try:
+            return await call()
+        except ClientError as exc:
+            if report is not None and exc.retryable:
+                report(exc)
+            if not exc.retryable or (deadline is None and attempt >= REQUEST_ATTEMPTS):
+                raise
+            delay = backoff.next_delay()
+            if deadline is not None and trio.current_time() + delay >= deadline:
+                raise
+            log.info("request.retry", what=what, attempt=attempt, error=str(exc), delay=round(delay, 3))
+            attempt += 1
+            await trio.sleep(delay)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,13 +14,11 @@ import structlog
 import trio
 
 import machine
-from machine import State
 
 from ._config import Settings, load_settings
-from ._exceptions import ConfigError, RunnerError, StopError, WakeStreamClosed
+from ._exceptions import ConfigError, RunnerError
 from ._logging import LEVELS, configure_logging
 from ._runner import Runner
-from ._systemd import Notifier, keep_watchdog, watchdog_interval
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -84,79 +80,9 @@ def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> N
     except ConfigError as error:
         _fail_config(error)
     configure_logging(log_level, log_format)  # type: ignore[arg-type]
-    sys.exit(trio.run(_serve, runner))
+    from ._daemon import serve
 
-
-async def _serve(runner: Runner) -> int:
-    with structlog.contextvars.bound_contextvars(runner_id=runner.settings.runner_id):
-        return await _serve_bound(runner)
-
-
-async def _serve_bound(runner: Runner) -> int:
-    notifier = Notifier.from_environment()
-    problems: list[BaseException] = []
-    fatal = False
-    try:
-        async with trio.open_nursery() as nursery:
-            await runner.start(nursery)
-            notifier.send("READY=1", f"STATUS={_status_line(runner, runner.state)}", f"MAINPID={os.getpid()}")
-            runner.add_state_listener(partial(_notify_state, notifier, runner))
-            async with trio.open_nursery() as helpers:
-                helpers.start_soon(_watch_signals, runner, nursery, problems, notifier)
-                if (interval := watchdog_interval()) is not None:
-                    helpers.start_soon(keep_watchdog, notifier, runner.progressing, interval)
-                await runner.wait_stopped()
-                helpers.cancel_scope.cancel()
-    except* WakeStreamClosed as group:
-        log.error("runner.fatal", error=str(group.exceptions[0]))
-        fatal = True
-    finally:
-        notifier.close()
-    return EX_FAILURE if fatal or problems else EX_OK
-
-
-def _status_line(runner: Runner, state: State) -> str:
-    health = runner.health()
-    if state is State.STREAMING:
-        return f"streaming: following {runner.settings.wake_stream}, {len(health.in_flight)} claim(s) in flight"
-    if state is State.STOPPING:
-        return f"stopping: draining {len(health.in_flight)} claim(s)"
-    if state in (State.CONNECTING, State.RECONNECTING) and health.last_error:
-        return f"{state.value}: {health.last_error}"[:200]
-    return state.value
-
-
-def _notify_state(notifier: Notifier, runner: Runner, state: State) -> None:
-    lines = [f"STATUS={_status_line(runner, state)}"]
-    if state is State.STOPPING:
-        lines.insert(0, "STOPPING=1")
-    notifier.send(*lines)
-
-
-async def _watch_signals(
-    runner: Runner, nursery: trio.Nursery, problems: list[BaseException], notifier: Notifier
-) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        stopping = False
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not stopping:
-                stopping = True
-                log.info("signal.stop", signal=name, detail="draining in-flight claims")
-                notifier.send("STOPPING=1")
-                nursery.start_soon(_stop, runner, problems)
-            else:
-                log.warning("signal.again", signal=name, detail="skipping the drain wait; finalizers still run")
-                runner.interrupt()
-
-
-async def _stop(runner: Runner, problems: list[BaseException]) -> None:
-    try:
-        await runner.stop()
-    except StopError as error:
-        problems.extend(error.errors)
-        for problem in error.errors:
-            log.error("stop.problem", error=str(problem))
+    sys.exit(trio.run(serve, runner))
 
 
 @main.command()

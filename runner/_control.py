@@ -2,7 +2,8 @@
 
 Served by Hypercorn (trio worker) from a Starlette app, on a Unix socket that only
 the runner's user can open, and optionally on a loopback TCP port for scrapers
-(`/healthz` and `/metrics` only: no abort over TCP).
+(`/healthz` and `/metrics` only: no abort over TCP). Only the daemon imports this
+module; it needs of the runner no more than `Controlled`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import socket
 import stat
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -26,9 +27,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._exceptions import ConfigError, RunnerError
+from ._health import Health
 
-if TYPE_CHECKING:
-    from ._runner import Runner
+
+class Controlled(Protocol):
+    """What the control surface needs of a runner."""
+
+    def health(self) -> Health: ...
+
+    def abort(self, subscription_id: str) -> bool: ...
+
+    def metrics_exposition(self) -> tuple[bytes, str]: ...
+
 
 log = structlog.get_logger("pullwake.control")
 
@@ -37,10 +47,10 @@ log = structlog.get_logger("pullwake.control")
 _SERVER_LOG = logging.getLogger("pullwake.control.server")
 
 
-def control_app(runner: Runner, *, with_abort: bool = True) -> Starlette:
+def control_app(runner: Controlled, *, stuck_after: float, with_abort: bool = True) -> Starlette:
     async def health(request: Request) -> Response:
         snapshot = runner.health()
-        ok, reason = snapshot.verdict(stuck_after=runner.settings.stuck_after)
+        ok, reason = snapshot.verdict(stuck_after=stuck_after)
         body = {"ok": ok, "reason": reason, "state": snapshot.state, "status": snapshot.status}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -106,18 +116,22 @@ def _config(bind: str) -> Config:
     return config
 
 
-async def serve_control(runner: Runner, path: Path, *, task_status: trio.TaskStatus[None]) -> None:
+async def serve_control(
+    runner: Controlled, path: Path, *, stuck_after: float, task_status: trio.TaskStatus[None]
+) -> None:
     """Serve the control app on a Unix socket until cancelled; the socket file goes with it."""
     fd = bind_owner_only(path)
     try:
-        await _serve(control_app(runner), _config(f"fd://{fd}"), task_status)
+        await _serve(control_app(runner, stuck_after=stuck_after), _config(f"fd://{fd}"), task_status)
     finally:
         path.unlink(missing_ok=True)  # noqa: ASYNC240 - a quick local unlink, also during cancellation
 
 
-async def serve_metrics(runner: Runner, listen: str, *, task_status: trio.TaskStatus[str]) -> None:
+async def serve_metrics(
+    runner: Controlled, listen: str, *, stuck_after: float, task_status: trio.TaskStatus[str]
+) -> None:
     """Serve /healthz and /metrics on a loopback TCP port until cancelled; reports the bound URL."""
-    await _serve(control_app(runner, with_abort=False), _config(listen), task_status)
+    await _serve(control_app(runner, stuck_after=stuck_after, with_abort=False), _config(listen), task_status)
 
 
 async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[Any]) -> None:

@@ -203,8 +203,8 @@ class Driver:
             await dispose(envelope.payload)
             return None
         step = self._lifecycle.fire(envelope.event)
-        if step.effect is not None:
-            self._effects[step.effect](envelope)
+        for effect in step.effects:
+            self._effects[effect](envelope)
         if step.entered:
             await self._leave()
             self._epoch += 1

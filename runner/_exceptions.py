@@ -10,6 +10,7 @@ PullwakeError
 │   │   └── StreamRewound       a stream's offsets went backwards (deleted and re-created)
 │   ├── ServerError             the server answered 5xx
 │   └── RequestError            the server refused the request (4xx)
+│       ├── SSERefused          (internal: the runner falls back to long-poll; never escapes)
 │       ├── StreamNotFound
 │       ├── StreamConflict
 │       ├── SubscriptionNotFound
@@ -85,6 +86,10 @@ class RequestError(ClientError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class SSERefused(RequestError):
+    """The server or a proxy will not serve SSE here; the runner falls back to long-poll."""
 
 
 class StreamNotFound(RequestError):

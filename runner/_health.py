@@ -1,4 +1,9 @@
-"""What the runner has been doing, for operators: one recorder, one immutable snapshot."""
+"""What the runner has been doing, for operators: one recorder, one immutable snapshot, and the
+rules that judge them (`status_of`, `Health.verdict`, `progressing`).
+
+The lifecycle state is not recorded here: the driver owns it, and a snapshot
+is always taken with the state the driver is in at that moment.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,10 @@ class Outcome(enum.StrEnum):
     FENCED = "fenced"
     ERROR = "error"
 
+
+# A transition that takes longer than this means the driver is wedged: cancelled
+# activities finish their (bounded) cleanup within a couple of seconds.
+WEDGED_AFTER = 10.0
 
 SUCCEEDED = frozenset({Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED})
 FAILED = frozenset({Outcome.FAILED, Outcome.FENCED, Outcome.ERROR, Outcome.INTERRUPTED, Outcome.ABORTED})
@@ -100,8 +109,8 @@ class Vitals:
 
     def reset(self) -> None:
         """Called at every start: counters describe the current run."""
-        self.state = State.STOPPED
         self.state_since: float | None = None
+        self._in_outage = False
         self.started_at: float | None = None
         self.connected_since: float | None = None
         self.reconnect_count = 0
@@ -135,10 +144,10 @@ class Vitals:
         self.metrics.entered(state)
         # "Since" counts from the first state that is not streaming, so a connect/backoff
         # loop reads as one long outage rather than many short ones.
-        was_following = self.state in (State.STREAMING, State.STOPPED)
-        if state is State.STREAMING or state is State.STOPPED or was_following:
+        following = state in (State.STREAMING, State.STOPPED)
+        if following or not self._in_outage:
             self.state_since = time.time()
-        self.state = state
+        self._in_outage = not following
 
     def error(self, error: BaseException | str) -> None:
         self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
@@ -190,11 +199,11 @@ class Vitals:
 
     # -- snapshot --------------------------------------------------------------------------
 
-    def snapshot(self, in_flight: list[InFlightClaim], offset: str | None) -> Health:
-        status, reason = self._status()
+    def snapshot(self, state: State, in_flight: list[InFlightClaim], offset: str | None) -> Health:
+        status, reason = status_of(state, self)
         return Health(
             runner_id=self.runner_id,
-            state=self.state.value,
+            state=state.value,
             state_since=self.state_since,
             status=status,
             reason=reason,
@@ -221,14 +230,39 @@ class Vitals:
             in_flight=in_flight,
         )
 
-    def _status(self) -> tuple[str, str | None]:
-        if self.state is State.STOPPED:
-            return "stopped", "the runner is not running"
-        if self.state is State.STOPPING:
-            return "degraded", "stopping"
-        last_error = f" (last error: {self.last_error})" if self.last_error else ""
-        if self.heartbeat_failures:
-            return "degraded", f"{self.heartbeat_failures} liveness probe(s) failed in a row{last_error}"
-        if self.state is not State.STREAMING:
-            return "degraded", f"{self.state.value}: not following the wake stream{last_error}"
-        return "ok", None
+
+# -- the rules --------------------------------------------------------------------------------
+
+
+def status_of(state: State, vitals: Vitals) -> tuple[str, str | None]:
+    """`ok` while following the wake stream with the heartbeat answering; else why not."""
+    if state is State.STOPPED:
+        return "stopped", "the runner is not running"
+    if state is State.STOPPING:
+        return "degraded", "stopping"
+    last_error = f" (last error: {vitals.last_error})" if vitals.last_error else ""
+    if vitals.heartbeat_failures:
+        return "degraded", f"{vitals.heartbeat_failures} liveness probe(s) failed in a row{last_error}"
+    if state is not State.STREAMING:
+        return "degraded", f"{state.value}: not following the wake stream{last_error}"
+    return "ok", None
+
+
+def progressing(
+    health: Health, *, busy_for: float, silent_for: float, beat_limit: float, stop_deadline: float
+) -> tuple[bool, str]:
+    """Is the runner making progress? False when wedged: what a watchdog should act on.
+
+    Wedged means: the lifecycle driver is stuck inside one transition, the liveness
+    heartbeat stopped beating, or a stop has overrun its deadline. Waiting for a
+    server that is down is not wedged: the runner is doing its job, retrying.
+    """
+    if busy_for > WEDGED_AFTER:
+        return False, f"the lifecycle driver is stuck in one transition for {busy_for:.0f} s"
+    if silent_for > beat_limit:
+        return False, f"the liveness heartbeat has not completed a beat for {silent_for:.0f} s"
+    if health.state == State.STOPPING.value and health.state_since is not None:
+        stopping = time.time() - health.state_since
+        if stopping > stop_deadline:
+            return False, f"stopping for {stopping:.0f} s, past its {stop_deadline:.0f} s deadline"
+    return True, health.state

@@ -6,7 +6,9 @@ STREAM_RESET, which in `connecting` cancels a connect attempt that hangs and
 in `streaming` drops a stream that stopped carrying anything; it keeps sending
 one per failed probe while the failures last. While streaming, a tail that is
 ahead of what the runner received, on two probes in a row with nothing arriving
-in between, is a stalled stream: STREAM_RESET as well.
+in between, is a stalled stream: STREAM_RESET as well. Every probe that gets an answer says so (PROBE_OK): while
+reconnecting, that ends the backoff at once, so recovery follows the end of a
+fault rather than a timer.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import trio
 from machine import Event, State
 
 from ._checkpoint import WakePosition
-from ._client import is_after
 from ._driver import Driver
 from ._exceptions import ClientError
 from ._health import Vitals
+from ._wire import is_after
 
 log = structlog.get_logger("pullwake.liveness")
 
@@ -88,6 +90,8 @@ class Liveness:
             if state in (State.CONNECTING, State.STREAMING):
                 await self._reset(f"{self.failures} liveness probes failed in a row", epoch)
             return
+        if tail is not None:
+            await self._driver.send(Event.PROBE_OK, epoch=epoch)
         if tail is None or state is not State.STREAMING:
             self._last = None
             return

@@ -8,14 +8,14 @@ import structlog
 import trio
 
 from ._backoff import Backoff
-from ._client import StreamsClient
 from ._exceptions import ClientError, StreamConflict
+from ._wire import Wire
 
 log = structlog.get_logger("pullwake.control_stream")
 
 
 async def follow_control_stream(
-    client: StreamsClient,
+    wire: Wire,
     path: str,
     abort: Callable[[str], bool],
     *,
@@ -33,13 +33,13 @@ async def follow_control_stream(
     while True:
         try:
             if offset is None:
-                await client.create_stream(path)
-                offset = await client.tail(path)
+                await wire.create_stream(path)
+                offset = await wire.tail(path)
                 log.info("control_stream.following", control_stream=path, offset=offset)
             if not ready:
                 ready = True
                 task_status.started()
-            result = await client.long_poll(path, offset, hold=hold)
+            result = await wire.long_poll(path, offset, hold=hold)
         except StreamConflict as exc:
             log.error("control_stream.unusable", control_stream=path, error=str(exc))
             return

@@ -7,11 +7,13 @@ Nursery layout of one run (outermost first):
         driving   the driver, and inside it one nursery per lifecycle state
 
 The machine decides *when* (machine.TABLE); this module only says *what*.
+Serving the control socket and the metrics listener is the daemon's business
+(runner/_daemon.py): a program embedding a runner pays for no HTTP server.
 """
 
 from __future__ import annotations
 
-import time
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -26,14 +28,14 @@ from machine import Effect, Event, State, Step
 
 from ._backoff import Backoff, BackoffActivity
 from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
-from ._claims import Claims
-from ._client import StreamsClient, build_http
+from ._claim import ClaimContext, DeadLetters
+from ._client import StreamsClient, build_http, tls_context
 from ._config import Settings
-from ._control import serve_control, serve_metrics
+from ._dispatch import Dispatcher
 from ._driver import Driver, Envelope, StateContext
 from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
 from ._handlers import AsyncHandler, CommandHandler, Handler, as_async, resolve
-from ._health import Health, Vitals
+from ._health import Health, Vitals, progressing
 from ._liveness import Liveness
 from ._remote import follow_control_stream
 from ._subscriptions import SubscriptionKeeper
@@ -41,17 +43,13 @@ from ._wake import Wake, WakeFollower
 
 log = structlog.get_logger("pullwake.runner")
 
-# A transition that takes longer than this means the driver is wedged: cancelled
-# activities finish their (bounded) cleanup within a couple of seconds.
-WEDGED_AFTER = 10.0
-
 
 @dataclass
 class _Active:
     """What exists only while a run is in progress."""
 
     driver: Driver
-    claims: Claims
+    dispatcher: Dispatcher
     liveness: Liveness
 
 
@@ -71,7 +69,7 @@ class Runner:
             await runner.stop()           # drains, then returns in `stopped`
 
     `start → stop → start` works on the same object; each run starts from fresh
-    counters and a fresh HTTP client.
+    counters and a fresh HTTP client (the TLS context is built once, for the runner's life).
     """
 
     def __init__(self, settings: Settings | None = None, *, handlers: Mapping[str, Handler] | None = None) -> None:
@@ -86,8 +84,7 @@ class Runner:
         self._run_done = trio.Event()
         self._run_done.set()
         self._listeners: list[Callable[[State], None]] = []
-        self.metrics_url: str | None = None
-        """Where `metrics_listen` ended up (useful with port 0), while running."""
+        self._tls: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"<Runner {self.settings.runner_id!r} {self.state.value}>"
@@ -152,27 +149,18 @@ class Runner:
         self._listeners.remove(listener)
 
     def progressing(self) -> tuple[bool, str]:
-        """Is the runner making progress? False when wedged: what a watchdog should act on.
-
-        Wedged means: the lifecycle driver is stuck inside one transition, the liveness
-        heartbeat stopped beating, or a stop has overrun its deadline. Waiting for a
-        server that is down is not wedged: the runner is doing its job, retrying.
-        """
+        """Is the runner making progress? False when wedged: what a watchdog should act on."""
         active = self._active
         if active is None:
             return False, "the runner is not running"
         settings = self.settings
-        if (busy := active.driver.busy_for()) > WEDGED_AFTER:
-            return False, f"the lifecycle driver is stuck in one transition for {busy:.0f} s"
-        beat_limit = 3 * settings.heartbeat_interval + settings.heartbeat_timeout
-        if (silent := active.liveness.silent_for()) > beat_limit:
-            return False, f"the liveness heartbeat has not completed a beat for {silent:.0f} s"
-        health = self.health()
-        if health.state == State.STOPPING.value and health.state_since is not None:
-            deadline = settings.drain_timeout + settings.command_kill_grace + settings.finalizer_timeout + 5
-            if (stopping := time.time() - health.state_since) > deadline:
-                return False, f"stopping for {stopping:.0f} s, past its {deadline:.0f} s deadline"
-        return True, f"{health.state}"
+        return progressing(
+            self.health(),
+            busy_for=active.driver.busy_for(),
+            silent_for=active.liveness.silent_for(),
+            beat_limit=3 * settings.heartbeat_interval + settings.heartbeat_timeout,
+            stop_deadline=settings.drain_timeout + settings.command_kill_grace + settings.finalizer_timeout + 5,
+        )
 
     @property
     def state(self) -> State:
@@ -183,8 +171,8 @@ class Runner:
         return self._active is not None
 
     def health(self) -> Health:
-        in_flight = self._active.claims.in_flight() if self._active else []
-        return self._vitals.snapshot(in_flight, self._position.offset if self._position else None)
+        in_flight = self._active.dispatcher.in_flight() if self._active else []
+        return self._vitals.snapshot(self.state, in_flight, self._position.offset if self._position else None)
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this runner's own registry, and its content type."""
@@ -216,7 +204,7 @@ class Runner:
     def interrupt(self) -> None:
         """Cut a running drain short: in-flight claims are cancelled now (finalizers still run)."""
         if self._active is not None:
-            self._active.claims.interrupt_all()
+            self._active.dispatcher.interrupt_all()
 
     async def wait_stopped(self) -> None:
         await self._run_done.wait()
@@ -231,7 +219,7 @@ class Runner:
 
     def abort(self, subscription_id: str) -> bool:
         """Abort the in-flight claim of one subscription; the runner keeps serving the others."""
-        return self._active is not None and self._active.claims.abort(subscription_id)
+        return self._active is not None and self._active.dispatcher.abort(subscription_id)
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -249,11 +237,20 @@ class Runner:
                 await self._run(settings, handlers, task_status)
         finally:
             self._active = None
-            self.metrics_url = None
             self._vitals.entered(State.STOPPED)
             self._run_done.set()
         if self._fatal is not None:
             raise self._fatal
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._tls is None:
+            settings = self.settings
+            self._tls = tls_context(
+                https=settings.server_url.startswith("https:"),
+                verify=settings.verify_tls,
+                ca_file=str(settings.ca_file) if settings.ca_file else None,
+            )
+        return self._tls
 
     async def _run(
         self, settings: Settings, handlers: dict[str, AsyncHandler], task_status: trio.TaskStatus[None]
@@ -261,11 +258,10 @@ class Runner:
         http = build_http(
             settings.server_url,
             timeout=settings.request_timeout,
-            verify_tls=settings.verify_tls,
-            ca_file=str(settings.ca_file) if settings.ca_file else None,
+            tls=self._tls_context(),
             concurrency=settings.max_concurrent_claims,
         )
-        client = StreamsClient(
+        wire = StreamsClient(
             http, stream_root=settings.stream_root, token=settings.service_token(), timeout=settings.request_timeout
         )
         checkpoint = (
@@ -278,23 +274,21 @@ class Runner:
         log.info(
             "runner.starting", server=settings.server_url, wake_stream=settings.wake_stream, offset=position.offset
         )
+        keeper = SubscriptionKeeper(wire, settings.subscriptions, wake_stream=settings.wake_stream)
+        dead_letters = DeadLetters(wire)
+        contexts = {
+            subscription: ClaimContext(wire, settings, handler, self._vitals, dead_letters, keeper.ensure)
+            for subscription, handler in handlers.items()
+        }
         async with http, trio.open_nursery() as lifetime:
             async with trio.open_nursery() as work:
-                keeper = SubscriptionKeeper(client, settings.subscriptions, wake_stream=settings.wake_stream)
-                claims = Claims(client, settings, handlers, self._vitals, keeper, work)
-
-                async def resync() -> None:
-                    # The server may have restarted: its generations start over, and the
-                    # reference server forgets subscriptions, so put ours back.
-                    claims.forget()
-                    await keeper.ensure_all()
-
+                dispatcher = Dispatcher(contexts, self._vitals, work, max_concurrent=settings.max_concurrent_claims)
                 follower = WakeFollower(
-                    client,
+                    wire,
                     wake_stream=settings.wake_stream,
                     position=position,
                     vitals=self._vitals,
-                    prepare=resync,
+                    keeper=keeper,
                     live_mode=settings.live_mode,
                     connect_timeout=settings.connect_timeout,
                     keepalive_timeout=settings.keepalive_timeout,
@@ -305,15 +299,16 @@ class Runner:
                 )
 
                 async def drain(context: StateContext) -> None:
-                    await claims.drain(settings.drain_timeout)
-                    self._stop_errors.extend(claims.cleanup_errors)
+                    await dispatcher.drain(settings.drain_timeout)
+                    self._stop_errors.extend(dispatcher.cleanup_errors)
                     await context.emit(Event.DRAINED)
 
                 driver = Driver(
                     {"connect": follower.connect, "consume": follower.consume, "backoff": backoff, "drain": drain},
                     {
-                        Effect.CLAIM: lambda envelope: claims.wake(_wake_of(envelope)),
+                        Effect.CLAIM: lambda envelope: dispatcher.wake(_wake_of(envelope)),
                         Effect.RESET_BACKOFF: backoff.reset,
+                        Effect.RESYNC: lambda _envelope: dispatcher.forget(),
                         Effect.FATAL: self._record_fatal,
                     },
                     on_step=self._observe,
@@ -327,25 +322,21 @@ class Runner:
                     timeout=settings.heartbeat_timeout,
                     threshold=settings.heartbeat_failure_threshold,
                 )
-                self._active = _Active(driver, claims, liveness)
-                if settings.control_socket is not None:
-                    await lifetime.start(serve_control, self, Path(settings.control_socket))
-                if settings.metrics_listen is not None:
-                    self.metrics_url = await lifetime.start(serve_metrics, self, settings.metrics_listen)
+                self._active = _Active(driver, dispatcher, liveness)
                 if settings.control_stream_enabled:
                     await lifetime.start(
                         partial(
                             follow_control_stream,
-                            client,
+                            wire,
                             settings.control_stream_path,
-                            claims.abort,
+                            dispatcher.abort,
                             hold=settings.long_poll_timeout,
                             backoff=Backoff(settings.backoff_initial, settings.backoff_max),
                         ),
                         name="control-stream",
                     )
                 lifetime.start_soon(liveness.run, name="heartbeat")
-                lifetime.start_soon(self._sweep, driver, claims, settings.sweep_interval, name="sweep")
+                lifetime.start_soon(self._sweep, driver, dispatcher, settings.sweep_interval, name="sweep")
                 if checkpoint is not None:
                     lifetime.start_soon(
                         partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
@@ -360,11 +351,11 @@ class Runner:
             lifetime.cancel_scope.cancel()
         log.info("runner.stopped", claims=dict(self._vitals.claims))
 
-    async def _sweep(self, driver: Driver, claims: Claims, interval: float) -> None:
+    async def _sweep(self, driver: Driver, dispatcher: Dispatcher, interval: float) -> None:
         """Claim every served subscription once when streaming starts, then every `interval`."""
         while True:
             await driver.wait_until(State.STREAMING)
-            for subscription in claims.served:
+            for subscription in dispatcher.served:
                 await driver.send(Event.WAKE, payload=Wake(subscription))
             await trio.sleep(interval)
 

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import structlog
 
-from ._client import StreamsClient
 from ._config import SubscriptionSpec
 from ._exceptions import StreamConflict, SubscriptionConflict
+from ._wire import Wire
 
 log = structlog.get_logger("pullwake.subscriptions")
 
@@ -23,12 +23,12 @@ class SubscriptionKeeper:
 
     def __init__(
         self,
-        client: StreamsClient,
+        wire: Wire,
         specs: Sequence[SubscriptionSpec],
         *,
         wake_stream: str,
     ) -> None:
-        self._client = client
+        self._wire = wire
         self._specs = {spec.id: spec for spec in specs if spec.manage}
         self._wake_stream = wake_stream
         self.conflicts: set[str] = set()
@@ -41,7 +41,7 @@ class SubscriptionKeeper:
         if not self._specs:
             return
         try:
-            await self._client.create_stream(self._wake_stream)
+            await self._wire.create_stream(self._wake_stream)
         except StreamConflict as exc:
             log.error("wake_stream.conflict", wake_stream=self._wake_stream, error=str(exc))
         for spec in self._specs.values():
@@ -53,7 +53,7 @@ class SubscriptionKeeper:
         if spec is None:
             return False
         try:
-            created = await self._client.ensure_subscription(
+            created = await self._wire.ensure_subscription(
                 spec.id,
                 wake_stream=self._wake_stream,
                 pattern=spec.pattern,

@@ -18,6 +18,7 @@ import trio
 from machine import State
 from runner import Batch, Runner, Settings, SubscriptionSpec
 from runner._client import StreamsClient, build_http
+from runner._daemon import serve_surfaces
 from runner._devserver import DevServer
 
 
@@ -49,6 +50,20 @@ async def running(runner: Runner, *, streaming: bool = True) -> AsyncIterator[Ru
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 await runner.stop()
+
+
+@asynccontextmanager
+async def serving(runner: Runner, *, streaming: bool = True) -> AsyncIterator[str | None]:
+    """Like `running`, with the control socket and metrics listener that `pullwake run` serves.
+
+    Yields the metrics listener's URL (None without `metrics_listen`).
+    """
+    async with trio.open_nursery() as nursery, running(runner, streaming=streaming):
+        metrics_url = await nursery.start(serve_surfaces, runner, runner.settings)
+        try:
+            yield metrics_url
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 @contextmanager
@@ -207,6 +222,27 @@ class World:
     def stream_path(self, name: str) -> str:
         return f"/v1/stream/{name}"
 
+    async def get_subscription(self, subscription: str) -> dict[str, Any]:
+        response = await self.http.get(self.client.subscription_url(subscription))
+        response.raise_for_status()
+        document: dict[str, Any] = response.json()
+        return document
+
+    async def delete_subscription(self, subscription: str) -> None:
+        response = await self.http.delete(self.client.subscription_url(subscription))
+        assert response.status_code in (200, 204, 404), response.text
+
+    async def read_all(self, stream: str) -> list[Any]:
+        """Every message of `stream`, following Stream-Next-Offset until the server says up to date."""
+        messages: list[Any] = []
+        offset = "-1"
+        while True:
+            result = await self.client.read(stream, offset)
+            messages.extend(result.messages)
+            if result.up_to_date or not result.messages:
+                return messages
+            offset = result.next_offset
+
     async def acked_offsets(self, subscription: str | None = None) -> dict[str, str]:
-        document = await self.client.get_subscription(subscription or self.sub)
+        document = await self.get_subscription(subscription or self.sub)
         return {stream["path"]: stream["acked_offset"] for stream in document["streams"]}

@@ -52,7 +52,12 @@ async def idle(context: StateContext) -> None:
 def driver_with(connect: FailingConnect, backoff: BackoffActivity) -> Driver:
     return Driver(
         {"connect": connect, "consume": fail_stream, "backoff": backoff, "drain": idle},
-        {Effect.CLAIM: lambda e: None, Effect.FATAL: lambda e: None, Effect.RESET_BACKOFF: backoff.reset},
+        {
+            Effect.CLAIM: lambda e: None,
+            Effect.FATAL: lambda e: None,
+            Effect.RESYNC: lambda e: None,
+            Effect.RESET_BACKOFF: backoff.reset,
+        },
     )
 
 

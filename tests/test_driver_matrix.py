@@ -1,10 +1,10 @@
-"""Every (state, event) pair of DESIGN.md §4, driven through the real driver.
+"""Every (state, event) pair of docs/design.md §4, driven through the real driver.
 
 The table below is copied by hand from the design document; it is not derived
 from `machine`, so a change to the machine that the design does not share
 fails here, cell by cell. `-` means ignored: the state is unchanged and the
-state's running activity is not disturbed. `+effect` names the effect the
-runner must carry out for that cell.
+state's running activity is not disturbed. `+effect` names an effect the
+runner must carry out for that cell, in order.
 """
 
 from __future__ import annotations
@@ -16,22 +16,23 @@ from machine import Effect, Event, State
 from tests.driver_harness import Fakes, drive_to, settle
 
 MATRIX = """
-event            stopped     connecting                 streaming        reconnecting  stopping
-START            connecting  -                          -                -             -
-STOP             -           stopping                   stopping         stopping      -
-CONNECTED        -           streaming+reset_backoff    -                -             -
-CONNECT_FAILED   -           reconnecting               -                -             -
-STREAM_END       -           -                          connecting       -             -
-STREAM_ERROR     -           -                          reconnecting     -             -
-STREAM_CLOSED    -           -                          stopping+fatal   -             -
-STREAM_RESET     -           reconnecting               reconnecting     -             -
-BACKOFF_ELAPSED  -           -                          -                connecting    -
-WAKE             -           -                          -+claim          -             -
-DRAINED          -           -                          -                -             stopped
+event            stopped     connecting                      streaming        reconnecting  stopping
+START            connecting  -                               -                -             -
+STOP             -           stopping                        stopping         stopping      -
+CONNECTED        -           streaming+reset_backoff+resync  -                -             -
+CONNECT_FAILED   -           reconnecting                    -                -             -
+STREAM_END       -           -                               connecting       -             -
+STREAM_ERROR     -           -                               reconnecting     -             -
+STREAM_CLOSED    -           -                               stopping+fatal   -             -
+STREAM_RESET     -           reconnecting                    reconnecting     -             -
+BACKOFF_ELAPSED  -           -                               -                connecting    -
+PROBE_OK         -           -                               -                connecting    -
+WAKE             -           -                               -+claim          -             -
+DRAINED          -           -                               -                -             stopped
 """
 
 
-def _cases() -> list[tuple[State, Event, State, Effect | None]]:
+def _cases() -> list[tuple[State, Event, State, list[Effect]]]:
     lines = [line.split() for line in MATRIX.strip().splitlines()]
     header, rows = lines[0], lines[1:]
     states = [State(name) for name in header[1:]]
@@ -39,23 +40,22 @@ def _cases() -> list[tuple[State, Event, State, Effect | None]]:
     for row in rows:
         event = Event(row[0])
         for source, cell in zip(states, row[1:], strict=True):
-            target_name, _, effect_name = cell.partition("+")
+            target_name, *effect_names = cell.split("+")
             target = source if target_name == "-" else State(target_name)
-            effect = Effect(effect_name.replace("_", " ")) if effect_name else None
-            cases.append((source, event, target, effect))
+            cases.append((source, event, target, [Effect(name.replace("_", " ")) for name in effect_names]))
     return cases
 
 
 CASES = _cases()
 
 
-def test_the_matrix_covers_all_55_pairs() -> None:
-    assert len(CASES) == 55
+def test_the_matrix_covers_all_60_pairs() -> None:
+    assert len(CASES) == 60
     assert {(source, event) for source, event, _, _ in CASES} == {(s, e) for s in State for e in Event}
 
 
-@pytest.mark.parametrize(("source", "event", "target", "effect"), CASES, ids=[f"{s}-{e}" for s, e, _, _ in CASES])
-async def test_cell(source: State, event: Event, target: State, effect: Effect | None) -> None:
+@pytest.mark.parametrize(("source", "event", "target", "effects"), CASES, ids=[f"{s}-{e}" for s, e, _, _ in CASES])
+async def test_cell(source: State, event: Event, target: State, effects: list[Effect]) -> None:
     fakes = Fakes()
     driver = fakes.driver()
     async with trio.open_nursery() as nursery:
@@ -70,7 +70,7 @@ async def test_cell(source: State, event: Event, target: State, effect: Effect |
         await settle()
 
         assert driver.state is target
-        assert [found for found, _ in fakes.effects] == ([effect] if effect else [])
+        assert [found for found, _ in fakes.effects] == effects
         if target is source:
             assert driver.epoch == epoch_before
             assert fakes.running() == running_before, "an ignored event must not disturb the state's activity"

@@ -134,7 +134,7 @@ async def test_a_failing_batch_is_retried_then_dead_lettered_and_the_subscriptio
         await world.append("a", {"n": 2})
         await eventually(lambda: good == [{"n": 1}, {"n": 2}], what="the subscription to move on")
     assert attempts == [1, 2, 3], "three attempts before giving up"
-    letters = await world.client.read_all(dead_letters)
+    letters = await world.read_all(dead_letters)
     assert len(letters) == 1
     assert letters[0]["error"] == "ValueError: cannot digest this"
     assert letters[0]["batch"]["messages"] == [{"poison": True}]
@@ -186,7 +186,7 @@ async def test_command_handlers_succeed_retry_fail_and_are_cancelled(world: Worl
     record = lines(record_file)
     assert "tempfail attempt=1" in record
     assert record.count("fail attempt=1") == 1, "exit 3 is a permanent failure: no retries"
-    letters = await world.client.read_all(dead_letters)
+    letters = await world.read_all(dead_letters)
     assert "exited with 3" in letters[0]["error"]
     assert "hopeless" in letters[0]["error"], "the command's stderr explains the failure"
 

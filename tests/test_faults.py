@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trio
 
+from faults.proxy import Proxy
 from machine import State
 from runner import ClientError, Runner
 from runner._devserver import DevServer
-from tests.proxy import Proxy
 from tests.support import Recorder, World, eventually, running
 
 
@@ -185,7 +185,7 @@ async def test_a_server_restart_is_survived_and_subscriptions_are_put_back(own_w
     async with running(runner):
         await produce_through(world, runner, recorder, fault, exactly_once=False)
         health = runner.health()
-        assert (await world.client.get_subscription(world.sub))["pattern"] == spec.pattern
+        assert (await world.get_subscription(world.sub))["pattern"] == spec.pattern
     assert health.reconnect_count >= 1
     assert health.last_error is not None
     print(f"server restart: noticed after {timings['detected']:.2f} s, working {timings['recovered']:.2f} s after")

@@ -165,14 +165,14 @@ def test_health_is_degraded_while_probes_fail_or_the_stream_is_down() -> None:
     vitals.started()
     vitals.entered(State.CONNECTING)
     vitals.entered(State.STREAMING)
-    assert vitals.snapshot([], None).status == "ok"
+    assert vitals.snapshot(State.STREAMING, [], None).status == "ok"
     vitals.heartbeat(False, 1)
-    health = vitals.snapshot([], None)
+    health = vitals.snapshot(State.STREAMING, [], None)
     assert health.status == "degraded"
     assert "probe" in (health.reason or "")
     vitals.heartbeat(True, 0)
     vitals.entered(State.RECONNECTING)
-    health = vitals.snapshot([], None)
+    health = vitals.snapshot(State.RECONNECTING, [], None)
     assert (health.status, health.reconnect_count, health.stream_connected) == ("degraded", 1, False)
     vitals.started()
-    assert vitals.snapshot([], None).reconnect_count == 0, "counters start fresh on every start"
+    assert vitals.snapshot(State.STOPPED, [], None).reconnect_count == 0, "counters start fresh on every start"

@@ -23,7 +23,7 @@ from runner import Batch, ConfigError, Runner, Settings, load_settings
 from runner._driver import StateContext
 from runner._systemd import Notifier, keep_watchdog
 from tests.driver_harness import Fakes, drive_to, settle
-from tests.support import Recorder, World, eventually, running
+from tests.support import Recorder, World, eventually, running, serving
 from tests.test_end_to_end import ROOT, start_runner_process, write_config
 
 CONFIG = ROOT / "config"
@@ -332,7 +332,7 @@ async def test_pullwake_status_shows_the_state_and_the_claims_in_flight(world: W
 
     socket_path = tmp_path / "control.sock"
     runner = Runner(world.settings(control_socket=socket_path, drain_timeout=0.2), handlers={world.sub: slow})
-    async with running(runner):
+    async with serving(runner):
         await world.append("a", {"n": 1})
         await busy.wait()
         table = await trio.run_process(
@@ -363,7 +363,7 @@ async def test_health_is_503_when_stuck(world: World, tmp_path: Path) -> None:
     settings = world.settings(control_socket=socket_path, server_url="http://127.0.0.1:9", stuck_after=1.0)
     runner = Runner(settings, handlers={world.sub: Recorder()})
     transport = httpx.AsyncHTTPTransport(uds=str(socket_path))
-    async with running(runner, streaming=False), httpx.AsyncClient(transport=transport) as control:
+    async with serving(runner, streaming=False), httpx.AsyncClient(transport=transport) as control:
         await eventually(lambda: runner.health().reconnect_count >= 1)
         await trio.sleep(1.2)
         health = await control.get("http://runner/health")
@@ -385,13 +385,13 @@ async def test_metrics_after_a_short_run_are_plausible_and_per_runner(world: Wor
     recorder = Recorder()
     runner = Runner(world.settings(metrics_listen="127.0.0.1:0"), handlers={world.sub: recorder})
     other = Runner(world.settings(subscriptions=(world.spec(f"{world.sub}-other"),)), handlers={})
-    async with running(runner):
+    async with serving(runner) as metrics_url:
         for n in range(20):
             await world.append("ab"[n % 2], {"n": n})
         await eventually(lambda: recorder.count == 20)
         await eventually(lambda: not runner.health().in_flight)
-        assert runner.metrics_url is not None
-        async with httpx.AsyncClient(base_url=runner.metrics_url) as scraper:
+        assert metrics_url is not None
+        async with httpx.AsyncClient(base_url=metrics_url) as scraper:
             exposition = (await scraper.get("/metrics")).text
             healthz = await scraper.get("/healthz")
             abort = await scraper.post(f"/claims/{world.sub}/abort")

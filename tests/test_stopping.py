@@ -17,7 +17,7 @@ import trio
 
 from machine import State
 from runner import Batch, CommandHandler, Runner, StopError
-from tests.support import Recorder, World, eventually, running
+from tests.support import Recorder, World, eventually, running, serving
 from tests.test_end_to_end import ROOT, lines, start_runner_process, write_config
 
 
@@ -118,7 +118,7 @@ async def test_abort_by_control_api_and_by_control_stream(world: World, tmp_path
     socket = tmp_path / "control.sock"
     settings = world.settings(subscriptions=specs, control_socket=socket, cooldown=1.0)
     runner = Runner(settings, handlers={world.sub: stubborn, other: others})
-    async with running(runner):
+    async with serving(runner):
         assert oct(socket.stat().st_mode & 0o777) == "0o600", "the control socket is owner-only"
         await world.append("a", {"n": 1})
         await eventually(lambda: len(blocked) == 1, what="the stubborn claim to start")
@@ -219,7 +219,7 @@ async def test_fifty_start_stop_cycles_leave_nothing_behind(world: World, tmp_pa
     runner = Runner(settings, handlers={world.sub: recorder})
     baseline: dict[str, int] = {}
     for cycle in range(50):
-        async with running(runner):
+        async with serving(runner):
             await world.append("a", {"n": cycle})
             expected = cycle + 1
             await eventually(lambda: recorder.count == expected, what=f"the event of cycle {cycle}")  # noqa: B023

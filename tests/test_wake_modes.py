@@ -93,7 +93,7 @@ async def test_a_conflicting_subscription_is_reported_and_served_as_it_is(world:
     assert conflicts
     assert conflicts[0]["log_level"] == "error"
     assert "different configuration" in conflicts[0]["detail"]
-    assert (await world.client.get_subscription(world.sub))["lease_ttl_ms"] == 7_000, "left as it is"
+    assert (await world.get_subscription(world.sub))["lease_ttl_ms"] == 7_000, "left as it is"
 
 
 async def test_a_vanished_subscription_is_put_back(world: World) -> None:
@@ -102,12 +102,12 @@ async def test_a_vanished_subscription_is_put_back(world: World) -> None:
     runner = Runner(world.settings(sweep_interval=0.3), handlers={world.sub: recorder})
     with captured_logs() as logs:
         async with running(runner):
-            await world.client.delete_subscription(world.sub)
+            await world.delete_subscription(world.sub)
             # The next sweep's claim finds it gone and puts it back.
             await eventually(lambda: any(entry["event"] == "subscription.was_missing" for entry in logs))
             await world.append("a", {"n": 1})
             await eventually(lambda: recorder.count == 1, what="an event on the re-created subscription")
-    assert (await world.client.get_subscription(world.sub))["pattern"] == f"jobs-{world.uid}/*"
+    assert (await world.get_subscription(world.sub))["pattern"] == f"jobs-{world.uid}/*"
 
 
 async def test_a_wake_stream_re_created_under_the_runner_is_read_from_its_start(world: World) -> None:

@@ -1,0 +1,421 @@
+"""One claim of one subscription, from POST /claim to its final ack or hand-back.
+
+Batches of each pending stream go to the handler in order; each successful
+batch is acknowledged at once (which also renews the lease; the last one rides
+on the final `done` ack), and a lease keeper renews the lease while a handler
+takes its time. Before a batch is handed over, a lease that renewals could not
+keep fresh (a frozen process) is proven first. `FENCED` or a refused token
+means the claim is someone else's now: the handler is cancelled at once and
+nothing is acknowledged or released afterwards. A claim cancelled by a stop or
+an abort runs a shielded, time-bounded finalizer that acknowledges what was
+finished and releases the claim, so the next holder resumes exactly there.
+
+A claim knows nothing of other claims: it gets a `ClaimContext` and ends with
+a `ClaimResult`; deciding what follows is the dispatcher's job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import structlog
+import trio
+
+from ._backoff import Backoff, retrying
+from ._config import Settings
+from ._exceptions import (
+    AlreadyClaimed,
+    ClientError,
+    Fenced,
+    InvalidOffset,
+    NoPendingWork,
+    PermanentFailure,
+    SubscriptionNotFound,
+    TokenInvalid,
+)
+from ._handlers import SUSPEND, AsyncHandler, Batch
+from ._health import SUCCEEDED, Outcome, Vitals
+from ._lease import Lease
+from ._wire import Ack, Claim, ReadResult, Wire, is_after
+
+log = structlog.get_logger("pullwake.claims")
+
+
+class LeaseLost(Exception):
+    """The claim is not ours anymore (fenced, token refused, or expired locally)."""
+
+
+class ClaimAbandoned(Exception):
+    """The claim cannot go on (a read kept failing, an ack was refused); hand it back."""
+
+
+class DeadLetters:
+    """Appends exhausted batches to dead-letter streams, creating each stream once per run."""
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self._created: set[str] = set()
+
+    async def send(self, stream: str, letter: dict[str, object]) -> None:
+        if stream not in self._created:
+            await retrying(lambda: self._wire.create_stream(stream), what="create dead-letter stream")
+            self._created.add(stream)
+        await retrying(lambda: self._wire.append(stream, letter), what="dead-letter")
+
+
+@dataclass(frozen=True)
+class ClaimContext:
+    """Everything a claim of one subscription needs from the runner."""
+
+    wire: Wire
+    settings: Settings
+    handler: AsyncHandler
+    vitals: Vitals
+    dead_letters: DeadLetters
+    recreate: Callable[[str], Awaitable[bool]]
+    """Put a subscription the server has forgotten back; True if it had to be created."""
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    """How one claim ended."""
+
+    outcome: Outcome | None
+    """None: cancelled from outside (a stop or an abort), after its finalizer ran."""
+    generation: int | None = None
+    next_wake: bool = False
+    """The server says more work is pending: claim again at once."""
+    restarted: bool = False
+    """The subscription had to be created again: its generations start over."""
+    cleanup_error: BaseException | None = None
+    """The finalizer of a cancelled claim could not hand the claim back."""
+
+
+class Progress:
+    """Per stream: the offset finished by the handler, and the one the server has acknowledged."""
+
+    def __init__(self, claim: Claim) -> None:
+        self.acked = {stream.path: stream.acked_offset for stream in claim.streams}
+        self.finished = dict(self.acked)
+
+    def finish(self, stream: str, offset: str) -> None:
+        self.finished[stream] = offset
+
+    def unacked(self) -> list[Ack]:
+        return [Ack(stream, offset) for stream, offset in self.finished.items() if offset != self.acked.get(stream)]
+
+    def acknowledged(self, acks: list[Ack]) -> None:
+        for ack in acks:
+            self.acked[ack.stream] = ack.offset
+
+
+@dataclass(eq=False)
+class ClaimRun:
+    """One claim attempt; what it is doing is readable while it runs (for `in_flight`)."""
+
+    context: ClaimContext
+    subscription: str
+    woken_at: float | None = None
+    """When the server wrote the wake that led here (Unix seconds), for the latency metric."""
+    claim: Claim | None = None
+    stream: str | None = None
+    batches_done: int = 0
+    result: ClaimResult | None = field(default=None, init=False)
+    """Set however the claim ends, cancellation included."""
+
+    async def run(self) -> ClaimResult:
+        granted = await self._obtain()
+        if isinstance(granted, ClaimResult):
+            self.result = granted
+            return granted
+        claim, lease = granted
+        self.claim = claim
+        held = _Held(self, claim, lease)
+        bound = structlog.contextvars.bound_contextvars(
+            subscription=self.subscription, wake_id=claim.wake_id, generation=claim.generation
+        )
+        with bound:
+            log.info("claim.started", streams=[s.path for s in claim.streams if s.has_pending])
+            try:
+                outcome, next_wake = await held.work()
+            except Exception:
+                log.exception("claim.crashed")
+                await held.hand_back()
+                outcome, next_wake = Outcome.ERROR, False
+            except BaseException:
+                # Cancellation arrives as Cancelled or as a group of them from the nursery inside.
+                if trio.current_effective_deadline() == -math.inf:
+                    self.result = await held.finalize_cancelled()
+                raise
+        self.result = ClaimResult(outcome, claim.generation, next_wake)
+        return self.result
+
+    async def _obtain(self) -> tuple[Claim, Lease] | ClaimResult:
+        """POST /claim, retrying transient failures; a result when there is nothing to hold."""
+        context, subscription = self.context, self.subscription
+        sent_at = trio.current_time()
+
+        async def claim() -> Claim:
+            nonlocal sent_at
+            sent_at = trio.current_time()
+            return await context.wire.claim(subscription, context.settings.runner_id)
+
+        try:
+            granted = await retrying(claim, what="claim", report=context.vitals.error)
+        except (AlreadyClaimed, NoPendingWork) as exc:
+            log.debug("claim.skipped", subscription=subscription, reason=exc.code)
+            return ClaimResult(Outcome.SKIPPED)
+        except SubscriptionNotFound:
+            try:
+                recreated = await context.recreate(subscription)
+            except ClientError as exc:
+                log.warning("subscription.ensure_failed", subscription=subscription, error=str(exc))
+                return ClaimResult(Outcome.ERROR, restarted=True)
+            if recreated:
+                log.warning("subscription.was_missing", subscription=subscription, action="re-created")
+                return ClaimResult(Outcome.SKIPPED, restarted=True)
+            log.error("subscription.not_found", subscription=subscription)
+            return ClaimResult(Outcome.ERROR, restarted=True)
+        except ClientError as exc:
+            context.vitals.error(exc)
+            log.warning("claim.failed", subscription=subscription, error=str(exc))
+            return ClaimResult(Outcome.ERROR)
+        return granted, Lease(granted.lease_ttl_ms / 1000, sent_at)
+
+
+class _Held:
+    """A granted claim at work: the batch loop, the lease keeper, acks and the hand-back."""
+
+    def __init__(self, run: ClaimRun, claim: Claim, lease: Lease) -> None:
+        self.run = run
+        self.claim = claim
+        self.lease = lease
+        self.context = run.context
+        self.settings = run.context.settings
+        self.vitals = run.context.vitals
+        self.progress = Progress(claim)
+        self.ack_lock = trio.Lock()
+        self.lost: LeaseLost | None = None
+        self.dead_lettered = 0
+
+    async def work(self) -> tuple[Outcome, bool]:
+        outcome = Outcome.ERROR
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_lease, nursery.cancel_scope)
+                try:
+                    outcome = await self._process(nursery.cancel_scope)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except* ClaimAbandoned as group:
+            log.warning("claim.abandoned", error=str(group.exceptions[0]))
+            self.vitals.error(group.exceptions[0])
+            outcome = Outcome.ERROR
+        if self.lost is not None:
+            log.warning("claim.lease_lost", reason=str(self.lost))
+            return Outcome.FENCED, False
+        if outcome in SUCCEEDED:
+            try:
+                next_wake = await self._ack(done=True)
+            except LeaseLost as exc:
+                log.warning("claim.lease_lost", reason=str(exc))
+                return Outcome.FENCED, False
+            return outcome, next_wake
+        await self.hand_back()
+        return outcome, False
+
+    async def _keep_lease(self, work: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep_until(self.lease.renew_at)
+            if trio.current_time() < self.lease.renew_at:
+                continue  # a batch ack renewed it meanwhile
+            try:
+                await self._ack()
+            except LeaseLost as exc:
+                await self._lose(exc, work)
+
+    async def _lose(self, lost: LeaseLost, work: trio.CancelScope) -> None:
+        """The claim is someone else's: stop the handler at once, and touch nothing more."""
+        self.lost = lost
+        work.cancel()
+        await trio.lowlevel.checkpoint()  # raises Cancelled right here
+
+    async def _process(self, work: trio.CancelScope) -> Outcome:
+        pending = [stream for stream in self.claim.streams if stream.has_pending]
+        for index, stream in enumerate(pending):
+            self.run.stream = stream.path
+            offset = stream.acked_offset
+            while is_after(stream.tail_offset, offset):
+                result = await self._read(stream.path, offset)
+                if not result.messages:
+                    break
+                if not result.is_json:
+                    log.warning(
+                        "stream.not_json",
+                        stream=stream.path,
+                        content_type=result.content_type,
+                        detail="handing the raw body to the handler as one bytes message",
+                    )
+                if not self.lease.fresh(trio.current_time()):
+                    # Renewals fell behind (a frozen process?): prove the lease before any handler runs.
+                    try:
+                        await self._ack()
+                    except LeaseLost as exc:
+                        await self._lose(exc, work)
+                batch = Batch(
+                    subscription=self.run.subscription,
+                    stream=stream.path,
+                    messages=result.messages,
+                    start_offset=offset,
+                    next_offset=result.next_offset,
+                    wake_id=self.claim.wake_id,
+                    generation=self.claim.generation,
+                    attempt=1,
+                )
+                verdict = await self._deliver(batch)
+                if verdict is Outcome.FAILED:
+                    return Outcome.FAILED
+                self.progress.finish(stream.path, result.next_offset)
+                self.run.batches_done += 1
+                offset = result.next_offset
+                if verdict is Outcome.SUSPENDED:
+                    return Outcome.SUSPENDED
+                last = index == len(pending) - 1 and not is_after(stream.tail_offset, offset)
+                if not last:
+                    # Persist progress (and renew the lease) now; the last batch rides on the done ack.
+                    try:
+                        await self._ack()
+                    except LeaseLost as exc:
+                        await self._lose(exc, work)
+        return Outcome.DEAD_LETTERED if self.dead_lettered else Outcome.COMPLETED
+
+    async def _read(self, stream: str, offset: str) -> ReadResult:
+        try:
+            return await retrying(
+                lambda: self.context.wire.read(stream, offset), what=f"read {stream}", report=self.vitals.error
+            )
+        except ClientError as exc:
+            raise ClaimAbandoned(f"reading {stream} from {offset} failed: {exc}") from exc
+
+    async def _deliver(self, first: Batch) -> Outcome:
+        """Hand a batch to the handler, retrying with backoff; returns how the batch ended."""
+        settings, handler = self.settings, self.context.handler
+        backoff = Backoff(
+            settings.handler_retry_initial, max(settings.handler_retry_max, settings.handler_retry_initial)
+        )
+        error: BaseException | None = None
+        for attempt in range(1, settings.handler_max_attempts + 1):
+            batch = first if attempt == 1 else replace(first, attempt=attempt)
+            started = trio.current_time()
+            if self.run.woken_at is not None:
+                self.vitals.wake_latency(time.time() - self.run.woken_at)
+                self.run.woken_at = None
+            try:
+                if settings.handler_timeout is None:
+                    result = await handler(batch)
+                else:
+                    with trio.fail_after(settings.handler_timeout):
+                        result = await handler(batch)
+            except PermanentFailure as exc:
+                self.vitals.handler_ran(trio.current_time() - started)
+                error = exc
+                log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=str(exc), permanent=True)
+                break
+            except Exception as exc:
+                self.vitals.handler_ran(trio.current_time() - started)
+                error = exc
+                log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+                if attempt < settings.handler_max_attempts:
+                    self.vitals.batch("retried")
+                    await trio.sleep(backoff.next_delay())
+            else:
+                took = trio.current_time() - started
+                self.vitals.handler_ran(took)
+                self.vitals.events_handled(len(batch.messages))
+                self.vitals.batch("suspended" if result is SUSPEND else "ok")
+                log.debug("batch.done", stream=batch.stream, size=len(batch.messages), took=round(took, 6))
+                return Outcome.SUSPENDED if result is SUSPEND else Outcome.COMPLETED
+        assert error is not None
+        return await self._give_up(first, error)
+
+    async def _give_up(self, batch: Batch, error: BaseException) -> Outcome:
+        spec = self.settings.subscription(self.run.subscription)
+        stream = (spec.dead_letter_stream if spec else None) or self.settings.dead_letter_stream
+        if stream is None:
+            self.vitals.batch("failed")
+            return Outcome.FAILED
+        letter: dict[str, object] = {
+            "type": "dead_letter",
+            "runner_id": self.settings.runner_id,
+            "error": f"{type(error).__name__}: {error}",
+            "batch": batch.to_json(),
+        }
+        try:
+            await self.context.dead_letters.send(stream, letter)
+        except ClientError as exc:
+            log.error("batch.dead_letter_failed", dead_letter_stream=stream, error=str(exc))
+            self.vitals.batch("failed")
+            return Outcome.FAILED
+        log.warning("batch.dead_lettered", stream=batch.stream, dead_letter_stream=stream, error=letter["error"])
+        self.vitals.batch("dead_lettered")
+        self.dead_lettered += 1
+        return Outcome.COMPLETED
+
+    async def _ack(self, *, done: bool = False) -> bool:
+        """Acknowledge progress (renewing the lease); retried until the local lease deadline."""
+        claim, progress, wire = self.claim, self.progress, self.context.wire
+        async with self.ack_lock:
+            acks = progress.unacked()
+            sent_at = trio.current_time()
+
+            async def ack() -> bool:
+                nonlocal sent_at
+                sent_at = trio.current_time()
+                return await wire.ack(claim, acks, done=done)
+
+            try:
+                next_wake = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
+            except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
+                self.vitals.lease_renewal("lost")
+                raise LeaseLost(str(exc)) from exc
+            except InvalidOffset as exc:
+                raise ClaimAbandoned(f"the server refused our acks: {exc}") from exc
+            except ClientError as exc:
+                self.vitals.lease_renewal("lost")
+                raise LeaseLost(f"could not renew the lease before it ran out: {exc}") from exc
+            progress.acknowledged(acks)
+            self.lease.renewed(sent_at)
+            if not done:
+                self.vitals.lease_renewal("ok")
+            return next_wake
+
+    async def hand_back(self) -> ClientError | None:
+        """Keep what was finished and let the next holder start right away."""
+        claim, progress, wire = self.claim, self.progress, self.context.wire
+        try:
+            if acks := progress.unacked():
+                await wire.ack(claim, acks)
+                progress.acknowledged(acks)
+            await wire.release(claim)
+        except ClientError as exc:
+            # Logged, never raised: cleanup must not mask why we are here.
+            log.warning("claim.hand_back_failed", error=str(exc), unacked=[a.offset for a in progress.unacked()])
+            return exc
+        return None
+
+    async def finalize_cancelled(self) -> ClaimResult:
+        """The shielded, bounded cleanup of a claim cancelled by a stop or an abort."""
+        generation = self.claim.generation
+        if self.lost is not None:
+            return ClaimResult(Outcome.FENCED, generation)
+        error: BaseException | None = None
+        timeout = self.settings.finalizer_timeout
+        with trio.move_on_after(timeout, shield=True) as bound:
+            error = await self.hand_back()
+        if bound.cancelled_caught:
+            error = TimeoutError(f"handing back {self.run.subscription} took over {timeout:g} s")
+            log.warning("claim.finalizer_timeout", seconds=timeout)
+        return ClaimResult(None, generation, cleanup_error=error)

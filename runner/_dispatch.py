@@ -1,0 +1,236 @@
+"""The dispatcher: which wakes become claims, one worker per subscription at a time.
+
+A WAKE for a served subscription starts a worker unless one is already in
+flight; then the wake is remembered and the worker claims again when it ends
+(single flight, coalesced). A wake whose generation was already handled is
+skipped; a sweep (a wake of the runner's own, without a generation) always
+counts. The work nursery belongs to the whole run, never to a lifecycle state:
+losing the wake stream never interrupts a handler. Stopping drains: no new
+work, in-flight claims get until the drain deadline, then they are cancelled
+and their finalizers hand the claims back.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+
+from ._claim import ClaimContext, ClaimResult, ClaimRun
+from ._health import SUCCEEDED, InFlightClaim, Outcome, Vitals
+from ._wake import Wake
+
+log = structlog.get_logger("pullwake.claims")
+
+# Outcomes after which a subscription rests for `cooldown` before it is claimed again.
+COOLS_DOWN = frozenset({Outcome.FAILED, Outcome.ERROR, Outcome.ABORTED})
+
+
+@dataclass(eq=False)
+class Worker:
+    """The handle of one subscription's worker: registered before its first claim starts."""
+
+    subscription: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    waiting: trio.CancelScope = field(default_factory=trio.CancelScope)
+    """Covers only the wait for a cooldown or a free slot: a drain cancels just that."""
+    started_at: float = field(default_factory=time.time)
+    run: ClaimRun | None = None
+    reason: Outcome | None = None
+    """Why the worker was cancelled from outside: INTERRUPTED (stop) or ABORTED."""
+
+    def cancel(self, reason: Outcome) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+    def describe(self) -> InFlightClaim:
+        run = self.run
+        claim = run.claim if run is not None else None
+        return InFlightClaim(
+            subscription=self.subscription,
+            wake_id=claim.wake_id if claim else None,
+            generation=claim.generation if claim else None,
+            started_at=self.started_at,
+            stream=run.stream if run is not None else None,
+            batches_done=run.batches_done if run is not None else 0,
+        )
+
+
+@dataclass
+class _Subscription:
+    """What the dispatcher knows about one served subscription."""
+
+    id: str
+    context: ClaimContext
+    handled: int = -1
+    """The newest generation handled since the last (re)connect; generations start over with the server."""
+    cooldown_until: float = 0.0
+    woken_at: float | None = None
+    worker: Worker | None = None
+    again: Wake | None = None
+    """A wake that arrived while the worker was busy: claim again when it ends."""
+
+    def worth_claiming(self, wake: Wake) -> bool:
+        return wake.generation is None or wake.generation > self.handled
+
+    def remember(self, wake: Wake) -> None:
+        """Coalesce wakes that arrive while busy: a sweep counts for all, else the newest generation."""
+        earlier = self.again
+        if (
+            earlier is None
+            or wake.generation is None
+            or (earlier.generation is not None and wake.generation > earlier.generation)
+        ):
+            self.again = wake
+
+    def take_again(self) -> bool:
+        """Is a remembered wake newer than what has been handled since?"""
+        again, self.again = self.again, None
+        return again is not None and self.worth_claiming(again)
+
+
+class Dispatcher:
+    """Decides which wakes become claims, and runs them in the work nursery."""
+
+    def __init__(
+        self, contexts: Mapping[str, ClaimContext], vitals: Vitals, nursery: trio.Nursery, *, max_concurrent: int
+    ) -> None:
+        self._subscriptions = {
+            subscription: _Subscription(subscription, context) for subscription, context in contexts.items()
+        }
+        self._vitals = vitals
+        self._nursery = nursery
+        self._slots = trio.CapacityLimiter(max_concurrent)
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closed = False
+        self.cleanup_errors: list[BaseException] = []
+        """Finalizers of cancelled claims that could not hand their claim back."""
+
+    # -- what the runner asks for ----------------------------------------------------------
+
+    @property
+    def served(self) -> list[str]:
+        return sorted(self._subscriptions)
+
+    def _workers(self) -> list[Worker]:
+        return [sub.worker for sub in self._subscriptions.values() if sub.worker is not None]
+
+    def in_flight(self) -> list[InFlightClaim]:
+        return [worker.describe() for worker in self._workers()]
+
+    def wake(self, wake: Wake) -> None:
+        """The CLAIM effect: never blocks, never raises."""
+        sub = self._subscriptions.get(wake.subscription)
+        if sub is None:
+            log.info("wake.not_served", subscription=wake.subscription, detail="no handler here for it")
+            return
+        if wake.ts_ms is not None:
+            sub.woken_at = wake.ts_ms / 1000
+        if sub.worker is not None:
+            sub.remember(wake)
+        elif sub.worth_claiming(wake):
+            self._start(sub)
+        else:
+            log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
+
+    def forget(self) -> None:
+        """The RESYNC effect: generations may have started over (a server restart).
+
+        A wake that was already handled costs one skipped claim at worst; a
+        forgotten restart would cost a missed one.
+        """
+        for sub in self._subscriptions.values():
+            sub.handled = -1
+
+    def abort(self, subscription: str) -> bool:
+        """Abort the subscription's in-flight claim, if any. True if there was one."""
+        sub = self._subscriptions.get(subscription)
+        if sub is None or sub.worker is None:
+            return False
+        log.warning("claim.abort_requested", subscription=subscription)
+        sub.worker.cancel(Outcome.ABORTED)
+        return True
+
+    def interrupt_all(self) -> None:
+        for worker in self._workers():
+            worker.cancel(Outcome.INTERRUPTED)
+
+    async def drain(self, timeout: float) -> None:
+        """Take no new work; let in-flight claims finish for up to `timeout`, then interrupt the rest."""
+        self._closed = True
+        for sub in self._subscriptions.values():
+            sub.again = None
+            if sub.worker is not None:
+                sub.worker.waiting.cancel()
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        if busy := self._workers():
+            log.warning("drain.deadline", interrupting=sorted(worker.subscription for worker in busy))
+            self.interrupt_all()
+        # Every finalizer is shielded but bounded, so this wait is bounded too.
+        await self._idle.wait()
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _start(self, sub: _Subscription) -> None:
+        worker = Worker(sub.id)
+        sub.worker = worker
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        self._vitals.dispatched()
+        self._vitals.in_flight(len(self._workers()))
+        self._nursery.start_soon(self._serve, sub, worker, name=f"claim:{worker.subscription}")
+
+    async def _serve(self, sub: _Subscription, worker: Worker) -> None:
+        try:
+            with worker.scope:
+                while not self._closed:
+                    with worker.waiting:
+                        if sub.cooldown_until > trio.current_time():
+                            await trio.sleep_until(sub.cooldown_until)
+                        await self._slots.acquire_on_behalf_of(worker)
+                    if worker.waiting.cancelled_caught:
+                        break
+                    run = ClaimRun(sub.context, sub.id, woken_at=sub.woken_at)
+                    sub.woken_at, worker.run = None, run
+                    try:
+                        result = await run.run()
+                    finally:
+                        self._slots.release_on_behalf_of(worker)
+                        self._ended(sub, worker, run.result)
+                    worker.waiting, worker.run = trio.CancelScope(), None
+                    if not (sub.take_again() or result.next_wake):
+                        break
+        finally:
+            # Only remove the handle this worker registered: a new worker may own the slot now.
+            if sub.worker is worker:
+                sub.worker = None
+            # A wake that came in while this worker was winding down (an abort's finalizer,
+            # say) must not be forgotten: the server writes one wake and then waits for a claim.
+            if not self._closed and sub.worker is None and sub.take_again():
+                self._start(sub)
+            self._vitals.in_flight(len(self._workers()))
+            if not self._workers():
+                self._idle.set()
+
+    def _ended(self, sub: _Subscription, worker: Worker, result: ClaimResult | None) -> None:
+        """Book a claim's end, however it ended (a claim cancelled before its answer leaves no result)."""
+        if result is None:
+            return
+        if result.restarted:
+            sub.handled = -1
+        if result.cleanup_error is not None:
+            self.cleanup_errors.append(result.cleanup_error)
+        outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
+        if outcome in SUCCEEDED and result.generation is not None:
+            sub.handled = max(sub.handled, result.generation)
+        if outcome in COOLS_DOWN:
+            sub.cooldown_until = trio.current_time() + sub.context.settings.cooldown
+        self._vitals.claim_ended(outcome)
+        level = "warning" if outcome in (Outcome.FAILED, Outcome.FENCED, Outcome.ERROR) else "info"
+        getattr(log, level)("claim.outcome", outcome=outcome.value, subscription=sub.id, generation=result.generation)

@@ -1,0 +1,135 @@
+"""The calls the runner makes to a Durable Streams server, as a protocol, and the values they carry.
+
+`StreamsClient` (runner/_client.py) is the real implementation over HTTP; the
+tests have an in-memory one, so the claim and dispatch rules can be exercised
+in virtual time. Nothing here knows about the lifecycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import SecretStr
+
+JSON = "application/json"
+
+
+def is_after(offset: str, other: str) -> bool:
+    """Offsets are opaque but ordered lexicographically; `-1` comes before everything."""
+    if other == "-1":
+        return offset != "-1"
+    return offset != "-1" and offset > other
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """One response's worth of a stream: the messages and where to continue."""
+
+    messages: list[Any]
+    next_offset: str
+    up_to_date: bool
+    closed: bool
+    content_type: str = JSON
+
+    @property
+    def is_json(self) -> bool:
+        return self.content_type.split(";")[0].strip().lower() == JSON
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What one step of a live read delivered: messages, the offset after them, and EOF."""
+
+    messages: list[Any]
+    offset: str | None
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class ClaimedStream:
+    path: str
+    acked_offset: str
+    tail_offset: str
+    has_pending: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A granted claim: who we are working for, and the token that proves it."""
+
+    subscription: str
+    wake_id: str
+    generation: int
+    streams: tuple[ClaimedStream, ...]
+    lease_ttl_ms: int
+    token: SecretStr = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Ack:
+    stream: str
+    offset: str
+
+
+class LiveRead(Protocol):
+    """An open `live=sse` read of one stream. The owner must `aclose()` it."""
+
+    offset: str
+    """Where the read started."""
+
+    def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
+        """Frames as they arrive; raises `StreamSilent` after `keepalive` seconds of silence."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Wire(Protocol):
+    """Every call the runner makes to the server."""
+
+    async def create_stream(self, path: str, *, content_type: str = JSON) -> bool:
+        """Create the stream if needed; True if it was created now."""
+        ...
+
+    async def append(self, path: str, message: object) -> str:
+        """Append one JSON message; returns the new tail."""
+        ...
+
+    async def tail(self, path: str, *, timeout: float | None = None) -> str:
+        """The stream's tail offset."""
+        ...
+
+    async def read(self, path: str, offset: str) -> ReadResult:
+        """One catch-up read from `offset`; the server may return only part of what is there."""
+        ...
+
+    async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
+        """Wait up to `hold` (server side) for messages after `offset`."""
+        ...
+
+    async def open_sse(self, path: str, offset: str) -> LiveRead:
+        """Start a live SSE read; raises `SSERefused` if the server will not serve SSE here."""
+        ...
+
+    async def ensure_subscription(
+        self,
+        subscription_id: str,
+        *,
+        wake_stream: str,
+        pattern: str | None = None,
+        streams: Sequence[str] = (),
+        lease_ttl_ms: int = 30_000,
+        description: str | None = None,
+    ) -> bool:
+        """Create or confirm a pull-wake subscription; True if it was created now."""
+        ...
+
+    async def claim(self, subscription_id: str, worker: str) -> Claim: ...
+
+    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> bool:
+        """Apply acks; without `done` this also renews the lease. Returns `next_wake`."""
+        ...
+
+    async def release(self, claim: Claim) -> None: ...
