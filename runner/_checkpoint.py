@@ -53,18 +53,27 @@ class Checkpoint:
         return offset if isinstance(offset, str) and offset else None
 
     def save(self, offset: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        document = json.dumps({**self._identity, "offset": offset}).encode()
-        descriptor, temporary = tempfile.mkstemp(prefix=".wake-checkpoint.", dir=self.path.parent)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(document)
+        write_atomically(self.path, json.dumps({**self._identity, "offset": offset}).encode(), sync=True)
+
+
+def write_atomically(path: Path, document: bytes, *, sync: bool) -> None:
+    """Replace `path` with `document` so that a reader sees the old file or the new, never half of one.
+
+    The file is created owner-only (0600). `sync` also survives a power loss; without
+    it the file survives a crash of the process (kill -9), which is what the journal needs.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(document)
+            if sync:
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 async def keep_checkpoint(checkpoint: Checkpoint, position: WakePosition, *, interval: float) -> None:

@@ -19,25 +19,28 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
 
-from ._backoff import Backoff, retrying
+from ._backoff import retrying
 from ._config import Settings
+from ._delivery import Delivery
 from ._exceptions import (
     AlreadyClaimed,
     ClientError,
     Fenced,
     InvalidOffset,
     NoPendingWork,
-    PermanentFailure,
+    StreamNotFound,
     SubscriptionNotFound,
     TokenInvalid,
 )
-from ._handlers import SUSPEND, AsyncHandler, Batch
+from ._handlers import Batch
 from ._health import SUCCEEDED, Outcome, Vitals
+from ._journal import Gap, Journal
 from ._lease import Lease
 from ._wire import Ack, Claim, ReadResult, Wire, is_after
 
@@ -52,29 +55,15 @@ class ClaimAbandoned(Exception):
     """The claim cannot go on (a read kept failing, an ack was refused); hand it back."""
 
 
-class DeadLetters:
-    """Appends exhausted batches to dead-letter streams, creating each stream once per run."""
-
-    def __init__(self, wire: Wire) -> None:
-        self._wire = wire
-        self._created: set[str] = set()
-
-    async def send(self, stream: str, letter: dict[str, object]) -> None:
-        if stream not in self._created:
-            await retrying(lambda: self._wire.create_stream(stream), what="create dead-letter stream")
-            self._created.add(stream)
-        await retrying(lambda: self._wire.append(stream, letter), what="dead-letter")
-
-
 @dataclass(frozen=True)
 class ClaimContext:
     """Everything a claim of one subscription needs from the runner."""
 
     wire: Wire
     settings: Settings
-    handler: AsyncHandler
     vitals: Vitals
-    dead_letters: DeadLetters
+    journal: Journal
+    deliver: Delivery
     recreate: Callable[[str], Awaitable[bool]]
     """Put a subscription the server has forgotten back; True if it had to be created."""
 
@@ -127,6 +116,11 @@ class ClaimRun:
     """Set however the claim ends, cancellation included."""
 
     async def run(self) -> ClaimResult:
+        if self.context.journal.gaps(self.subscription):
+            replayed = await self._replay()
+            if replayed is not None:
+                self.result = ClaimResult(replayed)
+                return self.result
         granted = await self._obtain()
         if isinstance(granted, ClaimResult):
             self.result = granted
@@ -165,7 +159,18 @@ class ClaimRun:
 
         try:
             granted = await retrying(claim, what="claim", report=context.vitals.error)
-        except (AlreadyClaimed, NoPendingWork) as exc:
+        except AlreadyClaimed as exc:
+            if exc.holder == context.settings.runner_id:
+                log.warning(
+                    "claim.held_by_an_earlier_run",
+                    subscription=subscription,
+                    detail="an earlier run of this runner id holds it and left no journal to hand it back; "
+                    "the server frees it when its lease runs out",
+                )
+            else:
+                log.debug("claim.skipped", subscription=subscription, reason=exc.code)
+            return ClaimResult(Outcome.SKIPPED)
+        except NoPendingWork as exc:
             log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return ClaimResult(Outcome.SKIPPED)
         except SubscriptionNotFound:
@@ -176,14 +181,78 @@ class ClaimRun:
                 return ClaimResult(Outcome.ERROR, restarted=True)
             if recreated:
                 log.warning("subscription.was_missing", subscription=subscription, action="re-created")
-                return ClaimResult(Outcome.SKIPPED, restarted=True)
+                # Claim again at once: any gap the server skipped is replayed first.
+                return ClaimResult(Outcome.SKIPPED, next_wake=True, restarted=True)
             log.error("subscription.not_found", subscription=subscription)
             return ClaimResult(Outcome.ERROR, restarted=True)
         except ClientError as exc:
             context.vitals.error(exc)
             log.warning("claim.failed", subscription=subscription, error=str(exc))
             return ClaimResult(Outcome.ERROR)
+        context.journal.claimed(granted)
         return granted, Lease(granted.lease_ttl_ms / 1000, sent_at)
+
+    async def _replay(self) -> Outcome | None:
+        """Hand the handler what the server skipped when it re-created the subscription.
+
+        Returns None when every gap was replayed, else how the replay ended (the gap
+        stays in the journal and is tried again after the cooldown).
+        """
+        for gap in self.context.journal.gaps(self.subscription):
+            log.warning(
+                "subscription.gap_replay",
+                subscription=self.subscription,
+                stream=gap.stream,
+                start=gap.start,
+                end=gap.end,
+                detail="the server re-created the subscription past these events: handing them over again",
+            )
+            self.stream = gap.stream
+            ended = await self._replay_gap(gap)
+            if ended is not None:
+                return ended
+            self.context.vitals.gap("replayed")
+        self.stream = None
+        return None
+
+    async def _replay_gap(self, gap: Gap) -> Outcome | None:
+        context, subscription = self.context, self.subscription
+        remaining: Gap | None = gap
+        while remaining is not None:
+            start = remaining.start
+            try:
+                result = await retrying(
+                    partial(context.wire.read, gap.stream, start),
+                    what=f"replay {gap.stream}",
+                    report=context.vitals.error,
+                )
+            except StreamNotFound:
+                log.warning("subscription.gap_gone", subscription=subscription, stream=gap.stream)
+                context.journal.replayed(subscription, remaining, remaining.end)
+                return None
+            except ClientError as exc:
+                context.vitals.error(exc)
+                log.warning("subscription.gap_replay_failed", subscription=subscription, error=str(exc))
+                return Outcome.ERROR
+            if not result.messages or not is_after(result.next_offset, start):
+                context.journal.replayed(subscription, remaining, remaining.end)
+                return None
+            batch = Batch(
+                subscription=subscription,
+                stream=gap.stream,
+                messages=result.messages,
+                start_offset=start,
+                next_offset=result.next_offset,
+                wake_id="replay",
+                generation=0,
+                attempt=1,
+                replayed=True,
+            )
+            if await context.deliver(batch) is Outcome.FAILED:
+                return Outcome.FAILED
+            self.batches_done += 1
+            remaining = context.journal.replayed(subscription, remaining, result.next_offset)
+        return None
 
 
 class _Held:
@@ -275,9 +344,14 @@ class _Held:
                     generation=self.claim.generation,
                     attempt=1,
                 )
-                verdict = await self._deliver(batch)
+                if self.run.woken_at is not None:
+                    self.vitals.wake_latency(time.time() - self.run.woken_at)
+                    self.run.woken_at = None
+                verdict = await self.context.deliver(batch)
                 if verdict is Outcome.FAILED:
                     return Outcome.FAILED
+                if verdict is Outcome.DEAD_LETTERED:
+                    self.dead_lettered += 1
                 self.progress.finish(stream.path, result.next_offset)
                 self.run.batches_done += 1
                 offset = result.next_offset
@@ -300,70 +374,6 @@ class _Held:
         except ClientError as exc:
             raise ClaimAbandoned(f"reading {stream} from {offset} failed: {exc}") from exc
 
-    async def _deliver(self, first: Batch) -> Outcome:
-        """Hand a batch to the handler, retrying with backoff; returns how the batch ended."""
-        settings, handler = self.settings, self.context.handler
-        backoff = Backoff(
-            settings.handler_retry_initial, max(settings.handler_retry_max, settings.handler_retry_initial)
-        )
-        error: BaseException | None = None
-        for attempt in range(1, settings.handler_max_attempts + 1):
-            batch = first if attempt == 1 else replace(first, attempt=attempt)
-            started = trio.current_time()
-            if self.run.woken_at is not None:
-                self.vitals.wake_latency(time.time() - self.run.woken_at)
-                self.run.woken_at = None
-            try:
-                if settings.handler_timeout is None:
-                    result = await handler(batch)
-                else:
-                    with trio.fail_after(settings.handler_timeout):
-                        result = await handler(batch)
-            except PermanentFailure as exc:
-                self.vitals.handler_ran(trio.current_time() - started)
-                error = exc
-                log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=str(exc), permanent=True)
-                break
-            except Exception as exc:
-                self.vitals.handler_ran(trio.current_time() - started)
-                error = exc
-                log.warning("batch.failed", stream=batch.stream, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
-                if attempt < settings.handler_max_attempts:
-                    self.vitals.batch("retried")
-                    await trio.sleep(backoff.next_delay())
-            else:
-                took = trio.current_time() - started
-                self.vitals.handler_ran(took)
-                self.vitals.events_handled(len(batch.messages))
-                self.vitals.batch("suspended" if result is SUSPEND else "ok")
-                log.debug("batch.done", stream=batch.stream, size=len(batch.messages), took=round(took, 6))
-                return Outcome.SUSPENDED if result is SUSPEND else Outcome.COMPLETED
-        assert error is not None
-        return await self._give_up(first, error)
-
-    async def _give_up(self, batch: Batch, error: BaseException) -> Outcome:
-        spec = self.settings.subscription(self.run.subscription)
-        stream = (spec.dead_letter_stream if spec else None) or self.settings.dead_letter_stream
-        if stream is None:
-            self.vitals.batch("failed")
-            return Outcome.FAILED
-        letter: dict[str, object] = {
-            "type": "dead_letter",
-            "runner_id": self.settings.runner_id,
-            "error": f"{type(error).__name__}: {error}",
-            "batch": batch.to_json(),
-        }
-        try:
-            await self.context.dead_letters.send(stream, letter)
-        except ClientError as exc:
-            log.error("batch.dead_letter_failed", dead_letter_stream=stream, error=str(exc))
-            self.vitals.batch("failed")
-            return Outcome.FAILED
-        log.warning("batch.dead_lettered", stream=batch.stream, dead_letter_stream=stream, error=letter["error"])
-        self.vitals.batch("dead_lettered")
-        self.dead_lettered += 1
-        return Outcome.COMPLETED
-
     async def _ack(self, *, done: bool = False) -> bool:
         """Acknowledge progress (renewing the lease); retried until the local lease deadline."""
         claim, progress, wire = self.claim, self.progress, self.context.wire
@@ -380,6 +390,7 @@ class _Held:
                 next_wake = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
                 self.vitals.lease_renewal("lost")
+                self.context.journal.ended(claim.subscription, claim.wake_id)
                 raise LeaseLost(str(exc)) from exc
             except InvalidOffset as exc:
                 raise ClaimAbandoned(f"the server refused our acks: {exc}") from exc
@@ -388,7 +399,10 @@ class _Held:
                 raise LeaseLost(f"could not renew the lease before it ran out: {exc}") from exc
             progress.acknowledged(acks)
             self.lease.renewed(sent_at)
-            if not done:
+            if done:
+                self.context.journal.ended(claim.subscription, claim.wake_id)
+            else:
+                self.context.journal.acked(claim, acks)
                 self.vitals.lease_renewal("ok")
             return next_wake
 
@@ -399,11 +413,14 @@ class _Held:
             if acks := progress.unacked():
                 await wire.ack(claim, acks)
                 progress.acknowledged(acks)
+                self.context.journal.acked(claim, acks)
             await wire.release(claim)
         except ClientError as exc:
             # Logged, never raised: cleanup must not mask why we are here.
+            self.vitals.error(f"handing back {claim.subscription}: {exc}")
             log.warning("claim.hand_back_failed", error=str(exc), unacked=[a.offset for a in progress.unacked()])
             return exc
+        self.context.journal.ended(claim.subscription, claim.wake_id)
         return None
 
     async def finalize_cancelled(self) -> ClaimResult:
@@ -419,3 +436,27 @@ class _Held:
             error = TimeoutError(f"handing back {self.run.subscription} took over {timeout:g} s")
             log.warning("claim.finalizer_timeout", seconds=timeout)
         return ClaimResult(None, generation, cleanup_error=error)
+
+
+async def return_held_claims(wire: Wire, journal: Journal) -> None:
+    """Hand back the claims an earlier run of this runner still held (it was killed, say).
+
+    The stored claim token still proves the claim, so the next claim, by this runner
+    or another, starts at once instead of when the lease runs out.
+    """
+    for held in journal.held_claims():
+        try:
+            await wire.release(held.as_claim())
+        except (Fenced, TokenInvalid, SubscriptionNotFound, StreamNotFound) as exc:
+            log.info("claim.already_gone", subscription=held.subscription, reason=str(exc))
+        except ClientError as exc:
+            log.warning("claim.return_failed", subscription=held.subscription, error=str(exc))
+            continue
+        else:
+            log.warning(
+                "claim.returned",
+                subscription=held.subscription,
+                generation=held.generation,
+                detail="an earlier run held this claim; handed back so the work continues now",
+            )
+        journal.ended(held.subscription, held.wake_id)

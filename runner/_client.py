@@ -38,7 +38,7 @@ from ._exceptions import (
     TokenInvalid,
     TransportError,
 )
-from ._wire import JSON, Ack, Claim, ClaimedStream, Frame, ReadResult
+from ._wire import JSON, Ack, Claim, ClaimedStream, Frame, Links, ReadResult
 
 NEXT_OFFSET = "Stream-Next-Offset"
 UP_TO_DATE = "Stream-Up-To-Date"
@@ -140,6 +140,12 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
             holder=details.get("current_holder"),
             generation=generation if isinstance(generation, int) else None,
         )
+    if code == "INVALID_OFFSET" and "beyond" in message:
+        # A file-backed reference server lets a read see an append before its tail moves:
+        # the offset we read becomes the tail milliseconds later, so this one is transient.
+        lagging = InvalidOffset(text, status=status, code=code)
+        lagging.retryable = True
+        raise lagging
     if code is not None and code in _CODES:
         raise _CODES[code](text, status=status, code=code)
     if status == 404:
@@ -182,6 +188,23 @@ def _read_result(response: httpx.Response, *, what: str) -> ReadResult:
         raise ProtocolError(f"{what}: a JSON stream read must be an array, got {type(body).__name__}")
     result.messages.extend(body)
     return result
+
+
+def _linked_streams(response: httpx.Response) -> dict[str, str]:
+    """The linked streams a subscription answer lists; an answer without them lists none."""
+    try:
+        streams = response.json().get("streams")
+    except (ValueError, AttributeError):
+        return {}
+    if not isinstance(streams, list):
+        return {}
+    return {
+        stream["path"]: stream["acked_offset"]
+        for stream in streams
+        if isinstance(stream, dict)
+        and isinstance(stream.get("path"), str)
+        and isinstance(stream.get("acked_offset"), str)
+    }
 
 
 def _check_sse_answer(response: httpx.Response, *, what: str) -> None:
@@ -369,7 +392,7 @@ class StreamsClient:
         streams: Sequence[str] = (),
         lease_ttl_ms: int = 30_000,
         description: str | None = None,
-    ) -> bool:
+    ) -> Links:
         body: dict[str, Any] = {"type": "pull-wake", "wake_stream": wake_stream, "lease_ttl_ms": lease_ttl_ms}
         if pattern:
             body["pattern"] = pattern
@@ -383,7 +406,7 @@ class StreamsClient:
             what=f"ensure subscription {subscription_id}",
             json_body=body,
         )
-        return response.status_code == 201
+        return Links(response.status_code == 201, _linked_streams(response))
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"

@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     command_kill_grace: float = Field(5.0, gt=0, description="SIGTERM-to-SIGKILL grace for command handlers.")
     cooldown: float = Field(30.0, ge=0, description="Pause before reclaiming a subscription that failed.")
     dead_letter_stream: str | None = Field(None, description="Default stream for exhausted batches.")
+    on_subscription_lost: Literal["replay", "skip"] = Field(
+        "replay", description="Events the server skipped when it re-created a subscription: replay or skip them."
+    )
 
     # Stopping
     drain_timeout: float = Field(30.0, ge=0, description="How long stop() lets in-flight claims finish.")

@@ -70,6 +70,9 @@ class Batch:
     generation: int
     attempt: int
     """1 on the first try, 2 on the first retry, and so on."""
+    replayed: bool = False
+    """Handed over again by the runner itself (wake id "replay", generation 0): the server
+    forgot the subscription and re-created it past these events."""
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)

@@ -153,10 +153,12 @@ class Vitals:
         self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         self.last_error_at = time.time()
 
-    def heartbeat(self, ok: bool, consecutive_failures: int) -> None:
+    def heartbeat(self, ok: bool, consecutive_failures: int, error: BaseException | str | None = None) -> None:
         self.last_heartbeat_at = time.time()
         self.last_heartbeat_ok = ok
         self.heartbeat_failures = consecutive_failures
+        if error is not None:
+            self.error(error)
         if not ok:
             self.metrics.heartbeat_failures.inc()
 
@@ -190,6 +192,9 @@ class Vitals:
 
     def wake_latency(self, seconds: float) -> None:
         self.metrics.wake_to_handler.observe(max(seconds, 0.0))
+
+    def gap(self, action: str) -> None:
+        self.metrics.gaps.labels(action).inc()
 
     def lease_renewal(self, result: str) -> None:
         self.metrics.lease_renewals.labels(result).inc()

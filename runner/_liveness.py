@@ -23,7 +23,7 @@ from machine import Event, State
 
 from ._checkpoint import WakePosition
 from ._driver import Driver
-from ._exceptions import ClientError
+from ._exceptions import ClientError, RequestError
 from ._health import Vitals
 from ._wire import is_after
 
@@ -81,17 +81,20 @@ class Liveness:
 
     async def beat(self) -> None:
         """One probe and what follows from it."""
-        tail = await self._tail()
+        tail, error = await self._tail()
         self.last_beat_at = trio.current_time()
         self.failures = 0 if tail is not None else self.failures + 1
-        self._vitals.heartbeat(tail is not None, self.failures)
+        self._vitals.heartbeat(tail is not None, self.failures, error)
+        if error is not None:
+            log.warning("heartbeat.failed", error=str(error))
         state, epoch = self._driver.state, self._driver.epoch
+        if tail is not None or isinstance(error, RequestError):
+            # The server answered: whatever kept the runner away may be over.
+            await self._driver.send(Event.PROBE_OK, epoch=epoch)
         if self.failures >= self.threshold:
             if state in (State.CONNECTING, State.STREAMING):
                 await self._reset(f"{self.failures} liveness probes failed in a row", epoch)
             return
-        if tail is not None:
-            await self._driver.send(Event.PROBE_OK, epoch=epoch)
         if tail is None or state is not State.STREAMING:
             self._last = None
             return
@@ -102,17 +105,14 @@ class Liveness:
             self._last = None
             await self._reset(f"the wake stream is stalled: tail {tail} is ahead of {received}", epoch)
 
-    async def _tail(self) -> str | None:
+    async def _tail(self) -> tuple[str | None, ClientError | str | None]:
+        """The wake stream's tail, or why the probe failed."""
         with trio.move_on_after(self.timeout):
             try:
-                return await self._probe()
+                return await self._probe(), None
             except ClientError as exc:
-                log.warning("heartbeat.failed", error=str(exc))
-                self._vitals.error(exc)
-                return None
-        log.warning("heartbeat.failed", error=f"no answer within {self.timeout:g} s")
-        self._vitals.error(f"liveness probe: no answer within {self.timeout:g} s")
-        return None
+                return None, exc
+        return None, f"liveness probe: no answer within {self.timeout:g} s"
 
     async def _reset(self, reason: str, epoch: int) -> None:
         self.resets += 1

@@ -43,6 +43,12 @@ class Metrics:
         self.lease_renewals = Counter(
             "pullwake_lease_renewals", "Lease renewals (acks without done) by result", ["result"], registry=r
         )
+        self.gaps = Counter(
+            "pullwake_subscription_gaps",
+            "Ranges of a stream the server skipped when it re-created a subscription, by what the runner did",
+            ["action"],
+            registry=r,
+        )
         self.info = Gauge("pullwake_runner_info", "Constant 1, labelled with the runner id", ["runner_id"], registry=r)
         self.info.labels(**labels).set(1)
         for state in State:

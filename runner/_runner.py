@@ -14,7 +14,7 @@ Serving the control socket and the metrics listener is the daemon's business
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,14 +28,16 @@ from machine import Effect, Event, State, Step
 
 from ._backoff import Backoff, BackoffActivity
 from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
-from ._claim import ClaimContext, DeadLetters
+from ._claim import ClaimContext, return_held_claims
 from ._client import StreamsClient, build_http, tls_context
 from ._config import Settings
+from ._delivery import DeadLetters, Delivery
 from ._dispatch import Dispatcher
 from ._driver import Driver, Envelope, StateContext
 from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
 from ._handlers import AsyncHandler, CommandHandler, Handler, as_async, resolve
 from ._health import Health, Vitals, progressing
+from ._journal import Journal
 from ._liveness import Liveness
 from ._remote import follow_control_stream
 from ._subscriptions import SubscriptionKeeper
@@ -274,10 +276,28 @@ class Runner:
         log.info(
             "runner.starting", server=settings.server_url, wake_stream=settings.wake_stream, offset=position.offset
         )
-        keeper = SubscriptionKeeper(wire, settings.subscriptions, wake_stream=settings.wake_stream)
+        journal = Journal(
+            Path(settings.state_dir) / "journal.json" if settings.state_dir is not None else None,
+            server_url=settings.server_url,
+        )
+        keeper = SubscriptionKeeper(
+            wire,
+            settings.subscriptions,
+            wake_stream=settings.wake_stream,
+            journal=journal,
+            vitals=self._vitals,
+            replay=settings.on_subscription_lost == "replay",
+        )
         dead_letters = DeadLetters(wire)
         contexts = {
-            subscription: ClaimContext(wire, settings, handler, self._vitals, dead_letters, keeper.ensure)
+            subscription: ClaimContext(
+                wire,
+                settings,
+                self._vitals,
+                journal,
+                Delivery(subscription, handler, settings, self._vitals, dead_letters),
+                keeper.ensure,
+            )
             for subscription, handler in handlers.items()
         }
         async with http, trio.open_nursery() as lifetime:
@@ -336,7 +356,16 @@ class Runner:
                         name="control-stream",
                     )
                 lifetime.start_soon(liveness.run, name="heartbeat")
-                lifetime.start_soon(self._sweep, driver, dispatcher, settings.sweep_interval, name="sweep")
+                lifetime.start_soon(
+                    partial(
+                        self._sweep,
+                        driver,
+                        dispatcher,
+                        settings.sweep_interval,
+                        partial(return_held_claims, wire, journal),
+                    ),
+                    name="sweep",
+                )
                 if checkpoint is not None:
                     lifetime.start_soon(
                         partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
@@ -351,8 +380,16 @@ class Runner:
             lifetime.cancel_scope.cancel()
         log.info("runner.stopped", claims=dict(self._vitals.claims))
 
-    async def _sweep(self, driver: Driver, dispatcher: Dispatcher, interval: float) -> None:
-        """Claim every served subscription once when streaming starts, then every `interval`."""
+    async def _sweep(
+        self, driver: Driver, dispatcher: Dispatcher, interval: float, first: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Claim every served subscription once when streaming starts, then every `interval`.
+
+        `first` runs once, as soon as the server is reachable: claims an earlier run left
+        held are handed back, so the first sweep can take them up at once.
+        """
+        await driver.wait_until(State.STREAMING)
+        await first()
         while True:
             await driver.wait_until(State.STREAMING)
             for subscription in dispatcher.served:

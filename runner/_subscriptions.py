@@ -8,6 +8,8 @@ import structlog
 
 from ._config import SubscriptionSpec
 from ._exceptions import StreamConflict, SubscriptionConflict
+from ._health import Vitals
+from ._journal import Journal
 from ._wire import Wire
 
 log = structlog.get_logger("pullwake.subscriptions")
@@ -18,7 +20,10 @@ class SubscriptionKeeper:
 
     Called on every successful connect and whenever a claim finds its
     subscription gone. A subscription that exists with another configuration is
-    reported and left alone: the operator decides which one is right.
+    reported and left alone: the operator decides which one is right. When one
+    the journal knew had to be created again, the server forgot it and linked its
+    streams past events nobody handled: those ranges go to the journal as gaps
+    to replay (or are only reported, with `on_subscription_lost = "skip"`).
     """
 
     def __init__(
@@ -27,8 +32,14 @@ class SubscriptionKeeper:
         specs: Sequence[SubscriptionSpec],
         *,
         wake_stream: str,
+        journal: Journal,
+        vitals: Vitals,
+        replay: bool = True,
     ) -> None:
         self._wire = wire
+        self._journal = journal
+        self._vitals = vitals
+        self._replay = replay
         self._specs = {spec.id: spec for spec in specs if spec.manage}
         self._wake_stream = wake_stream
         self.conflicts: set[str] = set()
@@ -53,7 +64,7 @@ class SubscriptionKeeper:
         if spec is None:
             return False
         try:
-            created = await self._wire.ensure_subscription(
+            links = await self._wire.ensure_subscription(
                 spec.id,
                 wake_stream=self._wake_stream,
                 pattern=spec.pattern,
@@ -72,6 +83,18 @@ class SubscriptionKeeper:
             self.conflicts.add(spec.id)
             return False
         self.conflicts.discard(spec.id)
-        if created:
+        if links.created:
             log.info("subscription.created", subscription=spec.id, pattern=spec.pattern, streams=list(spec.streams))
-        return created
+        for gap in self._journal.linked(spec.id, links.streams, created=links.created, keep_gaps=self._replay):
+            log.warning(
+                "subscription.lost",
+                subscription=spec.id,
+                stream=gap.stream,
+                start=gap.start,
+                end=gap.end,
+                action="replay" if self._replay else "skip",
+                detail="the server forgot the subscription and re-created it past events nobody handled",
+            )
+            if not self._replay:
+                self._vitals.gap("skipped")
+        return links.created

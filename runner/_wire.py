@@ -73,6 +73,16 @@ class Ack:
     offset: str
 
 
+@dataclass(frozen=True)
+class Links:
+    """The answer to creating or confirming a subscription."""
+
+    created: bool
+    streams: dict[str, str]
+    """Every linked stream and its acknowledged offset; right after a create, the offset at
+    which the server linked it (its tail then)."""
+
+
 class LiveRead(Protocol):
     """An open `live=sse` read of one stream. The owner must `aclose()` it."""
 
@@ -122,8 +132,8 @@ class Wire(Protocol):
         streams: Sequence[str] = (),
         lease_ttl_ms: int = 30_000,
         description: str | None = None,
-    ) -> bool:
-        """Create or confirm a pull-wake subscription; True if it was created now."""
+    ) -> Links:
+        """Create or confirm a pull-wake subscription."""
         ...
 
     async def claim(self, subscription_id: str, worker: str) -> Claim: ...

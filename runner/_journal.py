@@ -1,0 +1,206 @@
+"""What the runner remembers of its own work, across its own restarts and the server's.
+
+The journal keeps, per served subscription:
+- the claim the runner holds, if any (wake id, generation, claim token, when the
+  lease was last renewed), so a restarted runner can hand it back at once
+  instead of waiting for the lease to run out;
+- the last acknowledged offset of every linked stream (from claim answers and
+  the runner's own acks), so when the server forgets the subscription (the
+  reference server keeps subscriptions in memory) and the runner re-creates it,
+  the events between that offset and where the new subscription linked the
+  stream are not skipped: they become gaps the runner replays to the handler;
+- the gaps still to replay.
+
+With a `state_dir` it lives in `journal.json` there (owner-only, replaced
+atomically on every change, bounded in size); without one it lives in memory,
+which still covers a server restart while the runner runs. It holds claim
+tokens (the server's short-lived proof of a lease) and no other secret.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import SecretStr
+
+from ._checkpoint import write_atomically
+from ._wire import Ack, Claim, is_after
+
+log = structlog.get_logger("pullwake.journal")
+
+# Streams remembered per subscription: a pattern subscription can link streams without
+# end; the ones acknowledged longest ago are forgotten first.
+MAX_STREAMS = 10_000
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeldClaim:
+    """A claim the runner holds, as much of it as is needed to hand it back."""
+
+    subscription: str
+    wake_id: str
+    generation: int
+    token: str
+    renewed_at: float
+    """Unix seconds: when the lease was last renewed (for operators; the server decides)."""
+
+    def as_claim(self) -> Claim:
+        return Claim(self.subscription, self.wake_id, self.generation, (), 0, SecretStr(self.token))
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events of one stream the server skipped when it re-created a subscription."""
+
+    stream: str
+    start: str
+    """Replay from here (exclusive: the last offset acknowledged before the loss)."""
+    end: str
+    """Up to here: where the re-created subscription linked the stream."""
+
+
+class Journal:
+    """The runner's memory; every change is written through at once."""
+
+    def __init__(self, path: Path | None, *, server_url: str) -> None:
+        self.path = path
+        self._server_url = server_url
+        self._claims: dict[str, HeldClaim] = {}
+        self._acked: dict[str, dict[str, str]] = {}
+        self._gaps: dict[str, list[Gap]] = {}
+        self._load()
+
+    # -- claims ----------------------------------------------------------------------------
+
+    def held_claims(self) -> list[HeldClaim]:
+        return list(self._claims.values())
+
+    def claimed(self, claim: Claim) -> None:
+        """A claim was granted: remember it, and where each of its streams was acknowledged."""
+        self._claims[claim.subscription] = HeldClaim(
+            claim.subscription, claim.wake_id, claim.generation, claim.token.get_secret_value(), time.time()
+        )
+        offsets = self._acked.setdefault(claim.subscription, {})
+        for stream in claim.streams:
+            _advance(offsets, stream.path, stream.acked_offset)
+        self._save()
+
+    def acked(self, claim: Claim, acks: list[Ack]) -> None:
+        """An ack was accepted: progress is the server's now, and the lease was renewed."""
+        offsets = self._acked.setdefault(claim.subscription, {})
+        for ack in acks:
+            _advance(offsets, ack.stream, ack.offset)
+        held = self._claims.get(claim.subscription)
+        if held is not None and held.wake_id == claim.wake_id:
+            self._claims[claim.subscription] = HeldClaim(
+                held.subscription, held.wake_id, held.generation, held.token, time.time()
+            )
+        self._save()
+
+    def ended(self, subscription: str, wake_id: str) -> None:
+        """The server no longer counts this runner as the holder (done, released, or lost)."""
+        held = self._claims.get(subscription)
+        if held is not None and held.wake_id == wake_id:
+            del self._claims[subscription]
+            self._save()
+
+    # -- lost subscriptions ----------------------------------------------------------------
+
+    def linked(self, subscription: str, linked: dict[str, str], *, created: bool, keep_gaps: bool = True) -> list[Gap]:
+        """The server linked `subscription`'s streams at these offsets (a create or a confirm).
+
+        When the subscription had to be created although the journal knew it, the server
+        had forgotten it: the events between what was acknowledged and where each stream
+        is linked now were skipped. Returns them as gaps (kept until replayed, if
+        `keep_gaps`). A stream the journal never saw is replayed from its start.
+        """
+        known = self._acked.get(subscription)
+        gaps: list[Gap] = []
+        if created and known is not None:
+            for stream, end in linked.items():
+                start = known.get(stream, "-1")
+                if is_after(end, start):
+                    gaps.append(Gap(stream, start, end))
+        offsets = self._acked.setdefault(subscription, {})
+        for stream, offset in linked.items():
+            offsets[stream] = offset
+        if gaps and keep_gaps:
+            self._gaps.setdefault(subscription, []).extend(gaps)
+        self._save()
+        return gaps
+
+    def gaps(self, subscription: str) -> list[Gap]:
+        return list(self._gaps.get(subscription, ()))
+
+    def replayed(self, subscription: str, gap: Gap, offset: str) -> Gap | None:
+        """Everything of `gap` up to `offset` reached the handler; returns what is left of it."""
+        gaps = self._gaps.get(subscription, [])
+        if gap not in gaps:
+            return None
+        index = gaps.index(gap)
+        left: Gap | None = Gap(gap.stream, offset, gap.end) if is_after(gap.end, offset) else None
+        if left is not None:
+            gaps[index] = left
+        else:
+            del gaps[index]
+        if not gaps:
+            self._gaps.pop(subscription, None)
+        self._save()
+        return left
+
+    # -- the file --------------------------------------------------------------------------
+
+    def _document(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "server_url": self._server_url,
+            "claims": {sub: asdict(held) for sub, held in self._claims.items()},
+            "acked": self._acked,
+            "gaps": {sub: [asdict(gap) for gap in gaps] for sub, gaps in self._gaps.items()},
+        }
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            write_atomically(self.path, json.dumps(self._document(), separators=(",", ":")).encode(), sync=False)
+        except OSError as exc:
+            log.error("journal.write_failed", path=str(self.path), error=str(exc))
+
+    def _load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            document = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("journal.unreadable", path=str(self.path), error=str(exc))
+            return
+        if not isinstance(document, dict) or document.get("version") != VERSION:
+            log.warning("journal.unknown_version", path=str(self.path))
+            return
+        if document.get("server_url") != self._server_url:
+            log.warning("journal.other_server", path=str(self.path), found=document.get("server_url"))
+            return
+        try:
+            self._claims = {sub: HeldClaim(**held) for sub, held in document["claims"].items()}
+            self._acked = {sub: dict(offsets) for sub, offsets in document["acked"].items()}
+            self._gaps = {sub: [Gap(**gap) for gap in gaps] for sub, gaps in document["gaps"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            log.warning("journal.unreadable", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+            self._claims, self._acked, self._gaps = {}, {}, {}
+
+
+def _advance(offsets: dict[str, str], stream: str, offset: str) -> None:
+    """Remember `offset` for `stream` unless it goes backwards; the newest entries stay."""
+    current = offsets.pop(stream, None)
+    offsets[stream] = offset if current is None or is_after(offset, current) else current
+    while len(offsets) > MAX_STREAMS:
+        del offsets[next(iter(offsets))]
