@@ -15,6 +15,8 @@ class Proxy:
     - `freeze(existing_only=True)`: only the connections open right now go silent.
     - `thaw()`: move bytes again everywhere.
     - `cut()`: close every open connection at once.
+    - `refuse()`: cut every open connection and answer every new request with 503, as an
+      overloaded load balancer would; `thaw()` ends it.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -24,6 +26,8 @@ class Proxy:
         self._gates: dict[int, trio.Event] = {}
         self._scopes: dict[int, trio.CancelScope] = {}
         self._new_connections_frozen = False
+        self._refusing = False
+        self.refused = 0
         self._ids = 0
 
     @property
@@ -43,7 +47,12 @@ class Proxy:
                 self._gates[ident] = trio.Event()
         self._new_connections_frozen = not existing_only
 
+    def refuse(self) -> None:
+        self._refusing = True
+        self.cut()
+
     def thaw(self) -> None:
+        self._refusing = False
         self._new_connections_frozen = False
         for gate in self._gates.values():
             gate.set()
@@ -53,6 +62,9 @@ class Proxy:
             scope.cancel()
 
     async def _serve(self, client: trio.SocketStream) -> None:
+        if self._refusing:
+            await self._answer_503(client)
+            return
         self._ids += 1
         ident = self._ids
         self.connections += 1
@@ -74,6 +86,22 @@ class Proxy:
         finally:
             self._scopes.pop(ident, None)
             self._gates.pop(ident, None)
+
+    async def _answer_503(self, client: trio.SocketStream) -> None:
+        async with client:
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    data = await client.receive_some(65536)
+                    if not data:
+                        return
+                    request += data
+                self.refused += 1
+                await client.send_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                )
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def _pump(
         self, source: trio.SocketStream, sink: trio.SocketStream, ident: int, both: trio.CancelScope

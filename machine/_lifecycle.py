@@ -56,8 +56,9 @@ class Effect(enum.StrEnum):
     """The wake stream ended for good: record it as the reason the runner stops."""
 
     RESYNC = "resync"
-    """A new connection: the server may have restarted since the last one, and its
-    generations started over. Forget which generations were handled."""
+    """A new connection: the server may have restarted since the last one. Its generations
+    started over (forget which were handled), and what it skipped of a subscription it
+    forgot is replayed now."""
 
 
 @dataclass(frozen=True)

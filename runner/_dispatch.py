@@ -138,14 +138,18 @@ class Dispatcher:
         else:
             log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
 
-    def forget(self) -> None:
-        """The RESYNC effect: generations may have started over (a server restart).
+    def resync(self) -> None:
+        """The RESYNC effect: the server may have restarted since the last connection.
 
-        A wake that was already handled costs one skipped claim at worst; a
-        forgotten restart would cost a missed one.
+        Its generations started over, so which were handled is forgotten: a wake that
+        was already handled costs one skipped claim at worst, a forgotten restart would
+        cost a missed one. And if it forgot a subscription the runner had to re-create,
+        the events it skipped are replayed now, not at the next wake.
         """
         for sub in self._subscriptions.values():
             sub.handled = -1
+            if sub.context.journal.gaps(sub.id):
+                self.wake(Wake(sub.id))
 
     def abort(self, subscription: str) -> bool:
         """Abort the subscription's in-flight claim, if any. True if there was one."""

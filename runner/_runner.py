@@ -328,7 +328,7 @@ class Runner:
                     {
                         Effect.CLAIM: lambda envelope: dispatcher.wake(_wake_of(envelope)),
                         Effect.RESET_BACKOFF: backoff.reset,
-                        Effect.RESYNC: lambda _envelope: dispatcher.forget(),
+                        Effect.RESYNC: lambda _envelope: dispatcher.resync(),
                         Effect.FATAL: self._record_fatal,
                     },
                     on_step=self._observe,

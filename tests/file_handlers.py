@@ -2,7 +2,8 @@
 
 They write one JSON line per message to the file named by PULLWAKE_TEST_RECORD, so a
 test can see what a separate process handled, even after that process was killed.
-A message with `"slow": true` makes the batch take a minute (after a "started" line).
+A message with `"slow": true` makes the batch take a minute (after a "started" line);
+PULLWAKE_TEST_ANNOUNCE=1 writes a "started" line before every batch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ async def _write(lines: str) -> None:
 
 async def record(batch: Batch) -> None:
     delay = float(os.environ.get("PULLWAKE_TEST_DELAY", "0"))
-    if any(isinstance(message, dict) and message.get("slow") for message in batch.messages):
+    slow = any(isinstance(message, dict) and message.get("slow") for message in batch.messages)
+    if slow or os.environ.get("PULLWAKE_TEST_ANNOUNCE"):
         await _write(json.dumps({"started": batch.next_offset, "pid": os.getpid()}) + "\n")
+    if slow:
         delay = 60
     if delay:
         await trio.sleep(delay)

@@ -1,0 +1,167 @@
+"""Recover when the fault ends, and lose nothing the server forgets (real processes, real server).
+
+Each scenario is a fault an operator meets: the runner killed mid-claim and
+restarted at once, the server restarted (it forgets its subscriptions), a frozen
+runner process, and a storm of 503s. Time bounds here are generous margins far
+below what the old behaviour took; the benchmarks print the real figures.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from faults.proxy import Proxy
+from machine import State
+from runner import Runner
+from runner._devserver import DevServer
+from tests.support import Recorder, World, captured_logs, eventually, running
+from tests.test_end_to_end import lines, start_runner_process, write_config
+
+LONG_LEASE_MS = 30_000
+
+
+def handled(record: Path) -> list[dict[str, object]]:
+    return [entry for entry in map(json.loads, lines(record)) if "message" in entry]
+
+
+def started_by(record: Path, pid: int) -> list[dict[str, object]]:
+    return [entry for entry in map(json.loads, lines(record)) if "started" in entry and entry["pid"] == pid]
+
+
+async def test_a_runner_killed_mid_claim_and_restarted_resumes_at_once_not_after_the_lease(
+    world: World, record_file: Path, tmp_path: Path
+) -> None:
+    await world.create("a")
+    config = write_config(tmp_path / "runner.toml", world, tmp_path / "state")
+    config.write_text(config.read_text().replace("lease_ttl_ms = 2000", f"lease_ttl_ms = {LONG_LEASE_MS}"))
+    log = tmp_path / "runner.log"
+    first = start_runner_process(config, log, PULLWAKE_TEST_DELAY="30", PULLWAKE_TEST_ANNOUNCE="1")
+    try:
+        await eventually(lambda: '"target": "streaming"' in log.read_text(), what="the first runner to stream")
+        for n in range(5):
+            await world.append("a", {"n": n})
+        await eventually(lambda: bool(started_by(record_file, first.pid)), what="the first runner's batch to start")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not handled(record_file), "the killed runner finished nothing"
+    restarted = trio.current_time()
+    second = start_runner_process(config, log)
+    try:
+        await eventually(
+            lambda: {entry["message"]["n"] for entry in handled(record_file)} == set(range(5)),  # type: ignore[index]
+            timeout=25,
+            what="the rest of the work after the restart",
+        )
+        resumed_after = trio.current_time() - restarted
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(15)
+    assert resumed_after < LONG_LEASE_MS / 1000 / 2, f"resumed {resumed_after:.1f} s after the restart"
+    assert '"claim.returned"' in log.read_text(), "the restarted runner handed its old claim back"
+    print(f"kill -9 mid-claim, lease {LONG_LEASE_MS / 1000:g} s: all handled {resumed_after:.2f} s after the restart")
+
+
+@pytest.fixture
+async def own_proxy(own_server: DevServer, nursery: trio.Nursery) -> AsyncIterator[Proxy]:
+    proxy = Proxy(own_server.port)
+    await nursery.start(proxy.run)
+    yield proxy
+    proxy.thaw()
+
+
+async def test_events_a_restarted_server_skipped_are_replayed_in_order(own_world: World, own_proxy: Proxy) -> None:
+    """The server comes back without the subscription, and events arrive before the runner can
+    re-create it: the re-created subscription starts past them, so only the runner's journal
+    can hand them over. Nothing older of the subscription arrives after anything newer."""
+    world = own_world
+    await world.create("a", "b")
+    recorder = Recorder()
+    runner = Runner(world.settings(server_url=own_proxy.url), handlers={world.sub: recorder})
+    with captured_logs() as logs:
+        async with running(runner):
+            for n in range(6):
+                await world.append("ab"[n % 2], {"n": n})
+            await eventually(lambda: recorder.count == 6, what="the events before the restart")
+            own_proxy.freeze()  # the runner cannot reach the server until the test says so
+            await trio.to_thread.run_sync(world.server.restart)
+            for n in range(6, 26):
+                await world.append("ab"[n % 2], {"n": n})
+            own_proxy.thaw()
+            await eventually(lambda: recorder.count >= 26, timeout=20, what="the skipped events")
+            await world.append("a", {"n": 26})
+            await eventually(lambda: {26} <= {m["n"] for m in recorder.messages()}, what="a new event")
+    for name in ("a", "b"):
+        numbers = [message["n"] for message in recorder.messages(world.stream(name))]
+        assert numbers == sorted(numbers), f"stream {name} out of order: {numbers}"
+        assert set(numbers) >= set(range(6 if name == "a" else 7, 26, 2))
+    replays = [entry for entry in logs if entry["event"] == "subscription.gap_replay"]
+    assert {entry["stream"] for entry in replays} == {world.stream("a"), world.stream("b")}
+    assert any(batch.replayed and batch.wake_id == "replay" for batch in recorder.batches)
+    assert 'pullwake_subscription_gaps_total{action="replayed"} 2.0' in runner.metrics_exposition()[0].decode()
+
+
+async def test_a_frozen_runner_never_starts_a_batch_on_a_lease_it_lost(
+    world: World, record_file: Path, tmp_path: Path
+) -> None:
+    """The claim is answered just before the process freezes (SIGSTOP) past its lease; another
+    runner takes over. After SIGCONT the frozen runner must prove its lease before handing the
+    batch to its handler, and finds it gone."""
+    await world.create("a")
+    config = write_config(tmp_path / "runner.toml", world, tmp_path / "state")
+    log = tmp_path / "runner.log"
+    frozen = start_runner_process(config, log, PULLWAKE_TEST_ANNOUNCE="1")
+    successor = Recorder("successor")
+    try:
+        await eventually(lambda: '"target": "streaming"' in log.read_text(), what="the runner to stream")
+        # Its catch-up read is held at the server, so the freeze lands between claim and batch.
+        await world.inject(world.stream_path(world.stream("a")), method="GET", delayMs=1_500, count=1)
+        await world.append("a", {"n": 1})
+        await eventually(lambda: '"claim.started"' in log.read_text(), what="the claim to be granted")
+        frozen.send_signal(signal.SIGSTOP)
+        runner = Runner(
+            world.settings(subscriptions=(world.spec(lease_ttl_ms=2_000),)), handlers={world.sub: successor}
+        )
+        async with running(runner):
+            await eventually(lambda: successor.count == 1, timeout=15, what="the other runner to take over")
+            frozen.send_signal(signal.SIGCONT)
+            await eventually(lambda: '"claim.lease_lost"' in log.read_text(), what="the frozen runner to notice")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+        frozen.send_signal(signal.SIGTERM)
+        frozen.wait(15)
+    assert successor.messages() == [{"n": 1}]
+    assert started_by(record_file, frozen.pid) == [], "the frozen runner handed the batch to its handler"
+
+
+async def test_the_end_of_a_503_storm_ends_the_reconnect_wait(world: World, nursery: trio.Nursery) -> None:
+    """Every request through the proxy answers 503 for a while; the backoff grows to 8 s. When the
+    storm ends, the next liveness probe that gets through ends the wait: no sleeping it out."""
+    await world.create("a")
+    proxy = Proxy(world.server.port)
+    await nursery.start(proxy.run)
+    recorder = Recorder()
+    settings = world.settings(server_url=proxy.url, backoff_initial=4.0, backoff_max=30.0, backoff_jitter=0.0)
+    runner = Runner(settings, handlers={world.sub: recorder})
+    async with running(runner):
+        await world.append("a", {"n": 0})
+        await eventually(lambda: recorder.count == 1)
+        proxy.refuse()
+        await eventually(lambda: runner.health().reconnect_count >= 2, timeout=15, what="a second failed attempt")
+        for n in range(1, 11):
+            await world.append("a", {"n": n})  # straight to the server: the work piles up behind the storm
+        assert runner.state is State.RECONNECTING
+        proxy.thaw()
+        ended = trio.current_time()
+        await eventually(lambda: recorder.count == 11, timeout=20, what="everything after the storm")
+        recovered = trio.current_time() - ended
+    assert proxy.refused >= 2
+    # The backoff in force when the storm ended was 8 s: anything near it means it was slept out.
+    assert recovered < 3.0, f"all handled {recovered:.2f} s after the storm ended"
+    print(f"503 storm: all handled {recovered:.2f} s after it ended (backoff then 8 s)")
