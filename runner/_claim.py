@@ -399,10 +399,10 @@ class _Held:
                 raise LeaseLost(f"could not renew the lease before it ran out: {exc}") from exc
             progress.acknowledged(acks)
             self.lease.renewed(sent_at)
+            self.context.journal.acked(claim, acks)
             if done:
                 self.context.journal.ended(claim.subscription, claim.wake_id)
             else:
-                self.context.journal.acked(claim, acks)
                 self.vitals.lease_renewal("ok")
             return next_wake
 
