@@ -212,6 +212,7 @@ class CommandHandler:
                     _read_what_is_there(pipe, tail)
                     await pipe.aclose()
                 await process.stdin.aclose()
+                trio.lowlevel.notify_closing(leader)
                 os.close(leader)
                 returncode = await process.wait()
         if returncode == 0:
@@ -292,6 +293,7 @@ async def _end_run(leader: int, marker: str, grace: float) -> None:
                     await trio.lowlevel.wait_readable(member)  # readable: that process has exited
         finally:
             for member in members:
+                trio.lowlevel.notify_closing(member)
                 os.close(member)
 
 
@@ -306,34 +308,55 @@ def _run_members(leader: int, marker: str) -> list[int]:
     so a pid reused in between can never be signalled by mistake.
     """
     tag = f"\0{RUN_MARKER}={marker}\0".encode()
+    leader_stat = _stat(str(leader))
+    # Only a process started after the command can descend from it: no need to read the rest's environment.
+    born_after = leader_stat.started if leader_stat is not None else 0
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid() or not _is_member(entry, leader, tag):
+        if not entry.isdigit() or int(entry) == os.getpid() or not _is_member(entry, leader, born_after, tag):
             continue
         try:
             pidfd = os.pidfd_open(int(entry))
         except OSError:
             continue  # gone already
-        if _is_member(entry, leader, tag):
+        if _is_member(entry, leader, born_after, tag):
             found.append(pidfd)
         else:
             os.close(pidfd)
     return found
 
 
-def _is_member(pid: str, leader: int, tag: bytes) -> bool:
+@dataclass(frozen=True)
+class _Stat:
+    state: bytes
+    group: int
+    session: int
+    started: int
+    """Clock ticks after boot."""
+
+
+def _stat(pid: str) -> _Stat | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             # The command name is in parentheses and may contain anything: fields follow the last ')'.
             fields = stat.read().rsplit(b")", 1)[1].split()
-        state, group, session = fields[0], int(fields[2]), int(fields[3])
-        if state in (b"Z", b"X"):
-            return False  # already dead, only waiting to be reaped
-        if leader in (group, session):
-            return True
+        return _Stat(state=fields[0], group=int(fields[2]), session=int(fields[3]), started=int(fields[19]))
+    except (OSError, IndexError, ValueError):
+        return None  # gone
+
+
+def _is_member(pid: str, leader: int, born_after: int, tag: bytes) -> bool:
+    stat = _stat(pid)
+    if stat is None or stat.state in (b"Z", b"X"):
+        return False  # gone, or dead and only waiting to be reaped
+    if leader in (stat.group, stat.session):
+        return True
+    if stat.started < born_after:
+        return False
+    try:
         with open(f"/proc/{pid}/environ", "rb") as environ:
             return tag in b"\0" + environ.read() + b"\0"
-    except (OSError, IndexError, ValueError):
+    except OSError:
         return False  # gone, or not ours to read
 
 
