@@ -11,11 +11,11 @@ import psutil
 import pytest
 import trio
 
-from runner import Batch, CommandHandler
+from runner import Batch, CommandHandler, Runner
 from runner._exceptions import PermanentFailure
 from runner._handlers import RUN_MARKER, CommandFailed
 
-from .support import eventually
+from .support import World, eventually, running
 
 COMMANDS = Path(__file__).parent / "edge_commands.py"
 
@@ -145,3 +145,30 @@ async def test_a_command_that_exits_decides_its_batch_at_once_and_its_leftovers_
             with pytest.raises(PermanentFailure, match="its child still holds this pipe"):
                 await handler(batch())
     assert gone(await pid_from(pidfile)), "the leftover child outlived its command"
+
+
+# -- the same through a runner and the reference server ---------------------------------------
+
+
+async def test_an_operator_abort_ends_a_commands_setsid_grandchild(world: World, tmp_path: Path) -> None:
+    await world.create("a")
+    pidfile = tmp_path / "grandchild.pid"
+    handler = command("setsid-and-hang", str(pidfile), kill_grace=1.0)
+    runner = Runner(world.settings(), handlers={world.sub: handler})
+    async with running(runner):
+        await world.append("a", {"n": 1})
+        grandchild = await pid_from(pidfile)
+        assert runner.abort(world.sub)
+        await eventually(lambda: runner.health().claims["aborted"] == 1, what="the aborted outcome")
+        assert gone(grandchild), "the grandchild in its own session outlived the abort"
+
+
+async def test_a_command_leaving_a_child_on_its_output_does_not_hold_the_claim(world: World, tmp_path: Path) -> None:
+    await world.create("a")
+    pidfile = tmp_path / "leftover.pid"
+    runner = Runner(world.settings(), handlers={world.sub: command("background", str(pidfile), "0")})
+    async with running(runner):
+        await world.append("a", {"n": 1})
+        # The leftover sleeps 600 s holding the command's stdout: the claim must not wait for it.
+        await eventually(lambda: runner.health().claims["completed"] == 1, what="the claim to complete")
+        assert gone(await pid_from(pidfile))
