@@ -42,11 +42,21 @@ class Redactor:
 
     def __init__(self, *secrets: str | SecretStr | None) -> None:
         self._lock = threading.Lock()
+        self._kept: set[str] = set()
         self._held: Counter[str] = Counter()
         self._recent: deque[str] = deque(maxlen=_RECENTLY_FORGOTTEN)
         self._pattern: re.Pattern[str] | None = None
         for secret in secrets:
-            self.add(secret)
+            self.keep(secret)
+
+    def keep(self, secret: str | SecretStr | None) -> None:
+        """Redact this value for good (the service token). Idempotent: a restart does not stack it."""
+        value = _plain_value(secret)
+        if value is None or value in self._kept:
+            return
+        with self._lock:
+            self._kept.add(value)
+            self._rebuild()
 
     def add(self, secret: str | SecretStr | None) -> None:
         """Redact this value from now on. Adding the same value twice needs two `forget`s."""
@@ -80,7 +90,7 @@ class Redactor:
             self.forget(secret)
 
     def _rebuild(self) -> None:
-        values = set(self._held) | set(self._recent)
+        values = self._kept | set(self._held) | set(self._recent)
         # Longest first, so a secret that contains another is replaced whole.
         alternatives = sorted(values, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None

@@ -166,6 +166,17 @@ def test_a_claim_token_stays_redacted_a_while_after_its_claim_ends_and_then_is_f
     assert redactor.redact("claim-one") == "claim-one"
 
 
+def test_a_kept_secret_is_kept_once_and_for_good() -> None:
+    redactor = Redactor()
+    for _ in range(3):  # start, stop, start...
+        redactor.keep(SecretStr(TOKEN))
+    redactor.keep(None)
+    for n in range(100):
+        with redactor.holding(f"claim-{n:03}"):
+            pass
+    assert redactor.redact(TOKEN) == REDACTED
+
+
 def test_a_secret_inside_another_is_replaced_whole() -> None:
     redactor = Redactor("abc", "abcdef")
     assert redactor.redact("abcdef abc") == f"{REDACTED} {REDACTED}"
