@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import select
+import selectors
 import shutil
 import subprocess
 import tempfile
@@ -183,11 +183,15 @@ class DevServer:
         assert self._process.stdout is not None
         fd = self._process.stdout.fileno()
         deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            return self._read_until_url(fd, selector, deadline, timeout)
+
+    def _read_until_url(self, fd: int, selector: selectors.BaseSelector, deadline: float, timeout: float) -> str:
         pending = b""
         seen: list[str] = []
         while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([fd], [], [], left)
-            if not readable:
+            if not selector.select(left):
                 continue
             chunk = os.read(fd, _READ_SIZE)
             self._write_log(chunk)

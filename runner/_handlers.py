@@ -156,6 +156,7 @@ class CommandHandler:
     ) -> None:
         if not argv:
             raise ConfigError("a command handler needs a program to run")
+        _require_pidfd()
         self.argv = tuple(argv)
         self.kill_grace = kill_grace
         self.output_cap = output_cap
@@ -220,6 +221,20 @@ class CommandHandler:
         if returncode == EX_TEMPFAIL:
             raise CommandFailed(self.argv, returncode, stderr.data())
         raise PermanentFailure(str(CommandFailed(self.argv, returncode, stderr.data())))
+
+
+def _require_pidfd() -> None:
+    """Command handlers follow their processes through pidfds and /proc: Linux 5.3 or newer.
+
+    Checked when the handler is configured, so a platform without them is one configuration
+    error at start, not a failed batch later.
+    """
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError) as exc:
+        raise ConfigError(
+            "command handlers need Linux 5.3 or newer (pidfd_open) to end everything a command starts"
+        ) from exc
 
 
 class _Tail:

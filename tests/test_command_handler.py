@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from runner import Batch, CommandHandler, Runner
-from runner._exceptions import PermanentFailure
+from runner._exceptions import ConfigError, PermanentFailure
 from runner._handlers import RUN_MARKER, CommandFailed
 
 from .support import World, eventually, running
@@ -173,3 +173,10 @@ async def test_a_command_leaving_a_child_on_its_output_does_not_hold_the_claim(w
         # The leftover sleeps 600 s holding the command's stdout: the claim must not wait for it.
         await eventually(lambda: runner.health().claims["completed"] == 1, what="the claim to complete")
         assert gone(await pid_from(pidfile))
+
+
+def test_without_pidfds_a_command_handler_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What macOS or a kernel older than 5.3 looks like to the handler.
+    monkeypatch.delattr(os, "pidfd_open")
+    with pytest.raises(ConfigError, match=r"Linux 5\.3"):
+        command("env", "/dev/null")
