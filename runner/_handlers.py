@@ -40,6 +40,13 @@ WITHHELD_ENV: Final = ("PULLWAKE_TOKEN", "PULLWAKE_TOKEN_FILE", "CREDENTIALS_DIR
 RUN_MARKER: Final = "PULLWAKE_COMMAND_RUN"
 """Set, to a value unique to one run, in a command's environment: it finds every process of that run."""
 
+_CHUNK = 65_536
+# After the command is gone, a pipe is read for what is already in it, up to this much:
+# a descendant that escaped and keeps writing must not hold the claim.
+_LEFTOVER_BUDGET = 4 * _CHUNK
+# How long to wait for SIGKILLed processes to be gone (only a process stuck in the kernel is slower).
+_KILL_WAIT = 2.0
+
 
 class Suspend:
     """Returned by a handler: this batch is done, stop here until new events arrive."""
@@ -238,27 +245,19 @@ def _require_pidfd() -> None:
 
 
 class _Tail:
-    """The last `cap` bytes written to it; older bytes are dropped (and counted)."""
+    """The last `cap` bytes written to it; older bytes are dropped."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.total = 0
         self._buffer = bytearray()
 
     def add(self, chunk: bytes | bytearray) -> None:
-        self.total += len(chunk)
         self._buffer += chunk[-self.cap :]
         if (excess := len(self._buffer) - self.cap) > 0:
             del self._buffer[:excess]
 
     def data(self) -> bytes:
         return bytes(self._buffer)
-
-
-_CHUNK = 65_536
-# After the command is gone, a pipe is read for what is already in it, up to this much:
-# a descendant that escaped and keeps writing must not hold the claim.
-_LEFTOVER_BUDGET = 4 * _CHUNK
 
 
 async def _feed(stdin: trio.abc.SendStream, payload: bytes) -> None:
@@ -282,7 +281,7 @@ def _read_what_is_there(pipe: trio.abc.ReceiveStream, tail: _Tail) -> None:
     while budget > 0:
         try:
             chunk = os.read(pipe.fileno(), _CHUNK)
-        except (BlockingIOError, OSError):
+        except OSError:  # BlockingIOError: empty for now, and nobody is waited for
             return
         if not chunk:
             return
@@ -310,10 +309,6 @@ async def _end_run(leader: int, marker: str, grace: float) -> None:
             for member in members:
                 trio.lowlevel.notify_closing(member)
                 os.close(member)
-
-
-# How long to wait for SIGKILLed processes to be gone (only a process stuck in the kernel is slower).
-_KILL_WAIT = 2.0
 
 
 def _run_members(leader: int, marker: str) -> list[int]:
