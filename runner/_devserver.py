@@ -197,7 +197,8 @@ class DevServer:
             self._write_log(chunk)
             if not chunk:
                 self.stop()
-                raise DevServerError("the reference server exited at start:\n" + "\n".join(seen))
+                said = [*seen, pending.decode(errors="replace").strip()] if pending else seen
+                raise DevServerError("the reference server exited at start:\n" + "\n".join(said))
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 seen.append(line.decode(errors="replace").strip())
