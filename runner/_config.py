@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -41,6 +43,29 @@ def _stream_path(value: str) -> str:
     return path
 
 
+def _one_line(text: str) -> str:
+    """A file's content without the one line ending an editor adds; a second line stays (and is refused)."""
+    for ending in ("\r\n", "\n"):
+        if text.endswith(ending):
+            return text[: -len(ending)]
+    return text
+
+
+def _checked_token(token: str, source: str) -> str:
+    """`token` without surrounding spaces, if an HTTP header can carry it; else one `ConfigError` line.
+
+    The message names where the token came from and what is wrong, never the token itself.
+    """
+    token = token.strip(" ")
+    if "\n" in token or "\r" in token:
+        raise ConfigError(f"{source}: the token is more than one line; it must be a single line")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in token):
+        raise ConfigError(f"{source}: the token contains control characters (tabs, escapes, NUL)")
+    if not token.isascii():
+        raise ConfigError(f"{source}: the token is not ASCII; an HTTP Authorization header cannot carry it")
+    return token
+
+
 class SubscriptionSpec(BaseModel):
     """One pull-wake subscription this runner serves (and, if `manage`, keeps in place)."""
 
@@ -53,6 +78,11 @@ class SubscriptionSpec(BaseModel):
     description: str | None = None
     handler: str | None = Field(None, description="Python handler as 'module:function'.")
     command: tuple[str, ...] | None = Field(None, description="External command handler: argv list.")
+    command_env_passthrough: bool = Field(
+        False,
+        description="Give the command the runner's token variables (PULLWAKE_TOKEN, PULLWAKE_TOKEN_FILE, "
+        "CREDENTIALS_DIRECTORY); withheld by default.",
+    )
     manage: bool = Field(True, description="Create/confirm the subscription on the server after every connect.")
     dead_letter_stream: str | None = Field(None, description="Where exhausted batches go; overrides the default.")
 
@@ -129,6 +159,11 @@ class Settings(BaseSettings):
     handler_retry_max: float = Field(30.0, gt=0, description="Longest delay between retries of a batch.")
     handler_timeout: float | None = Field(None, gt=0, description="Bound on one handler call (none if unset).")
     command_kill_grace: float = Field(5.0, gt=0, description="SIGTERM-to-SIGKILL grace for command handlers.")
+    command_output_cap: int = Field(
+        65_536,
+        ge=1_024,
+        description="Bytes of a command's stdout and of its stderr kept (the tail); the rest is read and dropped.",
+    )
     cooldown: float = Field(30.0, ge=0, description="Pause before reclaiming a subscription that failed.")
     dead_letter_stream: str | None = Field(None, description="Default stream for exhausted batches.")
     on_subscription_lost: Literal["replay", "skip"] = Field(
@@ -206,20 +241,27 @@ class Settings(BaseSettings):
         return self.control_stream or f"runners/{self.runner_id}/control"
 
     def service_token(self) -> SecretStr | None:
-        """The service token: `token`, else `token_file`, else the systemd credential."""
+        """The service token: `token`, else `token_file`, else the systemd credential.
+
+        Raises `ConfigError` naming the source (never the value) when the token cannot go
+        into an HTTP header as it is: more than one line, control characters, or not ASCII.
+        """
         if self.token is not None:
-            return self.token
-        candidates = [self.token_file] if self.token_file else []
+            return SecretStr(_checked_token(self.token.get_secret_value(), "token (setting or PULLWAKE_TOKEN)"))
+        candidates = [(self.token_file, f"token_file {self.token_file}")] if self.token_file else []
         if credentials := os.environ.get("CREDENTIALS_DIRECTORY"):
-            candidates.append(Path(credentials) / CREDENTIAL_NAME)
-        for path in candidates:
+            path = Path(credentials) / CREDENTIAL_NAME
+            candidates.append((path, f"systemd credential {CREDENTIAL_NAME} ({path})"))
+        for path, source in candidates:
             try:
-                secret = path.read_text().strip()
-                # An empty credential file means "no token" (the unit's LoadCredential= needs a file).
-                return SecretStr(secret) if secret else None
+                text = path.read_bytes().decode("utf-8", errors="surrogateescape")
             except OSError as exc:
                 if path == self.token_file:
                     raise ConfigError(f"token_file: cannot read {path}: {exc.strerror}") from exc
+                continue
+            secret = _checked_token(_one_line(text), source)
+            # An empty credential file means "no token" (the unit's LoadCredential= needs a file).
+            return SecretStr(secret) if secret else None
         return None
 
     def subscription(self, subscription_id: str) -> SubscriptionSpec | None:
@@ -282,3 +324,43 @@ def load_settings(config_file: Path | str | None = None, overrides: Mapping[str,
             return Settings(**dict(overrides or {}))
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token_configured(settings: Settings) -> bool:
+    try:
+        return settings.service_token() is not None
+    except ConfigError:
+        return True  # a token was given, only a broken one; `check` says so, here it counts as sent
+
+
+def operator_warnings(settings: Settings) -> list[str]:
+    """What an operator must hear once at start: settings that work but expose the server or the token.
+
+    Not errors: development setups use them on purpose. The caller logs each at WARNING.
+    """
+    warnings = []
+    url = urlsplit(settings.server_url)
+    if not settings.verify_tls and url.scheme == "https":
+        warnings.append(
+            "verify_tls = false: the server's TLS certificate is not checked, so anyone on the path "
+            "can pose as the server and read the token and the events"
+        )
+    elif not settings.verify_tls:
+        warnings.append(
+            "verify_tls = false has no effect on an http:// server_url, and would turn checks off for https"
+        )
+    if url.scheme == "http" and not _is_loopback(url.hostname or "") and _token_configured(settings):
+        warnings.append(
+            f"the service token is sent over plain http to {url.hostname}, readable by anyone on the path: "
+            "use an https:// server_url"
+        )
+    return warnings

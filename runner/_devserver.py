@@ -94,6 +94,26 @@ def install(*, quiet: bool = True) -> Path:
     return target
 
 
+_READ_SIZE = 65_536
+
+
+def _announced_url(line: str) -> str | None:
+    try:
+        announced = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(announced, dict) and isinstance(announced.get("url"), str):
+        return str(announced["url"])
+    return None
+
+
+def _read_or_eof(fd: int) -> bytes:
+    try:
+        return os.read(fd, _READ_SIZE)
+    except OSError:
+        return b""  # closed under us by stop()
+
+
 @dataclass
 class DevServer:
     """One reference server process on 127.0.0.1.
@@ -106,6 +126,9 @@ class DevServer:
     data_dir: Path | None = None
     long_poll_timeout: float = 30.0
     log_file: Path | None = None
+    command: tuple[str, ...] | None = None
+    """Run this instead of the pinned server (tests): it gets the options JSON as its last argument
+    and must print `{"url": ...}` on a line of its stdout."""
 
     def __post_init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
@@ -127,17 +150,21 @@ class DevServer:
     def start(self, *, timeout: float = 30.0) -> str:
         if self.running:
             raise DevServerError("the reference server is already running")
-        directory = install()
         options: dict[str, Any] = {"port": self.port, "host": "127.0.0.1"}
         options["longPollTimeout"] = int(self.long_poll_timeout * 1000)
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             options["dataDir"] = str(self.data_dir)
+        if self.command is not None:
+            argv, cwd = [*self.command, json.dumps(options)], None
+        else:
+            directory = install()
+            argv, cwd = [_require("node"), str(directory / "serve.mjs"), json.dumps(options)], directory
         if self.log_file is not None:
             self._log = self.log_file.open("ab")
         self._process = subprocess.Popen(
-            [_require("node"), str(directory / "serve.mjs"), json.dumps(options)],
-            cwd=directory,
+            argv,
+            cwd=cwd,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else subprocess.DEVNULL,
@@ -147,40 +174,52 @@ class DevServer:
         return self.url
 
     def _wait_for_url(self, timeout: float) -> str:
+        """Read the server's stdout until it announces its address, then hand the pipe to the pump.
+
+        Reads the raw pipe with os.read and splits lines here: a buffered reader could hold the
+        address line in its buffer while select() waits on an empty pipe (issue 12).
+        """
         assert self._process is not None
         assert self._process.stdout is not None
-        stdout = self._process.stdout
+        fd = self._process.stdout.fileno()
         deadline = time.monotonic() + timeout
-        seen: list[str] = []
         with selectors.DefaultSelector() as selector:
-            selector.register(stdout, selectors.EVENT_READ)
-            while (left := deadline - time.monotonic()) > 0:
-                if not selector.select(left):
-                    continue
-                line = stdout.readline().decode(errors="replace").strip()
-                if not line:
-                    self.stop()
-                    raise DevServerError("the reference server exited at start:\n" + "\n".join(seen))
-                seen.append(line)
-                try:
-                    announced = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(announced, dict) and isinstance(announced.get("url"), str):
+            selector.register(fd, selectors.EVENT_READ)
+            return self._read_until_url(fd, selector, deadline, timeout)
+
+    def _read_until_url(self, fd: int, selector: selectors.BaseSelector, deadline: float, timeout: float) -> str:
+        pending = b""
+        seen: list[str] = []
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                continue
+            chunk = os.read(fd, _READ_SIZE)
+            self._write_log(chunk)
+            if not chunk:
+                self.stop()
+                said = [*seen, pending.decode(errors="replace").strip()] if pending else seen
+                raise DevServerError("the reference server exited at start:\n" + "\n".join(said))
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                seen.append(line.decode(errors="replace").strip())
+                if (url := _announced_url(seen[-1])) is not None:
                     # Keep draining its stdout (server logs) so it never blocks on a full pipe.
-                    self._drain(stdout)
-                    return str(announced["url"])
+                    self._drain(fd)
+                    return url
         self.stop()
         raise DevServerError(f"the reference server did not start within {timeout} s:\n" + "\n".join(seen))
 
-    def _drain(self, stdout: IO[bytes]) -> None:
+    def _write_log(self, data: bytes) -> None:
         log = self._log
+        if data and log is not None and not log.closed:
+            log.write(data)
+            log.flush()
 
+    def _drain(self, fd: int) -> None:
+        # Everything read so far is already in the log; the pump goes on from the same raw fd.
         def pump() -> None:
-            for line in stdout:
-                if log is not None and not log.closed:
-                    log.write(line)
-                    log.flush()
+            while chunk := _read_or_eof(fd):
+                self._write_log(chunk)
 
         self._pump = threading.Thread(target=pump, name="devserver-stdout", daemon=True)
         self._pump.start()

@@ -19,17 +19,22 @@ Progress = Callable[[], tuple[bool, str]]
 
 
 class Notifier:
-    """Sends notifications to systemd; does nothing when not started by systemd."""
+    """Sends notifications to systemd; does nothing when not started by systemd.
 
-    def __init__(self, address: str | None) -> None:
+    `redact` (e.g. `Redactor.redact`) is applied to every line: `systemctl status` shows
+    STATUS= to every user of the machine, and a status can quote a server's error text.
+    """
+
+    def __init__(self, address: str | None, redact: Callable[[str], str] | None = None) -> None:
         self.address = address
+        self.redact = redact
         self._socket: socket.socket | None = None
         if address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
     @classmethod
-    def from_environment(cls) -> Notifier:
-        return cls(os.environ.get("NOTIFY_SOCKET"))
+    def from_environment(cls, redact: Callable[[str], str] | None = None) -> Notifier:
+        return cls(os.environ.get("NOTIFY_SOCKET"), redact)
 
     @property
     def enabled(self) -> bool:
@@ -40,8 +45,12 @@ class Notifier:
             return
         # A leading '@' names a socket in the abstract namespace.
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        # One KEY=value per line: a newline inside a value (an error text) must not start a new key.
+        message = "\n".join(" ".join(line.splitlines()) for line in lines)
+        if self.redact is not None:
+            message = self.redact(message)
         try:
-            self._socket.sendto("\n".join(lines).encode(), target)
+            self._socket.sendto(message.encode(), target)
         except OSError as exc:
             log.warning("systemd.notify_failed", error=str(exc))
 
