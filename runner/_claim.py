@@ -42,6 +42,7 @@ from ._handlers import Batch
 from ._health import SUCCEEDED, Outcome, Vitals
 from ._journal import Gap, Journal
 from ._lease import Lease
+from ._secrets import Redactor
 from ._wire import Ack, Claim, ReadResult, Wire, is_after
 
 log = structlog.get_logger("pullwake.claims")
@@ -66,6 +67,8 @@ class ClaimContext:
     deliver: Delivery
     recreate: Callable[[str], Awaitable[bool]]
     """Put a subscription the server has forgotten back; True if it had to be created."""
+    redactor: Redactor
+    """Knows the claim tokens held, so no log line or error text shows them."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ class ClaimRun:
         bound = structlog.contextvars.bound_contextvars(
             subscription=self.subscription, wake_id=claim.wake_id, generation=claim.generation
         )
-        with bound:
+        with bound, self.context.redactor.holding(claim.token):
             log.info("claim.started", streams=[s.path for s in claim.streams if s.has_pending])
             try:
                 outcome, next_wake = await held.work()
@@ -438,7 +441,7 @@ class _Held:
         return ClaimResult(None, generation, cleanup_error=error)
 
 
-async def return_held_claims(wire: Wire, journal: Journal) -> None:
+async def return_held_claims(wire: Wire, journal: Journal, redactor: Redactor) -> None:
     """Hand back the claims an earlier run of this runner still held (it was killed, say).
 
     The stored claim token still proves the claim, so the next claim, by this runner
@@ -446,7 +449,8 @@ async def return_held_claims(wire: Wire, journal: Journal) -> None:
     """
     for held in journal.held_claims():
         try:
-            await wire.release(held.as_claim())
+            with redactor.holding(held.token):
+                await wire.release(held.as_claim())
         except (Fenced, TokenInvalid, SubscriptionNotFound, StreamNotFound) as exc:
             log.info("claim.already_gone", subscription=held.subscription, reason=str(exc))
         except ClientError as exc:

@@ -15,7 +15,7 @@ import trio
 
 import machine
 
-from ._config import Settings, load_settings
+from ._config import Settings, load_settings, operator_warnings
 from ._exceptions import ConfigError, RunnerError
 from ._logging import LEVELS, configure_logging
 from ._runner import Runner
@@ -79,7 +79,9 @@ def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> N
         runner.check()
     except ConfigError as error:
         _fail_config(error)
-    configure_logging(log_level, log_format)  # type: ignore[arg-type]
+    configure_logging(log_level, log_format, redactor=runner.redactor)  # type: ignore[arg-type]
+    for warning in operator_warnings(settings):
+        log.warning("config.warning", detail=warning)
     from ._daemon import serve
 
     sys.exit(trio.run(serve, runner))
@@ -241,6 +243,8 @@ def config_check(config: Path | None) -> None:
         Runner(settings).check()
     except ConfigError as error:
         _fail_config(error)
+    for warning in operator_warnings(settings):
+        click.echo(f"pullwake: warning: {warning}", err=True)
     document = settings.model_dump(mode="json")
     for key in ("token",):
         if document.get(key) is not None:

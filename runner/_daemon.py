@@ -57,7 +57,7 @@ async def serve(runner: Runner) -> int:
 
 
 async def _serve_bound(runner: Runner) -> int:
-    notifier = Notifier.from_environment()
+    notifier = Notifier.from_environment(redact=runner.redactor.redact)
     problems: list[BaseException] = []
     fatal = False
     try:

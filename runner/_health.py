@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,8 +103,9 @@ class Health:
 class Vitals:
     """The mutable record behind `Health`; components report, the runner snapshots."""
 
-    def __init__(self, runner_id: str) -> None:
+    def __init__(self, runner_id: str, redact: Callable[[str], str] = str) -> None:
         self.runner_id = runner_id
+        self._redact = redact
         self.metrics = Metrics(runner_id)
         self.reset()
 
@@ -150,7 +152,8 @@ class Vitals:
         self._in_outage = not following
 
     def error(self, error: BaseException | str) -> None:
-        self.last_error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        # Server text can echo a token: every surface reading last_error gets it clean.
+        self.last_error = self._redact(error if isinstance(error, str) else f"{type(error).__name__}: {error}")
         self.last_error_at = time.time()
 
     def heartbeat(self, ok: bool, consecutive_failures: int, error: BaseException | str | None = None) -> None:

@@ -40,6 +40,7 @@ from ._health import Health, Vitals, progressing
 from ._journal import Journal
 from ._liveness import Liveness
 from ._remote import follow_control_stream
+from ._secrets import Redactor
 from ._subscriptions import SubscriptionKeeper
 from ._wake import Wake, WakeFollower
 
@@ -77,7 +78,9 @@ class Runner:
     def __init__(self, settings: Settings | None = None, *, handlers: Mapping[str, Handler] | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
         self._handlers: dict[str, Handler] = dict(handlers or {})
-        self._vitals = Vitals(self.settings.runner_id)
+        self.redactor = Redactor()
+        """The secrets this runner knows (service token, claim tokens held): redact them from any text."""
+        self._vitals = Vitals(self.settings.runner_id, redact=self.redactor.redact)
         self._active: _Active | None = None
         self._position: WakePosition | None = None
         """The wake offset of the current (or last) run."""
@@ -113,14 +116,19 @@ class Runner:
         Every subscription has a handler that imports, and the service token is readable.
         """
         self._resolved_handlers()
-        self.settings.service_token()
+        self.redactor.keep(self.settings.service_token())
 
     def _resolved_handlers(self) -> dict[str, AsyncHandler]:
         resolved: dict[str, AsyncHandler] = {}
         for spec in self.settings.subscriptions:
             configured: Handler | None = None
             if spec.command:
-                configured = CommandHandler(spec.command, kill_grace=self.settings.command_kill_grace)
+                configured = CommandHandler(
+                    spec.command,
+                    kill_grace=self.settings.command_kill_grace,
+                    output_cap=self.settings.command_output_cap,
+                    env_passthrough=spec.command_env_passthrough,
+                )
             elif spec.handler:
                 configured = resolve(spec.handler)
             if configured is not None and spec.id in self._handlers:
@@ -263,9 +271,9 @@ class Runner:
             tls=self._tls_context(),
             concurrency=settings.max_concurrent_claims,
         )
-        wire = StreamsClient(
-            http, stream_root=settings.stream_root, token=settings.service_token(), timeout=settings.request_timeout
-        )
+        token = settings.service_token()
+        self.redactor.keep(token)
+        wire = StreamsClient(http, stream_root=settings.stream_root, token=token, timeout=settings.request_timeout)
         checkpoint = (
             Checkpoint(Path(settings.state_dir), server_url=settings.server_url, wake_stream=settings.wake_stream)
             if settings.state_dir is not None
@@ -297,6 +305,7 @@ class Runner:
                 journal,
                 Delivery(subscription, handler, settings, self._vitals, dead_letters),
                 keeper.ensure,
+                self.redactor,
             )
             for subscription, handler in handlers.items()
         }
@@ -362,7 +371,7 @@ class Runner:
                         driver,
                         dispatcher,
                         settings.sweep_interval,
-                        partial(return_held_claims, wire, journal),
+                        partial(return_held_claims, wire, journal, self.redactor),
                     ),
                     name="sweep",
                 )

@@ -222,3 +222,15 @@ def test_a_token_over_plain_http_to_another_host_is_a_warning(tmp_path: Path, ho
     assert TOKEN not in warning
     (tmp_path / "token").write_text(TOKEN + "\n")
     assert operator_warnings(Settings(server_url=f"http://{host}", token_file=tmp_path / "token")) == [warning]
+
+
+def test_a_token_echoed_by_the_server_never_reaches_health_or_status() -> None:
+    from runner import Runner
+
+    secret = "tok-echoed-1234"
+    runner = Runner(Settings(token=SecretStr(secret)), handlers={"jobs": lambda batch: None})
+    runner.check()
+    runner._vitals.error(f"claim jobs: 401 TOKEN_INVALID token {secret} refused")  # what a server echo turns into
+    snapshot = json.dumps(runner.health().to_dict())
+    assert secret not in snapshot
+    assert REDACTED in snapshot
