@@ -64,6 +64,7 @@ class AsyncioHost:
         """Start the runner on this loop; returns once it is under way (state `connecting`).
 
         Raises `AlreadyRunning` if it is hosted already, `ConfigError` if it cannot start.
+        If a `stop()` came first, returns with the runner stopped.
         """
         loop = asyncio.get_running_loop()
         guest = self._guest_for(loop)
@@ -71,11 +72,8 @@ class AsyncioHost:
         guest.start()  # raises before anything is scheduled
         self._started, self._ended = started, ended
         await asyncio.wait({started, ended}, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():
-            outcome = ended.result()
-            if outcome.error is not None:
-                raise outcome.error
-            raise RunnerError("the runner was stopped before it was under way")
+        if not started.done() and (error := ended.result().error) is not None:
+            raise error
 
     async def stop(self) -> None:
         """Drain and stop; returns when the runner is `stopped`. The loop runs on meanwhile.

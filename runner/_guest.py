@@ -230,14 +230,14 @@ class GuestRun:
         self._stop_event = stop_event = trio.Event()
         if self._stop_requested:
             return  # stopped before it started: nothing to undo
-        listener = self._hooks.state_changed
+        listener = self._hooks.state_changed  # the runner logs a listener's errors
         self.runner.add_state_listener(listener)
         try:
             with observing(self._hooks):
                 async with trio.open_nursery() as nursery:
                     await self.runner.start(nursery)
                     self.phase = Phase.STOPPING if self._stop_requested else Phase.RUNNING
-                    self._hooks.started()
+                    _call_hook(self._hooks.started)
                     nursery.start_soon(self._stopper, stop_event)
                     await self.runner.wait_stopped()
                     stop_event.set()  # ended on its own: collect what stop() would raise
@@ -263,4 +263,12 @@ class GuestRun:
         self.last_ended = ended
         if error is not None:
             log.warning("hosted_run.ended", requested=ended.requested, error=f"{type(error).__name__}: {error}")
-        self._hooks.ended(ended)
+        _call_hook(self._hooks.ended, ended)
+
+
+def _call_hook(hook: Callable[..., object], *args: object) -> None:
+    """The host's code must not break the run (or the host loop's callback)."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("host_callback.failed", callback=repr(hook))

@@ -165,11 +165,15 @@ class BackgroundRunner:
     def stop(self, timeout: float | None = None) -> None:
         """Drain and stop; blocks until the runner is stopped (at most `timeout` s).
 
+        From the runner's own thread (a handler), only asks for the stop and returns.
+
         Raises the run's `PullwakeError` (`StopError` for a drain in trouble,
         `WakeStreamClosed` if it had ended on its own), or `RunnerError` on timeout.
         """
         run = self._run
         future = self.request_stop()
+        if run is not None and run.thread is threading.current_thread():
+            return  # called by a handler: the runner cannot wait for itself; the stop is under way
         try:
             future.result(timeout)
         except concurrent.futures.TimeoutError:
