@@ -94,9 +94,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    service.host = AsyncioHost(
-        service.runner, on_state=lambda state: print(f"runner: {state.value}"), on_ended=service.ended
-    )
+    service.runner.add_state_listener(lambda state: print(f"runner: {state.value}"))
     await service.run(stop, listen=("127.0.0.1", arguments.port))
     print(f"stopped; handled {len(service.handled)} events; totals {service.totals}")
 

@@ -141,11 +141,17 @@ class QtHost(QObject):
         if timeout is None:
             timeout = settings.drain_timeout + settings.finalizer_timeout + settings.command_kill_grace + 5
         loop = QEventLoop()
+        deadline = QTimer()
+        deadline.setSingleShot(True)
+        deadline.timeout.connect(loop.quit)
+        deadline.start(round(timeout * 1000))
         self.ended.connect(loop.quit)
-        QTimer.singleShot(round(timeout * 1000), loop.quit)
-        if self._guest.running:
-            loop.exec()
-        self.ended.disconnect(loop.quit)
+        try:
+            if self._guest.running:
+                loop.exec()
+        finally:
+            self.ended.disconnect(loop.quit)
+            deadline.stop()
         return not self._guest.running
 
     # -- plumbing --------------------------------------------------------------------------

@@ -335,3 +335,32 @@ def test_the_asyncio_host_reports_a_runner_that_ended_on_its_own(shared_server: 
 
     asyncio.run(main())
     assert len(endings) == 1
+
+
+def test_an_aborted_asyncio_handler_is_cancelled_on_its_loop(shared_server: DevServer) -> None:
+    assert shared_server.url is not None
+    url, uid = shared_server.url, f"ab{uuid.uuid4().hex[:8]}"
+    cancelled: list[int] = []
+    at_work = asyncio.Event()
+
+    @asyncio_handler
+    async def stuck(batch: Batch) -> None:
+        at_work.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(batch.messages[0]["n"])
+            raise
+
+    runner = Runner(fast_settings(url, uid, cooldown=30.0), handlers={f"sub-{uid}": stuck})
+
+    async def main() -> None:
+        async with producer(url) as append, AsyncioHost(runner) as host:
+            await until(lambda: host.health().state == "streaming", what="streaming")
+            await append(f"jobs-{uid}/a", {"n": 7})
+            await asyncio.wait_for(at_work.wait(), 15)
+            assert host.abort(f"sub-{uid}") is True
+            await until(lambda: host.health().claims["aborted"] == 1, what="the abort recorded")
+            assert cancelled == [7], "the asyncio task was cancelled on the host loop"
+
+    asyncio.run(main())
