@@ -124,9 +124,16 @@ def footprint() -> tuple[int, int, float]:
     return process.num_threads(), process.num_fds(), process.memory_info().rss / 2**20
 
 
-# Loop blocks above this fail the test. The figures printed are what goes in the README;
-# the bound leaves room for a loaded 2-core CI machine.
-BLOCK_BUDGET = 0.25
+# Loop blocks above these fail the test. The figures printed are what goes in the README
+# (measured: stop, abort and close under 15 ms); the bounds leave room for a loaded 2-core
+# CI machine. A start holds the loop longer, 35-100 ms here, while the runner builds a new
+# HTTP client, and with it a certificate store, on every start (even for http://).
+BLOCK_BUDGET = 0.1
+START_BLOCK_BUDGET = 0.25
+
+
+def budget(phase: str) -> float:
+    return START_BLOCK_BUDGET if phase.startswith("start") else BLOCK_BUDGET
 
 
 def test_the_asyncio_service_handles_in_order_and_never_blocks_its_loop(shared_server: DevServer) -> None:
@@ -182,7 +189,7 @@ def test_the_asyncio_service_handles_in_order_and_never_blocks_its_loop(shared_s
     asyncio.run(main())
     print(gaps.report("asyncio"))
     for phase, worst in gaps.worst.items():
-        assert worst < BLOCK_BUDGET, f"the loop was blocked {worst * 1000:.0f} ms during {phase}"
+        assert worst < budget(phase), f"the loop was blocked {worst * 1000:.0f} ms during {phase}"
 
 
 def test_twenty_start_stop_cycles_leave_threads_fds_and_memory_flat(shared_server: DevServer) -> None:
@@ -214,6 +221,8 @@ def test_twenty_start_stop_cycles_leave_threads_fds_and_memory_flat(shared_serve
         f"asyncio 20 cycles: threads {threads_5}->{threads_20}, fds {fds_5}->{fds_20}, "
         f"RSS {rss_5:.1f}->{rss_20:.1f} MiB; {gaps.report('asyncio')}"
     )
+    for phase, worst in gaps.worst.items():
+        assert worst < budget(phase), f"the loop was blocked {worst * 1000:.0f} ms during {phase}"
     assert threads_20 <= threads_5 + 1, "trio's idle worker threads are reused, not stacked"
     assert fds_20 <= fds_5
     assert rss_20 - rss_5 < 10
