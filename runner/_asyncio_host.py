@@ -64,9 +64,12 @@ class AsyncioHost:
         """Start the runner on this loop; returns once it is under way (state `connecting`).
 
         Raises `AlreadyRunning` if it is hosted already, `ConfigError` if it cannot start.
-        If a `stop()` came first, returns with the runner stopped.
+        If a `stop()` came first, returns with the runner stopped. During a stop's drain,
+        waits for it to end, then starts a new run.
         """
         loop = asyncio.get_running_loop()
+        if self._guest is not None and self._guest.stop_requested and self._ended is not None:
+            await asyncio.shield(self._ended)  # a stop is draining: start anew after it
         guest = self._guest_for(loop)
         started, ended = loop.create_future(), loop.create_future()
         guest.start()  # raises before anything is scheduled

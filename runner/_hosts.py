@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -113,27 +114,41 @@ class BackgroundRunner:
 
         Raises `AlreadyRunning`, `ConfigError` (it could not start), or `RunnerError` if it
         did not get under way within `timeout` (it keeps trying; `stop()` ends it). If a
-        stop from another thread won the race, returns with the runner stopped.
+        stop from another thread won the race, returns with the runner stopped. While a
+        requested stop is still draining, waits for it to end, then starts a new run.
         """
-        with self._lock:
-            if self.running:
-                raise AlreadyRunning(f"{self.runner!r} is already running in the background")
-            self.runner.check()
-            run = _Run()
-            run.thread = threading.Thread(
-                target=self._thread_main,
-                args=(run,),
-                name=f"pullwake-{self.runner.settings.runner_id}",
-                daemon=True,  # joined by stop() or at exit (a non-daemon thread would be joined before atexit)
-            )
-            self._run = run
-            if self.drain_at_exit:
-                atexit.register(self._at_exit)
-            run.thread.start()
-        if not run.under_way.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                previous = self._run
+                if previous is None or previous.ended.done():
+                    run = self._launch()
+                    break
+                if not previous.stop_requested:
+                    raise AlreadyRunning(f"{self.runner!r} is already running in the background")
+            concurrent.futures.wait([previous.ended], timeout=max(0.0, deadline - time.monotonic()))
+            if not previous.ended.done():
+                raise RunnerError(f"the previous run did not stop within {timeout:g} s")
+        if not run.under_way.wait(max(0.0, deadline - time.monotonic())):
             raise RunnerError(f"the runner did not get under way within {timeout:g} s")
         if run.ended.done() and not run.stop_requested and (error := run.ended.result().error) is not None:
             raise error
+
+    def _launch(self) -> _Run:
+        """Start a new run's thread (with the lock held)."""
+        self.runner.check()
+        run = _Run()
+        run.thread = threading.Thread(
+            target=self._thread_main,
+            args=(run,),
+            name=f"pullwake-{self.runner.settings.runner_id}",
+            daemon=True,  # joined by stop() or at exit (a non-daemon thread would be joined before atexit)
+        )
+        self._run = run
+        if self.drain_at_exit:
+            atexit.register(self._at_exit)
+        run.thread.start()
+        return run
 
     def request_stop(self) -> concurrent.futures.Future[None]:
         """Ask the runner to drain and stop; returns at once.

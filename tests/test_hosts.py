@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from runner import (
+    AlreadyRunning,
     BackgroundRunner,
     Batch,
     ConfigError,
@@ -329,3 +330,31 @@ def test_a_handler_may_stop_its_background_runner(shared_server: DevServer) -> N
 def test_importing_runner_does_not_import_qt() -> None:
     code = "import sys, runner; assert 'PySide6' not in sys.modules, 'runner imported Qt'; import runner.qt"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_start_during_a_drain_waits_for_it_then_starts_again(shared_server: DevServer) -> None:
+    assert shared_server.url is not None
+    uid = f"bd{uuid.uuid4().hex[:8]}"
+    started = threading.Event()
+
+    async def slow(batch: Batch) -> None:
+        started.set()
+        await trio.sleep(0.5)
+
+    runner = Runner(fast_settings(shared_server.url, uid), handlers={f"sub-{uid}": slow})
+    background = BackgroundRunner(runner)
+    background.start()
+    wait_for(lambda: background.health().state == "streaming", what="streaming")
+    with pytest.raises(AlreadyRunning):
+        background.start()
+    with httpx.Client(base_url=shared_server.url, timeout=10) as http:
+        http.put(f"/v1/stream/jobs-{uid}/a", headers={"content-type": "application/json"}).raise_for_status()
+        http.post(f"/v1/stream/jobs-{uid}/a", json={"n": 0}).raise_for_status()
+    assert started.wait(15)
+    draining = background.request_stop()
+    background.start()  # waits for the drain, then starts anew
+    assert draining.done()
+    assert background.running
+    wait_for(lambda: background.health().state == "streaming", what="streaming again")
+    background.stop()
+    assert background.health().claims["completed"] == 0, "counters describe the current run"
