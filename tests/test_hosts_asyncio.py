@@ -342,6 +342,16 @@ def test_the_asyncio_host_reports_a_runner_that_ended_on_its_own(shared_server: 
         assert not racing.running
         assert racing.ended == Ended(requested=True, error=None)
 
+        # A start during a stop's drain waits for it, then starts anew.
+        await racing.start()
+        await until(lambda: racing.health().state == "streaming", what="streaming")
+        stopping = asyncio.create_task(racing.stop())
+        await asyncio.sleep(0)
+        await racing.start()
+        assert stopping.done()
+        assert racing.running
+        await racing.stop()
+
     asyncio.run(main())
     assert len(endings) == 1
 
