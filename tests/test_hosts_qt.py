@@ -273,6 +273,31 @@ def test_qt_host_slots_never_raise_and_quitting_the_app_drains(
     assert len(failures) == 1
     assert isinstance(failures[0], ConfigError), failures
 
+    # A failing handler shows up as batchFailed, its retry as batchHandled; health is signalled.
+    attempts: list[int] = []
+
+    async def flaky(batch: Batch) -> None:
+        attempts.append(batch.attempt)
+        if batch.attempt == 1:
+            raise RuntimeError("the printer is out of paper")
+
+    flaky_host = QtHost(Runner(fast_settings(shared_server.url, f"{uid}f"), handlers={f"sub-{uid}f": flaky}))
+    failed: list[str] = []
+    handled: list[Batch] = []
+    healths: list[Any] = []
+    flaky_host.batchFailed.connect(lambda batch, message: failed.append(message))
+    flaky_host.batchHandled.connect(handled.append)
+    flaky_host.healthChanged.connect(healths.append)
+    flaky_host.start()
+    spin_until(lambda: flaky_host.health().state == "streaming", what="streaming")
+    producer.append(f"jobs-{uid}f/a", {"n": 0})
+    spin_until(lambda: len(handled) == 1, what="the retried batch handled")
+    assert failed == ["RuntimeError: the printer is out of paper"]
+    assert attempts == [1, 2]
+    assert {health.state for health in healths} >= {"connecting", "streaming"}
+    flaky_host.stop()
+    spin_until(lambda: not flaky_host.running, what="stopped")
+
     window = JobsWindow(fast_settings(shared_server.url, f"{uid}w"))
     endings: list[Ended] = []
     window.host.ended.connect(endings.append)
