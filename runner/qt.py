@@ -41,6 +41,10 @@ class QtHost(QObject):
     once under way; a `start()` during a stop starts again after it); `abort(id)`,
     `interrupt()`, `health()`.
 
+    Ctrl-C: while a run is active on the main thread and SIGINT has Python's default
+    handler, trio handles Ctrl-C for the run (and restores the handler after it): the run
+    is interrupted (claims' finalizers still ack progress and release), then the app quits.
+
     Closing: when the app quits with the runner still running, `aboutToQuit` drains it
     in a nested event loop (the window keeps painting). Better, let the window wait::
 
