@@ -12,10 +12,14 @@ import os
 os.environ["QT_QPA_PLATFORM"] = "offscreen"  # before Qt loads: no display in tests
 
 import concurrent.futures
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -325,3 +329,58 @@ def test_qt_host_slots_never_raise_and_quitting_the_app_drains(
     assert window.handled == [{"n": 0}]
     print(gaps.report("Qt"))
     assert gaps.worst["quit mid-work"] < budget("quit")
+
+
+CTRL_C_APP = """
+import os, sys
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+import trio
+from PySide6.QtWidgets import QApplication
+from runner import Runner
+from runner.qt import QtHost
+from tests.test_hosts_asyncio import fast_settings
+
+url, uid = sys.argv[1], sys.argv[2]
+app = QApplication([])
+
+async def handler(batch):
+    print("at work", flush=True)
+    await trio.sleep(30)
+
+host = QtHost(Runner(fast_settings(url, uid), handlers={f"sub-{uid}": handler}))
+host.stateChanged.connect(lambda state: state == "streaming" and print("streaming", flush=True))
+host.ended.connect(lambda ended: print("ended", ended.requested, type(ended.error).__name__, flush=True))
+host.start()
+sys.exit(app.exec())
+"""
+
+
+def test_ctrl_c_interrupts_a_qt_hosted_run_and_quits_the_app(shared_server: DevServer, tmp_path: Path) -> None:
+    assert shared_server.url is not None
+    uid = f"qi{uuid.uuid4().hex[:8]}"
+    script = tmp_path / "app.py"
+    script.write_text(CTRL_C_APP)
+    root = Path(__file__).resolve().parent.parent
+    with (
+        httpx.Client(base_url=shared_server.url, timeout=10) as http,
+        subprocess.Popen(
+            [sys.executable, str(script), shared_server.url, uid],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as app,
+    ):
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "streaming"
+        http.put(f"/v1/stream/jobs-{uid}/a", headers={"content-type": "application/json"}).raise_for_status()
+        http.post(f"/v1/stream/jobs-{uid}/a", json={"n": 0}).raise_for_status()
+        assert app.stdout.readline().strip() == "at work"
+        app.send_signal(signal.SIGINT)
+        assert app.wait(15) == 0, "the app quit"
+        assert app.stdout.read().split() == ["ended", "False", "RunnerError"]
+        # Released, not left to its 5 s lease: another worker can claim the pending event now.
+        probe = http.post(f"/v1/stream/__ds/subscriptions/sub-{uid}/claim", json={"worker": "probe"})
+    assert probe.status_code == 200, probe.text
