@@ -183,6 +183,9 @@ class GuestRun:
             run_sync_soon_not_threadsafe=self._not_threadsafe,
             done_callback=self._done,
             host_uses_signal_set_wakeup_fd=self._wakeup_fd,
+            # Ctrl-C (where trio handles it: main thread, default SIGINT handler) goes to the
+            # run's main task at a checkpoint, never into the host's code or a finalizer.
+            restrict_keyboard_interrupt_to_checkpoints=True,
         )
 
     def stop(self) -> None:
