@@ -1,6 +1,10 @@
 """pullwake-runner: follow Durable Streams pull-wake subscriptions, claim, handle, ack."""
 
+from machine import State
+
+from ._asyncio_host import AsyncioHost
 from ._backoff import Backoff
+from ._bridge import asyncio_handler
 from ._config import Settings, SubscriptionSpec, load_settings
 from ._exceptions import (
     AlreadyClaimed,
@@ -29,6 +33,7 @@ from ._exceptions import (
     TransportError,
     WakeStreamClosed,
 )
+from ._guest import Ended
 from ._handlers import SUSPEND, Batch, CommandHandler, Handler, Suspend
 from ._health import Health, InFlightClaim, Outcome
 from ._hosts import BackgroundRunner
@@ -38,12 +43,14 @@ __all__ = [
     "SUSPEND",
     "AlreadyClaimed",
     "AlreadyRunning",
+    "AsyncioHost",
     "BackgroundRunner",
     "Backoff",
     "Batch",
     "ClientError",
     "CommandHandler",
     "ConfigError",
+    "Ended",
     "Fenced",
     "Handler",
     "HandlerError",
@@ -61,6 +68,7 @@ __all__ = [
     "RunnerError",
     "ServerError",
     "Settings",
+    "State",
     "StopError",
     "StreamConflict",
     "StreamNotFound",
@@ -73,5 +81,6 @@ __all__ = [
     "TokenInvalid",
     "TransportError",
     "WakeStreamClosed",
+    "asyncio_handler",
     "load_settings",
 ]

@@ -127,9 +127,17 @@ def _is_async(function: object) -> bool:
 
 
 def as_async(handler: Handler) -> AsyncHandler:
-    """One calling convention for async and sync handlers."""
+    """One calling convention for trio, asyncio (`asyncio_handler`) and sync handlers.
+
+    The result also reports each batch to the observer of the host running the runner,
+    if any, and explains an asyncio handler awaited as trio code (see `runner._bridge`).
+    """
+    from ._bridge import is_asyncio_handler, observed, on_asyncio_loop
+
+    if is_asyncio_handler(handler):
+        return observed(on_asyncio_loop(handler))  # type: ignore[arg-type]
     if _is_async(handler):
-        return handler  # type: ignore[return-value]
+        return observed(handler)  # type: ignore[arg-type]
 
     sync = handler
 
@@ -138,7 +146,7 @@ def as_async(handler: Handler) -> AsyncHandler:
         return await trio.to_thread.run_sync(sync, batch, abandon_on_cancel=True)  # type: ignore[arg-type]
 
     functools.update_wrapper(in_thread, sync)
-    return in_thread
+    return observed(in_thread)
 
 
 class CommandHandler:

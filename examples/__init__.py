@@ -1,0 +1,1 @@
+"""Runnable examples of embedding pullwake-runner (run by the test suite)."""
