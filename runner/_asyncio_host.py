@@ -99,9 +99,9 @@ class AsyncioHost:
         if self._guest is not None:
             self._guest.interrupt()
 
-    def abort(self, subscription_id: str) -> bool:
+    def abort(self, subscription_id: str, *, cooldown: float | None = None) -> bool:
         """Abort one subscription's in-flight claim (acked progress is kept); True if there was one."""
-        return self._guest is not None and self._guest.abort(subscription_id)
+        return self._guest is not None and self._guest.abort(subscription_id, cooldown=cooldown)
 
     def health(self) -> Health:
         """The runner's `Health`, right now; never waits."""

@@ -41,10 +41,12 @@ class Worker:
     run: ClaimRun | None = None
     reason: Outcome | None = None
     """Why the worker was cancelled from outside: INTERRUPTED (stop) or ABORTED."""
+    rest: float | None = None
+    """How long the subscription rests after this worker ends, if not the `cooldown` setting."""
 
-    def cancel(self, reason: Outcome) -> None:
+    def cancel(self, reason: Outcome, *, rest: float | None = None) -> None:
         if self.reason is None:
-            self.reason = reason
+            self.reason, self.rest = reason, rest
         self.scope.cancel()
 
     def describe(self) -> InFlightClaim:
@@ -151,14 +153,24 @@ class Dispatcher:
             if sub.context.journal.gaps(sub.id):
                 self.wake(Wake(sub.id))
 
-    def abort(self, subscription: str) -> bool:
-        """Abort the subscription's in-flight claim, if any. True if there was one."""
+    def abort(self, subscription: str, *, cooldown: float | None = None) -> bool:
+        """Abort the subscription's in-flight claim, if any; it then rests for `cooldown`."""
         sub = self._subscriptions.get(subscription)
         if sub is None or sub.worker is None:
             return False
-        log.warning("claim.abort_requested", subscription=subscription)
-        sub.worker.cancel(Outcome.ABORTED)
+        rest = cooldown if cooldown is not None else sub.context.settings.cooldown
+        log.warning("claim.abort_requested", subscription=subscription, cooldown=rest)
+        sub.worker.cancel(Outcome.ABORTED, rest=rest)
         return True
+
+    def cooldowns(self) -> dict[str, float]:
+        """Subscriptions resting after a failure or an abort, and until when (Unix seconds)."""
+        now = trio.current_time()
+        return {
+            sub.id: time.time() + sub.cooldown_until - now
+            for sub in self._subscriptions.values()
+            if sub.cooldown_until > now
+        }
 
     def interrupt_all(self) -> None:
         for worker in self._workers():
@@ -234,7 +246,8 @@ class Dispatcher:
         if outcome in SUCCEEDED and result.generation is not None:
             sub.handled = max(sub.handled, result.generation)
         if outcome in COOLS_DOWN:
-            sub.cooldown_until = trio.current_time() + sub.context.settings.cooldown
+            rest = worker.rest if worker.rest is not None else sub.context.settings.cooldown
+            sub.cooldown_until = trio.current_time() + rest
         self._vitals.claim_ended(outcome)
         level = "warning" if outcome in (Outcome.FAILED, Outcome.FENCED, Outcome.ERROR) else "info"
         getattr(log, level)("claim.outcome", outcome=outcome.value, subscription=sub.id, generation=result.generation)

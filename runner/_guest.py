@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import outcome
@@ -201,7 +202,7 @@ class GuestRun:
         """Cut a running drain short (in-flight claims are cancelled; finalizers still run)."""
         self._call_in_trio(self.runner.interrupt)
 
-    def abort(self, subscription_id: str) -> bool:
+    def abort(self, subscription_id: str, *, cooldown: float | None = None) -> bool:
         """Abort the subscription's in-flight claim; True if one was in flight.
 
         The answer is read now (the host's thread owns the runner between trio steps);
@@ -211,7 +212,7 @@ class GuestRun:
             return False
         in_flight = any(claim.subscription == subscription_id for claim in self.runner.health().in_flight)
         if in_flight:
-            self._call_in_trio(self.runner.abort, subscription_id)
+            self._call_in_trio(partial(self.runner.abort, subscription_id, cooldown=cooldown))
         return in_flight
 
     def health(self) -> Health:

@@ -93,6 +93,17 @@ class Batch:
     """Handed over again by the runner itself (wake id "replay", generation 0): the server
     forgot the subscription and re-created it past these events."""
 
+    @property
+    def message_keys(self) -> list[str]:
+        """A key per message, `"<start_offset>#<index>"`, for showing or de-duplicating items.
+
+        The protocol gives offsets only between reads, not per message. A redelivered batch
+        starts again at the same `start_offset` (batches begin where the last acknowledged
+        one ended), so its messages get the same keys; a replayed batch (`replayed`) can
+        start elsewhere.
+        """
+        return [f"{self.start_offset}#{index}" for index in range(len(self.messages))]
+
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["messages"] = [

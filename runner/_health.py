@@ -83,6 +83,8 @@ class Health:
     claims: dict[str, int]
     batches: dict[str, int]
     in_flight: list[InFlightClaim] = field(default_factory=list)
+    cooldowns: dict[str, float] = field(default_factory=dict)
+    """Subscriptions resting after a failure or an abort, and until when."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,7 +209,14 @@ class Vitals:
 
     # -- snapshot --------------------------------------------------------------------------
 
-    def snapshot(self, state: State, in_flight: list[InFlightClaim], offset: str | None) -> Health:
+    def snapshot(
+        self,
+        state: State,
+        in_flight: list[InFlightClaim],
+        offset: str | None,
+        *,
+        cooldowns: dict[str, float] | None = None,
+    ) -> Health:
         status, reason = status_of(state, self)
         return Health(
             runner_id=self.runner_id,
@@ -236,6 +245,7 @@ class Vitals:
             claims={outcome.value: self.claims[outcome] for outcome in Outcome},
             batches=dict(self.batches),
             in_flight=in_flight,
+            cooldowns=dict(cooldowns or {}),
         )
 
 

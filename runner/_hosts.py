@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import structlog
 import trio
@@ -198,14 +199,14 @@ class BackgroundRunner:
             if thread is not None and thread is not threading.current_thread() and future.done():
                 thread.join()  # it has set its result: only returning is left
 
-    def abort(self, subscription_id: str) -> bool:
-        """Abort one subscription's in-flight claim; never waits for the runner's thread.
+    def abort(self, subscription_id: str, *, cooldown: float | None = None) -> bool:
+        """Abort one subscription's in-flight claim (rest `cooldown` s after); never waits for the runner's thread.
 
         Returns whether the latest snapshot shows a claim of it in flight; the abort lands
         at the runner's next step either way (acked progress is kept).
         """
         run = self._run
-        if run is None or not send(run.token, self.runner.abort, subscription_id):
+        if run is None or not send(run.token, partial(self.runner.abort, subscription_id, cooldown=cooldown)):
             return False
         return any(claim.subscription == subscription_id for claim in self.health().in_flight)
 

@@ -181,8 +181,13 @@ class Runner:
         return self._active is not None
 
     def health(self) -> Health:
-        in_flight = self._active.dispatcher.in_flight() if self._active else []
-        return self._vitals.snapshot(self.state, in_flight, self._position.offset if self._position else None)
+        dispatcher = self._active.dispatcher if self._active else None
+        return self._vitals.snapshot(
+            self.state,
+            dispatcher.in_flight() if dispatcher else [],
+            self._position.offset if self._position else None,
+            cooldowns=dispatcher.cooldowns() if dispatcher else {},
+        )
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this runner's own registry, and its content type."""
@@ -227,9 +232,14 @@ class Runner:
             raise RunnerError("the runner is not running: start it first")
         await self._active.driver.wait_until(*states)
 
-    def abort(self, subscription_id: str) -> bool:
-        """Abort the in-flight claim of one subscription; the runner keeps serving the others."""
-        return self._active is not None and self._active.dispatcher.abort(subscription_id)
+    def abort(self, subscription_id: str, *, cooldown: float | None = None) -> bool:
+        """Abort the in-flight claim of one subscription; the runner keeps serving the others.
+
+        Finished progress is acknowledged and the claim released. The subscription then
+        rests for `cooldown` seconds (default: the `cooldown` setting; 0 claims it again
+        at once); `health().cooldowns` shows until when. True if a claim was in flight.
+        """
+        return self._active is not None and self._active.dispatcher.abort(subscription_id, cooldown=cooldown)
 
     # -- the run ---------------------------------------------------------------------------
 

@@ -275,3 +275,25 @@ async def test_a_command_that_ignores_sigterm_cannot_hold_the_stop(world: World,
     assert "ignored SIGTERM" in lines(record)
     assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     assert runner.health().claims["interrupted"] == 1
+
+
+async def test_an_abort_rests_the_subscription_as_long_as_asked_and_health_says_until_when(world: World) -> None:
+    await world.create("a")
+    started: list[Batch] = []
+
+    async def stubborn(batch: Batch) -> None:
+        started.append(batch)
+        await trio.sleep_forever()
+
+    runner = Runner(world.settings(cooldown=30.0), handlers={world.sub: stubborn})
+    async with running(runner):
+        await world.append("a", {"n": 1})
+        await eventually(lambda: len(started) == 1, what="the first claim")
+        assert runner.abort(world.sub, cooldown=0)
+        await eventually(lambda: len(started) == 2, timeout=5, what="the work again at once, not after 30 s")
+        assert runner.health().cooldowns == {}
+        assert runner.abort(world.sub)
+        await eventually(lambda: world.sub in runner.health().cooldowns, what="the default rest to show")
+        rests_for = runner.health().cooldowns[world.sub] - time.time()
+        assert 25 < rests_for <= 30
+    assert [batch.messages for batch in started] == [[{"n": 1}], [{"n": 1}]], "aborted work is redelivered"
