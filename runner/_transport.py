@@ -211,7 +211,7 @@ class _Connection:
         return data if isinstance(data, bytes) else bytes(data)
 
     def _protocol_error(self, exc: h11.RemoteProtocolError, request: httpx.Request) -> httpx.RemoteProtocolError:
-        if self.h11.their_state is h11.SEND_RESPONSE and self.received == 0:
+        if self.received == 0:  # h11 fails on EOF before any byte: the server closed without a word
             return httpx.RemoteProtocolError("the server closed the connection without answering", request=request)
         if exc.error_status_hint == 431:
             cap = self.h11._max_incomplete_event_size  # what we passed in; h11 keeps it privately
@@ -220,9 +220,14 @@ class _Connection:
 
 
 def _reason(exc: BaseException) -> str:
-    """The underlying cause of a trio stream error (trio wraps OSError and SSLError)."""
-    cause = exc.__cause__ or exc
-    return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    """The underlying cause of a stream error, named (trio wraps OSError and SSLError)."""
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    attempts = exc.__cause__
+    if isinstance(attempts, BaseExceptionGroup):  # trio.open_tcp_stream: one error per address tried
+        text += " (" + "; ".join(_reason(attempt) for attempt in attempts.exceptions) + ")"
+    return text
 
 
 class _Pool:
