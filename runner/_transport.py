@@ -421,7 +421,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         bounded = not request.extensions.get(LIVE_BODY)
         return httpx.Response(
             event.status_code,
-            headers=list(event.headers),
+            headers=event.headers.raw_items(),  # as sent (h11 lowercases its own copy)
             stream=_Body(self, pool, connection, request, budget, self._max_body_bytes if bounded else None),
             extensions={"http_version": b"HTTP/" + event.http_version, "reason_phrase": event.reason},
         )

@@ -501,6 +501,17 @@ async def test_silent_server_hits_the_read_timeout() -> None:
     assert fake.connections == 1  # a timeout is not retried
 
 
+async def test_a_server_that_stops_reading_hits_the_write_timeout() -> None:
+    async def deaf(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
+        await trio.sleep_forever()  # never reads: the client's send buffer fills up
+
+    timeout = httpx.Timeout(5.0, write=0.3)
+    async with fake_server(deaf) as fake, client(fake, LeanTransport(), timeout) as http:
+        with trio.fail_after(5), pytest.raises(httpx.WriteTimeout):
+            await http.post("/", content=b"w" * 64_000_000)
+    assert fake.connections == 1
+
+
 async def test_closing_a_streamed_response_early_closes_its_connection() -> None:
     async def streaming(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
         await requests.next()
