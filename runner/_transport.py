@@ -118,31 +118,34 @@ class _Budget:
             return self.deadline
         return min(self.deadline, trio.current_time() + timeout)
 
-    def expired(self, request: httpx.Request, limit: float, phase: type[httpx.TimeoutException]) -> NoReturn:
+    def expired(
+        self, request: httpx.Request, limit: float, phase: type[httpx.TimeoutException], timeout: float | None
+    ) -> NoReturn:
         """Raise the right timeout: the total deadline's own error, or the phase's."""
         if limit >= self.deadline:
             raise DeadlineExceeded(
                 f"the request did not finish within its total deadline of {self.total:g} s", request=request
             )
-        raise phase(f"{phase.__name__}: no progress within the {_PHASE_NAMES[phase]} timeout", request=request)
+        raise phase(f"{_PHASE_NAMES[phase]} timed out after {timeout:g} s", request=request)
 
 
 _PHASE_NAMES: dict[type[httpx.TimeoutException], str] = {
-    httpx.ConnectTimeout: "connect",
-    httpx.ReadTimeout: "read",
-    httpx.WriteTimeout: "write",
-    httpx.PoolTimeout: "pool",
+    httpx.ConnectTimeout: "connecting",
+    httpx.ReadTimeout: "waiting for the server",
+    httpx.WriteTimeout: "sending the request",
+    httpx.PoolTimeout: "waiting for a free connection",
 }
 
 
 class _Connection:
     """One HTTP/1.1 connection: a trio stream (TLS or not) and its h11 state machine."""
 
-    __slots__ = ("_socket", "h11", "idle_since", "received", "served", "stream")
+    __slots__ = ("_socket", "h11", "idle_since", "max_header_bytes", "received", "served", "stream")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, max_header_bytes: int) -> None:
         self.stream = stream
         self._socket = socket
+        self.max_header_bytes = max_header_bytes
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.idle_since = 0.0
         self.served = 0
@@ -178,7 +181,7 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.WriteError(f"sending the request failed: {_reason(exc)}", request=request) from exc
         if scope.cancelled_caught:
-            budget.expired(request, limit, httpx.WriteTimeout)
+            budget.expired(request, limit, httpx.WriteTimeout, budget.write)
 
     async def next_event(self, request: httpx.Request, budget: _Budget) -> h11.Event:
         """The next response event, receiving from the socket only when h11 needs more bytes."""
@@ -204,7 +207,7 @@ class _Connection:
                 with trio.move_on_at(limit) as scope:
                     data = await self.stream.receive_some(_READ_SIZE)
                 if scope.cancelled_caught:
-                    budget.expired(request, limit, httpx.ReadTimeout)
+                    budget.expired(request, limit, httpx.ReadTimeout, budget.read)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(f"receiving the response failed: {_reason(exc)}", request=request) from exc
         self.received += len(data)
@@ -213,9 +216,10 @@ class _Connection:
     def _protocol_error(self, exc: h11.RemoteProtocolError, request: httpx.Request) -> httpx.RemoteProtocolError:
         if self.received == 0:  # h11 fails on EOF before any byte: the server closed without a word
             return httpx.RemoteProtocolError("the server closed the connection without answering", request=request)
-        if exc.error_status_hint == 431:
-            cap = self.h11._max_incomplete_event_size  # what we passed in; h11 keeps it privately
-            return HeadersTooLarge(f"response head over the max_header_bytes cap of {cap} bytes", request=request)
+        if exc.error_status_hint == 431:  # h11's "receive buffer too long": an unfinished head over the cap
+            return HeadersTooLarge(
+                f"response head over the max_header_bytes cap of {self.max_header_bytes} bytes", request=request
+            )
         return httpx.RemoteProtocolError(f"malformed response: {exc}", request=request)
 
 
@@ -231,7 +235,7 @@ def _reason(exc: BaseException) -> str:
 
 
 class _Pool:
-    """The connections to one origin: idle ones on a stack, and a slot per open connection."""
+    """The connections to one origin: the idle ones on a stack, and a slot per request in flight."""
 
     __slots__ = ("idle", "open", "origin", "slots")
 
@@ -331,7 +335,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             with trio.move_on_at(limit) as scope:
                 await pool.slots.acquire()
             if scope.cancelled_caught:
-                budget.expired(request, limit, httpx.PoolTimeout)
+                budget.expired(request, limit, httpx.PoolTimeout, budget.pool)
 
     async def _exchange(self, pool: _Pool, request: httpx.Request, budget: _Budget) -> httpx.Response:
         """Send the request and read the response head, retrying once where that is safe."""
@@ -388,7 +392,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         if scope.cancelled_caught:
             _close_all(opened)
-            budget.expired(request, limit, httpx.ConnectTimeout)
+            budget.expired(request, limit, httpx.ConnectTimeout, budget.connect)
         connection = _Connection(stream, opened[0].socket, self._max_header_bytes)
         pool.open.add(connection)
         return connection

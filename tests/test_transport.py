@@ -23,6 +23,7 @@ import trio
 from runner._devserver import DevServer
 from runner._transport import (
     LIVE_BODY,
+    TOTAL_TIMEOUT,
     BodyTooLarge,
     DeadlineExceeded,
     HeadersTooLarge,
@@ -470,7 +471,8 @@ async def test_oversized_response_head_is_an_error_naming_the_cap() -> None:
     assert fake.connections == 1  # an answer came back: not retried
 
 
-async def test_drip_fed_body_ends_at_the_total_deadline() -> None:
+@pytest.mark.parametrize("per_request", [False, True], ids=["transport-default", "request-extension"])
+async def test_drip_fed_body_ends_at_the_total_deadline(per_request: bool) -> None:
     async def drip(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
         await requests.next()
         await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -478,11 +480,12 @@ async def test_drip_fed_body_ends_at_the_total_deadline() -> None:
             await stream.send_all(b"1\r\nx\r\n")
             await trio.sleep(0.05)  # the server's pace, not synchronisation
 
-    transport = LeanTransport(total_timeout=0.5)
+    transport = LeanTransport(total_timeout=60.0 if per_request else 0.5)
+    extensions = {TOTAL_TIMEOUT: 0.5} if per_request else {}
     async with fake_server(drip) as fake, client(fake, transport, httpx.Timeout(5.0)) as http:
         started = trio.current_time()
         with pytest.raises(DeadlineExceeded, match=r"total deadline of 0\.5 s"):
-            await http.get("/")
+            await http.get("/", extensions=extensions)
         assert 0.4 < trio.current_time() - started < 3.0
         assert transport.open_connections == 0
 
