@@ -6,12 +6,11 @@ connections so keep-alive reuse and closing are observed from the server's side.
 
 from __future__ import annotations
 
-import json
 import shutil
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from httpx_sse import EventSource
 
 from runner._devserver import DevServer
 from runner._transport import (
@@ -234,16 +234,18 @@ async def test_sse_streams_live_and_early_close_drops_the_connection(
         )
         response = await http.send(request, stream=True)
         seen: list[object] = []
+        # Read the way the runner does: httpx-sse over the streamed response.
         with trio.fail_after(10):
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or "streamNextOffset" in line:
-                    continue
-                seen.extend(json.loads(line.removeprefix("data:")))
-                if seen == [{"n": 1}]:
-                    await trio.sleep(0.6)  # past the transport's total deadline, on purpose
-                    await http.post(stream_path, json={"n": 2})
-                if {"n": 2} in seen:
-                    break
+            async with aclosing(EventSource(response).aiter_sse()) as events:
+                async for event in events:
+                    if event.event != "data":
+                        continue
+                    seen.extend(event.json())
+                    if seen == [{"n": 1}]:
+                        await trio.sleep(0.6)  # past the transport's total deadline, on purpose
+                        await http.post(stream_path, json={"n": 2})
+                    if {"n": 2} in seen:
+                        break
         assert seen == [{"n": 1}, {"n": 2}]
         open_before = transport.open_connections
         await response.aclose()
