@@ -6,6 +6,9 @@ requests through the same `httpx.AsyncClient` API against the pinned reference s
 interleaved rounds (so drift of a shared machine hits both alike). Reported per transport: wall
 time per request (p50, p99) and this process's CPU time per request (the server's CPU is its
 own process and not counted); and the time to construct a client for an http:// URL.
+
+A third row, "Lean, no client", hands the same requests straight to the transport: the gap
+between it and "LeanTransport" is what the `httpx.AsyncClient` layer itself costs per request.
 """
 
 from __future__ import annotations
@@ -49,16 +52,62 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def pairs(http: httpx.AsyncClient, path: str, offset: str, count: int, sample: Sample | None) -> str:
+class ViaClient:
+    """Requests the way the runner sends them: through `httpx.AsyncClient`."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def append(self, path: str, number: int) -> httpx.Response:
+        return await self.http.post(path, json={"n": number})
+
+    async def read(self, path: str, offset: str) -> httpx.Response:
+        return await self.http.get(path, params={"offset": offset})
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+class Direct:
+    """The same requests handed straight to the transport: what the httpx client layer costs."""
+
+    def __init__(self, url: str, transport: LeanTransport) -> None:
+        self.base = httpx.URL(url)
+        self.transport = transport
+        self.extensions = {"timeout": TIMEOUT.as_dict()}
+
+    async def append(self, path: str, number: int) -> httpx.Response:
+        body = b'{"n":%d}' % number
+        return await self._send("POST", self.base.join(path), body)
+
+    async def read(self, path: str, offset: str) -> httpx.Response:
+        return await self._send("GET", self.base.join(path).copy_merge_params({"offset": offset}), None)
+
+    async def _send(self, method: str, url: httpx.URL, body: bytes | None) -> httpx.Response:
+        headers = {"content-type": "application/json"} if body is not None else None
+        request = httpx.Request(method, url, content=body, headers=headers, extensions=self.extensions)
+        response = await self.transport.handle_async_request(request)
+        await response.aread()
+        await response.aclose()
+        return response
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+Sender = ViaClient | Direct
+
+
+async def pairs(sender: Sender, path: str, offset: str, count: int, sample: Sample | None) -> str:
     """`count` appends each followed by a read of what it appended; returns the next offset."""
     for number in range(count):
         started = time.perf_counter()
-        appended = await http.post(path, json={"n": number})
+        appended = await sender.append(path, number)
         posted = time.perf_counter()
-        read = await http.get(path, params={"offset": offset})
+        read = await sender.read(path, offset)
         done = time.perf_counter()
-        if appended.status_code != 204 or read.status_code != 200:
-            raise RuntimeError(f"unexpected answers {appended.status_code} / {read.status_code}")
+        if appended.status_code != 204 or read.status_code != 200 or len(read.json()) != 1:
+            raise RuntimeError(f"unexpected answers {appended.status_code} / {read.status_code}: {read.text}")
         offset = appended.headers["stream-next-offset"]
         if sample is not None:
             sample.post.append(posted - started)
@@ -68,26 +117,29 @@ async def pairs(http: httpx.AsyncClient, path: str, offset: str, count: int, sam
 
 async def measure(url: str, total_requests: int, rounds: int) -> list[Sample]:
     per_round = max(1, total_requests // 2 // rounds)
-    clients = {
-        "httpx default": httpx.AsyncClient(base_url=url, timeout=TIMEOUT),
-        "LeanTransport": httpx.AsyncClient(base_url=url, timeout=TIMEOUT, transport=LeanTransport()),
+    senders: dict[str, Sender] = {
+        "httpx default": ViaClient(httpx.AsyncClient(base_url=url, timeout=TIMEOUT)),
+        "LeanTransport": ViaClient(httpx.AsyncClient(base_url=url, timeout=TIMEOUT, transport=LeanTransport())),
+        "Lean, no client": Direct(url, LeanTransport()),
     }
-    samples = {name: Sample(name) for name in clients}
+    samples = {name: Sample(name) for name in senders}
     offsets: dict[str, str] = {}
-    paths = {name: f"/v1/stream/bench-transport-{uuid.uuid4().hex[:8]}-{index}" for index, name in enumerate(clients)}
+    paths = {name: f"/v1/stream/bench-transport-{uuid.uuid4().hex[:8]}-{index}" for index, name in enumerate(senders)}
     try:
-        for name, http in clients.items():
-            (await http.put(paths[name], headers={"content-type": "application/json"})).raise_for_status()
-            offsets[name] = await pairs(http, paths[name], "-1", WARMUP_PAIRS, None)
-        names = list(clients)
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as setup:
+            for path in paths.values():
+                (await setup.put(path, headers={"content-type": "application/json"})).raise_for_status()
+        for name, sender in senders.items():
+            offsets[name] = await pairs(sender, paths[name], "-1", WARMUP_PAIRS, None)
+        names = list(senders)
         for round_number in range(rounds):
             for name in names if round_number % 2 == 0 else reversed(names):
                 cpu = time.process_time()
-                offsets[name] = await pairs(clients[name], paths[name], offsets[name], per_round, samples[name])
+                offsets[name] = await pairs(senders[name], paths[name], offsets[name], per_round, samples[name])
                 samples[name].cpu += time.process_time() - cpu
     finally:
-        for http in clients.values():
-            await http.aclose()
+        for sender in senders.values():
+            await sender.aclose()
     return list(samples.values())
 
 
@@ -113,15 +165,16 @@ def report(samples: list[Sample], construction: dict[str, float]) -> str:
             f" {ms(percentile(sample.wall, 0.99))} {ms(percentile(sample.post, 0.5))} {ms(percentile(sample.get, 0.5))}"
             f" {ms(sample.cpu / sample.requests):>10}"
         )
-    base, lean = samples
+    base, lean = samples[:2]  # the third row shows the client layer's share; it is not what would be adopted
 
     def ratio(of: Callable[[Sample], float]) -> str:
         return f"{of(lean) / of(base):8.2f}"
 
-    rows.append(
+    rows.insert(
+        3,
         f"{'lean / default':16} {'':8} {ratio(lambda s: percentile(s.wall, 0.5))}"
         f" {ratio(lambda s: percentile(s.wall, 0.99))} {ratio(lambda s: percentile(s.post, 0.5))}"
-        f" {ratio(lambda s: percentile(s.get, 0.5))} {ratio(lambda s: s.cpu / s.requests):>10}"
+        f" {ratio(lambda s: percentile(s.get, 0.5))} {ratio(lambda s: s.cpu / s.requests):>10}",
     )
     rows.append("")
     rows.append(f"AsyncClient construction for an http:// URL (median of {CONSTRUCTIONS}):")
