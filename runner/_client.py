@@ -18,9 +18,9 @@ from urllib.parse import quote
 
 import httpx
 import trio
-from httpx_sse import EventSource
 from pydantic import SecretStr
 
+from ._answers import ClaimAnswer, ControlEvent, parse
 from ._exceptions import (
     AlreadyClaimed,
     Fenced,
@@ -36,8 +36,11 @@ from ._exceptions import (
     SubscriptionConflict,
     SubscriptionNotFound,
     TokenInvalid,
+    TokenRefused,
     TransportError,
 )
+from ._sse import OVERSIZE, sse_events
+from ._transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
 from ._wire import JSON, Ack, Claim, ClaimedStream, Frame, Links, ReadResult
 
 NEXT_OFFSET = "Stream-Next-Offset"
@@ -82,19 +85,36 @@ def build_http(
     timeout: float,
     tls: ssl.SSLContext | None = None,
     concurrency: int = 16,
+    transport: str = "lean",
+    deadline: float = 60.0,
+    max_body_bytes: int = 16 * 1024 * 1024,
 ) -> httpx.AsyncClient:
     """An HTTP client sized for `concurrency` claims plus the live stream, heartbeat and control.
 
-    The pool is kept close to what is used: httpcore scans every pooled connection on
-    each request, which showed up as a top cost under load with an oversized pool.
+    The lean transport (runner/_transport.py) bounds every answer's size and every
+    request's total time (`deadline`, `max_body_bytes`); bodies come uncompressed, so
+    the bound is the size that reaches memory. httpx's own transport ("httpx") bounds
+    neither. Either pool is kept close to what is used.
     """
     if tls is None:
         tls = tls_context(https=server_url.startswith("https:"), verify=True, ca_file=None)
+    connections = concurrency + 16
+    if transport == "lean":
+        lean = LeanTransport(
+            max_connections=connections, ssl_context=tls, max_body_bytes=max_body_bytes, total_timeout=deadline
+        )
+        return httpx.AsyncClient(
+            base_url=server_url,
+            timeout=httpx.Timeout(timeout),
+            transport=lean,
+            headers={"Accept-Encoding": "identity"},
+            follow_redirects=False,
+        )
     return httpx.AsyncClient(
         base_url=server_url,
         timeout=httpx.Timeout(timeout),
         verify=tls,
-        limits=httpx.Limits(max_connections=concurrency + 16, max_keepalive_connections=concurrency + 4),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=concurrency + 4),
         follow_redirects=False,
     )
 
@@ -105,11 +125,21 @@ def _translated(what: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
+        raise TransportError(f"{what}: timed out ({type(exc).__name__}: {_reason(exc)})") from exc
     except httpx.DecodingError as exc:
-        raise ProtocolError(f"{what}: undecodable body: {exc}") from exc
+        raise ProtocolError(f"{what}: undecodable body: {_reason(exc)}") from exc
     except httpx.TransportError as exc:
-        raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise TransportError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, even when the exception's own text is empty (a failed TLS check, say)."""
+    text = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    while not text and cause is not None:
+        text = str(cause) or type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    return text or "no reason given"
 
 
 def raise_for_status(response: httpx.Response, *, what: str) -> None:
@@ -130,7 +160,9 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
         details = error
     text = f"{what}: {status} {code or ''} {message}".replace("  ", " ").strip()
     if status >= 500:
-        raise ServerError(text, status=status)
+        raise ServerError(text, status=status, retry_after=_retry_after(response))
+    if status in (401, 403) and code not in _CODES:
+        raise TokenRefused(f"{text} (the server refused the service token: check token / token_file)", status=status)
     if code == "ALREADY_CLAIMED":
         generation = details.get("generation")
         raise AlreadyClaimed(
@@ -155,6 +187,12 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
     raise RequestError(text, status=status, code=code)
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds, if the answer says so (an HTTP date is not honoured)."""
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
 def _json_of(response: httpx.Response, *, what: str) -> Any:
     try:
         return json.loads(response.content)
@@ -166,6 +204,8 @@ def _next_offset_of(response: httpx.Response, *, what: str) -> str:
     offset = response.headers.get(NEXT_OFFSET)
     if not offset:
         raise ProtocolError(f"{what}: the answer has no {NEXT_OFFSET} header")
+    if len(offset) > 256 or not offset.isprintable() or " " in offset:
+        raise ProtocolError(f"{what}: {NEXT_OFFSET} is not an offset: {offset[:40]!r}")
     return str(offset)
 
 
@@ -217,29 +257,42 @@ def _check_sse_answer(response: httpx.Response, *, what: str) -> None:
         raise SSERefused(f"{what}: answered {content_type or 'no content type'}", status=response.status_code)
 
 
-def _parse_event(data: str, kind: type, name: str) -> Any:
+def _data_frame(data: str, what: str) -> Frame:
+    """A data event's messages; one that is not a JSON array is dropped and said so, not fatal."""
+    try:
+        messages = json.loads(data)
+    except ValueError as exc:
+        return Frame([], None, unusable=f"{what}: a data event is not JSON ({exc})")
+    if not isinstance(messages, list):
+        return Frame([], None, unusable=f"{what}: a data event is not a JSON array")
+    return Frame(messages, None)
+
+
+def _control_frame(data: str, what: str) -> Frame:
+    """The offset after the data: without a trustworthy one the stream cannot go on."""
     try:
         value = json.loads(data)
     except ValueError as exc:
-        raise ProtocolError(f"wake stream: {name} event is not JSON ({exc})") from exc
-    if not isinstance(value, kind):
-        raise ProtocolError(f"wake stream: {name} event should be a JSON {kind.__name__}")
-    return value
+        raise ProtocolError(f"{what}: a control event is not JSON ({exc})") from exc
+    control: ControlEvent = parse(ControlEvent, value, what=f"{what} control event")
+    return Frame([], control.streamNextOffset, control.streamClosed)
 
 
 class SSERead:
     """An open `live=sse` read: `data` events carry messages, `control` events the offset."""
 
-    def __init__(self, response: httpx.Response, offset: str, what: str) -> None:
+    def __init__(self, response: httpx.Response, offset: str, what: str, max_event_bytes: int) -> None:
         self._response = response
         self._what = what
+        self._max_event_bytes = max_event_bytes
         self.offset = offset
 
     async def aclose(self) -> None:
         await self._response.aclose()
 
     async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
-        async with aclosing(EventSource(self._response).aiter_sse()) as events:
+        events = sse_events(self._response.aiter_bytes(), max_event_bytes=self._max_event_bytes)
+        async with aclosing(events):
             while True:
                 with trio.move_on_after(keepalive) as watchdog, _translated(self._what):
                     try:
@@ -247,15 +300,13 @@ class SSERead:
                     except StopAsyncIteration:
                         return
                 if watchdog.cancelled_caught:
-                    raise StreamSilent(f"{self._what}: silent for {keepalive:g} s (no data, no keep-alive)")
+                    raise StreamSilent(f"{self._what}: silent for {keepalive:g} s (no complete event, no keep-alive)")
                 if sse.event == "data":
-                    yield Frame(_parse_event(sse.data, list, "data"), None)
+                    yield _data_frame(sse.data, self._what)
                 elif sse.event == "control":
-                    control = _parse_event(sse.data, dict, "control")
-                    offset = control.get("streamNextOffset")
-                    if offset is not None and not isinstance(offset, str):
-                        raise ProtocolError(f"{self._what}: control event with a bad offset {offset!r}")
-                    yield Frame([], offset, bool(control.get("streamClosed")))
+                    yield _control_frame(sse.data, self._what)
+                elif sse.event == OVERSIZE:
+                    yield Frame([], None, unusable=f"{self._what}: an event over {self._max_event_bytes} bytes")
                 # Other event types belong to newer protocol versions: ignore them.
 
 
@@ -269,11 +320,15 @@ class StreamsClient:
         stream_root: str = "/v1/stream",
         token: SecretStr | None = None,
         timeout: float = 10.0,
+        deadline: float = 60.0,
+        max_event_bytes: int = 1024 * 1024,
     ) -> None:
         self._http = http
         self._root = stream_root.rstrip("/")
         self._token = token
         self.timeout = timeout
+        self._deadline = deadline
+        self._max_event_bytes = max_event_bytes
 
     def __repr__(self) -> str:
         return f"StreamsClient({str(self._http.base_url)!r}, stream_root={self._root!r})"
@@ -304,8 +359,13 @@ class StreamsClient:
         headers: Mapping[str, str] | None = None,
         claim_token: SecretStr | None = None,
         timeout: float | None = None,
+        hold: float = 0.0,
     ) -> httpx.Response:
-        """Send one request and return its answer, which must be a 2xx."""
+        """Send one request and return its answer, which must be a 2xx.
+
+        The whole request, body included, ends within the deadline (plus `hold`, the time
+        the server may hold a long-poll on purpose).
+        """
         all_headers = self._authorization(claim_token)
         if headers:
             all_headers.update(headers)
@@ -321,6 +381,7 @@ class StreamsClient:
                 content=content,
                 headers=all_headers,
                 timeout=timeout if timeout is not None else self.timeout,
+                extensions={TOTAL_TIMEOUT: self._deadline + hold},
             )
         raise_for_status(response, what=what)
         return response
@@ -356,6 +417,7 @@ class StreamsClient:
             what=what,
             params={"offset": offset, "live": "long-poll"},
             timeout=hold + self.timeout,
+            hold=hold,
         )
         return _read_result(response, what=what)
 
@@ -368,6 +430,7 @@ class StreamsClient:
             params={"offset": offset, "live": "sse"},
             headers={**self._authorization(), "Accept": "text/event-stream"},
             timeout=httpx.Timeout(self.timeout, read=None),
+            extensions={LIVE_BODY: True},
         )
         with _translated(what):
             response = await self._http.send(request, stream=True)
@@ -379,7 +442,7 @@ class StreamsClient:
         except BaseException:
             await response.aclose()
             raise
-        return SSERead(response, offset, f"wake stream {path}")
+        return SSERead(response, offset, f"wake stream {path}", self._max_event_bytes)
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -413,26 +476,18 @@ class StreamsClient:
         response = await self._request(
             "POST", self.subscription_url(subscription_id, "claim"), what=what, json_body={"worker": worker}
         )
-        body = _json_of(response, what=what)
-        try:
-            return Claim(
-                subscription=subscription_id,
-                wake_id=str(body["wake_id"]),
-                generation=int(body["generation"]),
-                streams=tuple(
-                    ClaimedStream(
-                        path=str(stream["path"]),
-                        acked_offset=str(stream["acked_offset"]),
-                        tail_offset=str(stream["tail_offset"]),
-                        has_pending=bool(stream["has_pending"]),
-                    )
-                    for stream in body["streams"]
-                ),
-                lease_ttl_ms=int(body["lease_ttl_ms"]),
-                token=SecretStr(str(body["token"])),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"{what}: malformed claim answer ({type(exc).__name__}: {exc})") from exc
+        answer: ClaimAnswer = parse(ClaimAnswer, _json_of(response, what=what), what=what)
+        return Claim(
+            subscription=subscription_id,
+            wake_id=answer.wake_id,
+            generation=answer.generation,
+            streams=tuple(
+                ClaimedStream(stream.path, stream.acked_offset, stream.tail_offset, stream.has_pending)
+                for stream in answer.streams
+            ),
+            lease_ttl_ms=answer.lease_ttl_ms,
+            token=SecretStr(answer.token),
+        )
 
     async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> bool:
         what = f"ack {claim.subscription} (generation {claim.generation})"

@@ -142,6 +142,14 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(10.0, gt=0, description="Bound on opening the wake stream.")
     keepalive_timeout: float = Field(75.0, gt=0, description="Silence on the live stream that counts as dead.")
     long_poll_timeout: float = Field(30.0, gt=0, description="How long the server holds a long-poll.")
+    request_deadline: float = Field(60.0, gt=0, description="Total time one request may take, body included.")
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, description="Largest response body accepted (the live stream excepted)."
+    )
+    max_event_bytes: int = Field(1024 * 1024, ge=4 * 1024, description="Largest live-stream event or line accepted.")
+    http_transport: Literal["lean", "httpx"] = Field(
+        "lean", description="HTTP/1.1 transport: the runner's own ('lean') or httpx's default ('httpx')."
+    )
 
     # Liveness
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between liveness probes.")

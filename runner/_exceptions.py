@@ -11,6 +11,7 @@ PullwakeError
 │   ├── ServerError             the server answered 5xx
 │   └── RequestError            the server refused the request (4xx)
 │       ├── SSERefused          (internal: the runner falls back to long-poll; never escapes)
+│       ├── TokenRefused        the server refused the service token (401/403)
 │       ├── StreamNotFound
 │       ├── StreamConflict
 │       ├── SubscriptionNotFound
@@ -74,9 +75,11 @@ class ServerError(ClientError):
 
     retryable = True
 
-    def __init__(self, message: str, *, status: int) -> None:
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+        """Seconds the server asked to wait (Retry-After), if it said."""
 
 
 class RequestError(ClientError):
@@ -90,6 +93,10 @@ class RequestError(ClientError):
 
 class SSERefused(RequestError):
     """The server or a proxy will not serve SSE here; the runner falls back to long-poll."""
+
+
+class TokenRefused(RequestError):
+    """The server refused the service token (401 or 403): check `token` / `token_file`."""
 
 
 class StreamNotFound(RequestError):

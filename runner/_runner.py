@@ -280,10 +280,20 @@ class Runner:
             timeout=settings.request_timeout,
             tls=self._tls_context(),
             concurrency=settings.max_concurrent_claims,
+            transport=settings.http_transport,
+            deadline=settings.request_deadline,
+            max_body_bytes=settings.max_response_bytes,
         )
         token = settings.service_token()
         self.redactor.keep(token)
-        wire = StreamsClient(http, stream_root=settings.stream_root, token=token, timeout=settings.request_timeout)
+        wire = StreamsClient(
+            http,
+            stream_root=settings.stream_root,
+            token=token,
+            timeout=settings.request_timeout,
+            deadline=settings.request_deadline,
+            max_event_bytes=settings.max_event_bytes,
+        )
         checkpoint = (
             Checkpoint(Path(settings.state_dir), server_url=settings.server_url, wake_stream=settings.wake_stream)
             if settings.state_dir is not None

@@ -45,6 +45,8 @@ class Frame:
     messages: list[Any]
     offset: str | None
     closed: bool = False
+    unusable: str | None = None
+    """Why a data event was dropped (not JSON, over the size bound): counted, not fatal."""
 
 
 @dataclass(frozen=True)
