@@ -57,8 +57,8 @@ class Effect(enum.StrEnum):
 
     RESYNC = "resync"
     """A new connection: the server may have restarted since the last one. Its generations
-    started over (forget which were handled), and what it skipped of a subscription it
-    forgot is replayed now."""
+    started over (forget which were handled), and every served subscription is claimed
+    once (a sweep), so nothing pending waits for a wake the runner may have missed."""
 
 
 @dataclass(frozen=True)

@@ -88,12 +88,18 @@ class BackoffActivity:
         self.last_delay: float | None = None
 
     async def __call__(self, context: StateContext) -> None:
-        self.last_delay = self.backoff.next_delay()
+        # A server that said when to come back (Retry-After) is believed, up to the cap.
+        asked = min(_retry_after(context.trigger.error), self.backoff.maximum)
+        self.last_delay = max(self.backoff.next_delay(), asked)
         await trio.sleep(self.last_delay)
         await context.emit(Event.BACKOFF_ELAPSED)
 
     def reset(self, _envelope: Envelope | None = None) -> None:
         self.backoff.reset()
+
+
+def _retry_after(error: BaseException | None) -> float:
+    return getattr(error, "retry_after", None) or 0.0
 
 
 async def retrying(
@@ -114,7 +120,7 @@ async def retrying(
                 report(exc)
             if not exc.retryable or (deadline is None and attempt >= REQUEST_ATTEMPTS):
                 raise
-            delay = backoff.next_delay()
+            delay = max(backoff.next_delay(), min(_retry_after(exc), REQUEST_RETRY_MAX))
             if deadline is not None and trio.current_time() + delay >= deadline:
                 raise
             log.info("request.retry", what=what, attempt=attempt, error=str(exc), delay=round(delay, 3))

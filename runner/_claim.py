@@ -47,6 +47,8 @@ from ._wire import Ack, Claim, ReadResult, Wire, is_after
 
 log = structlog.get_logger("pullwake.claims")
 
+MIN_LEASE = 1.0
+
 
 class LeaseLost(Exception):
     """The claim is not ours anymore (fenced, token refused, or expired locally)."""
@@ -81,7 +83,8 @@ class ClaimResult:
     next_wake: bool = False
     """The server says more work is pending: claim again at once."""
     restarted: bool = False
-    """The subscription had to be created again: its generations start over."""
+    """The subscription had to be created again: its generations start over, and what the
+    server skipped is replayed by the next claim, at once."""
     cleanup_error: BaseException | None = None
     """The finalizer of a cancelled claim could not hand the claim back."""
 
@@ -163,7 +166,7 @@ class ClaimRun:
         try:
             granted = await retrying(claim, what="claim", report=context.vitals.error)
         except AlreadyClaimed as exc:
-            if exc.holder == context.settings.runner_id:
+            if exc.holder == context.settings.runner_id and not context.journal.holds(subscription):
                 log.warning(
                     "claim.held_by_an_earlier_run",
                     subscription=subscription,
@@ -184,8 +187,7 @@ class ClaimRun:
                 return ClaimResult(Outcome.ERROR, restarted=True)
             if recreated:
                 log.warning("subscription.was_missing", subscription=subscription, action="re-created")
-                # Claim again at once: any gap the server skipped is replayed first.
-                return ClaimResult(Outcome.SKIPPED, next_wake=True, restarted=True)
+                return ClaimResult(Outcome.SKIPPED, restarted=True)
             log.error("subscription.not_found", subscription=subscription)
             return ClaimResult(Outcome.ERROR, restarted=True)
         except ClientError as exc:
@@ -193,7 +195,8 @@ class ClaimRun:
             log.warning("claim.failed", subscription=subscription, error=str(exc))
             return ClaimResult(Outcome.ERROR)
         context.journal.claimed(granted)
-        return granted, Lease(granted.lease_ttl_ms / 1000, sent_at)
+        # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
+        return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at)
 
     async def _replay(self) -> Outcome | None:
         """Hand the handler what the server skipped when it re-created the subscription.
@@ -324,6 +327,9 @@ class _Held:
                 result = await self._read(stream.path, offset)
                 if not result.messages:
                     break
+                if not is_after(result.next_offset, offset):
+                    # Acking it would ack nothing (or -1), and reading again would loop on one batch.
+                    raise ClaimAbandoned(f"reading {stream.path} from {offset} did not advance ({result.next_offset})")
                 if not result.is_json:
                     log.warning(
                         "stream.not_json",
@@ -410,21 +416,38 @@ class _Held:
             return next_wake
 
     async def hand_back(self) -> ClientError | None:
-        """Keep what was finished and let the next holder start right away."""
-        claim, progress, wire = self.claim, self.progress, self.context.wire
+        """Keep what was finished and let the next holder start right away.
+
+        A refused ack does not stop the release: the next holder then starts from what was
+        acknowledged before (the unacknowledged batch is delivered again, at least once).
+        Problems are logged and returned, never raised: cleanup must not mask why we are here.
+        """
+        claim, progress, wire, journal = self.claim, self.progress, self.context.wire, self.context.journal
+        error: ClientError | None = None
         try:
             if acks := progress.unacked():
-                await wire.ack(claim, acks)
-                progress.acknowledged(acks)
-                self.context.journal.acked(claim, acks)
+                try:
+                    await wire.ack(claim, acks)
+                except (Fenced, TokenInvalid, SubscriptionNotFound):
+                    raise
+                except ClientError as exc:
+                    error = exc
+                else:
+                    progress.acknowledged(acks)
+                    journal.acked(claim, acks)
             await wire.release(claim)
+        except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
+            log.info("claim.already_gone", reason=str(exc))  # someone else holds it: nothing to hand back
         except ClientError as exc:
-            # Logged, never raised: cleanup must not mask why we are here.
+            error = error or exc
             self.vitals.error(f"handing back {claim.subscription}: {exc}")
             log.warning("claim.hand_back_failed", error=str(exc), unacked=[a.offset for a in progress.unacked()])
-            return exc
-        self.context.journal.ended(claim.subscription, claim.wake_id)
-        return None
+            return error
+        journal.ended(claim.subscription, claim.wake_id)
+        if error is not None:
+            self.vitals.error(f"handing back {claim.subscription}: {error}")
+            log.warning("claim.hand_back_partial", error=str(error), unacked=[a.offset for a in progress.unacked()])
+        return error
 
     async def finalize_cancelled(self) -> ClaimResult:
         """The shielded, bounded cleanup of a claim cancelled by a stop or an abort."""
@@ -441,12 +464,14 @@ class _Held:
         return ClaimResult(None, generation, cleanup_error=error)
 
 
-async def return_held_claims(wire: Wire, journal: Journal, redactor: Redactor) -> None:
+async def return_held_claims(wire: Wire, journal: Journal, redactor: Redactor) -> list[str]:
     """Hand back the claims an earlier run of this runner still held (it was killed, say).
 
     The stored claim token still proves the claim, so the next claim, by this runner
-    or another, starts at once instead of when the lease runs out.
+    or another, starts at once instead of when the lease runs out. Returns the
+    subscriptions handed back.
     """
+    returned: list[str] = []
     for held in journal.held_claims():
         try:
             with redactor.holding(held.token):
@@ -463,4 +488,6 @@ async def return_held_claims(wire: Wire, journal: Journal, redactor: Redactor) -
                 generation=held.generation,
                 detail="an earlier run held this claim; handed back so the work continues now",
             )
+            returned.append(held.subscription)
         journal.ended(held.subscription, held.wake_id)
+    return returned

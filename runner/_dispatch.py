@@ -141,17 +141,22 @@ class Dispatcher:
             log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
 
     def resync(self) -> None:
-        """The RESYNC effect: the server may have restarted since the last connection.
+        """The RESYNC effect of a new connection: the server may have restarted since the last.
 
-        Its generations started over, so which were handled is forgotten: a wake that
-        was already handled costs one skipped claim at worst, a forgotten restart would
-        cost a missed one. And if it forgot a subscription the runner had to re-create,
-        the events it skipped are replayed now, not at the next wake.
+        Its generations started over, so which were handled is forgotten: a wake that was
+        already handled costs one skipped claim at worst, a forgotten restart would cost a
+        missed one. And every served subscription is claimed once (a sweep): work that
+        became pending while the runner was away, or whose wake it could not trust, is
+        not left waiting; what a forgotten subscription skipped is replayed first.
         """
         for sub in self._subscriptions.values():
             sub.handled = -1
-            if sub.context.journal.gaps(sub.id):
-                self.wake(Wake(sub.id))
+        self.sweep()
+
+    def sweep(self, subscriptions: list[str] | None = None) -> None:
+        """Claim each of `subscriptions` (default: all served) once, whatever the wakes said."""
+        for subscription in self.served if subscriptions is None else subscriptions:
+            self.wake(Wake(subscription))
 
     def abort(self, subscription: str, *, cooldown: float | None = None) -> bool:
         """Abort the subscription's in-flight claim, if any; it then rests for `cooldown`."""
@@ -203,6 +208,7 @@ class Dispatcher:
         self._nursery.start_soon(self._serve, sub, worker, name=f"claim:{worker.subscription}")
 
     async def _serve(self, sub: _Subscription, worker: Worker) -> None:
+        booked = False
         try:
             with worker.scope:
                 while not self._closed:
@@ -219,9 +225,15 @@ class Dispatcher:
                     finally:
                         self._slots.release_on_behalf_of(worker)
                         self._ended(sub, worker, run.result)
+                        booked = True
                     worker.waiting, worker.run = trio.CancelScope(), None
-                    if not (sub.take_again() or result.next_wake):
+                    # `next_wake` only counts after a claim that handed something over: a server
+                    # that keeps saying "more" without giving any cannot drive a claim loop.
+                    if not (sub.take_again() or (result.next_wake and run.batches_done)):
                         break
+                    booked = False
+            if worker.scope.cancelled_caught and not booked:
+                self._ended(sub, worker, None)  # aborted or interrupted while waiting for its turn
         finally:
             # Only remove the handle this worker registered: a new worker may own the slot now.
             if sub.worker is worker:
@@ -235,11 +247,18 @@ class Dispatcher:
                 self._idle.set()
 
     def _ended(self, sub: _Subscription, worker: Worker, result: ClaimResult | None) -> None:
-        """Book a claim's end, however it ended (a claim cancelled before its answer leaves no result)."""
+        """Book a claim's end, however it ended.
+
+        No result: cancelled before the server's answer, or while waiting for its turn;
+        booked only when cancelled on purpose (an abort rests the subscription as asked).
+        """
         if result is None:
-            return
+            if worker.reason is None:
+                return
+            result = ClaimResult(None)
         if result.restarted:
             sub.handled = -1
+            sub.remember(Wake(sub.id))  # replay what the server skipped now, not at the next wake
         if result.cleanup_error is not None:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED

@@ -198,6 +198,9 @@ class Vitals:
     def wake_latency(self, seconds: float) -> None:
         self.metrics.wake_to_handler.observe(max(seconds, 0.0))
 
+    def ignored(self, reason: str, count: int = 1) -> None:
+        self.metrics.ignored.labels(reason).inc(count)
+
     def gap(self, action: str) -> None:
         self.metrics.gaps.labels(action).inc()
 

@@ -81,6 +81,9 @@ class Journal:
     def held_claims(self) -> list[HeldClaim]:
         return list(self._claims.values())
 
+    def holds(self, subscription: str) -> bool:
+        return subscription in self._claims
+
     def claimed(self, claim: Claim) -> None:
         """A claim was granted: remember it, and where each of its streams was acknowledged."""
         self._claims[claim.subscription] = HeldClaim(

@@ -43,6 +43,12 @@ class Metrics:
         self.lease_renewals = Counter(
             "pullwake_lease_renewals", "Lease renewals (acks without done) by result", ["result"], registry=r
         )
+        self.ignored = Counter(
+            "pullwake_wake_items_ignored",
+            "Items of the wake and control streams that were ignored, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.gaps = Counter(
             "pullwake_subscription_gaps",
             "Ranges of a stream the server skipped when it re-created a subscription, by what the runner did",

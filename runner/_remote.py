@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import aclosing
 
 import structlog
 import trio
 
 from ._backoff import Backoff
 from ._exceptions import ClientError, StreamConflict
+from ._wake import ITEMS_PER_STEP, Tally, paced_long_polls
 from ._wire import Wire
 
 log = structlog.get_logger("pullwake.control_stream")
@@ -21,12 +23,14 @@ async def follow_control_stream(
     *,
     hold: float,
     backoff: Backoff,
+    tally: Tally,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Apply control events appended from now on, for as long as the run lasts.
 
     The stream is created if missing, and read from its tail: an abort meant for an
-    earlier run of this runner is never applied to this one.
+    earlier run of this runner is never applied to this one. Long-polls are paced (an
+    empty answer at once waits out the floor) and failures back off.
     """
     offset: str | None = None
     ready = False
@@ -39,7 +43,17 @@ async def follow_control_stream(
             if not ready:
                 ready = True
                 task_status.started()
-            result = await wire.long_poll(path, offset, hold=hold)
+            async with aclosing(paced_long_polls(wire, path, offset, hold=hold)) as results:
+                async for result in results:
+                    backoff.reset()
+                    for index, message in enumerate(result.messages, 1):
+                        apply(message, abort, tally)
+                        if index % ITEMS_PER_STEP == 0:
+                            await trio.lowlevel.checkpoint()
+                    offset = result.next_offset
+                    if result.closed:
+                        log.warning("control_stream.closed", control_stream=path)
+                        return
         except StreamConflict as exc:
             log.error("control_stream.unusable", control_stream=path, error=str(exc))
             return
@@ -50,26 +64,18 @@ async def follow_control_stream(
                 ready = True
                 task_status.started()
             await trio.sleep(delay)
-            continue
-        backoff.reset()
-        for message in result.messages:
-            apply(message, abort)
-        offset = result.next_offset
-        if result.closed:
-            log.warning("control_stream.closed", control_stream=path)
-            return
 
 
-def apply(message: object, abort: Callable[[str], bool]) -> None:
+def apply(message: object, abort: Callable[[str], bool], tally: Tally) -> None:
     if not isinstance(message, dict):
-        log.warning("control_stream.malformed", message=repr(message)[:200])
+        tally.ignored("control event not an object", message)
         return
     if message.get("type") != "abort":
-        log.info("control_stream.ignored", type=message.get("type"))
+        tally.ignored("control event of another type", message.get("type"))
         return
     subscription = message.get("subscription_id")
-    if not isinstance(subscription, str) or not subscription:
-        log.warning("control_stream.malformed", message=repr(message)[:200])
+    if not isinstance(subscription, str) or not subscription or len(subscription) > 256:
+        tally.ignored("malformed abort", message)
         return
     found = abort(subscription)
     log.warning("control_stream.abort", subscription=subscription, in_flight=found)

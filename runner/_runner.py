@@ -42,7 +42,7 @@ from ._liveness import Liveness
 from ._remote import follow_control_stream
 from ._secrets import Redactor
 from ._subscriptions import SubscriptionKeeper
-from ._wake import Wake, WakeFollower
+from ._wake import Tally, Wake, WakeFollower
 
 log = structlog.get_logger("pullwake.runner")
 
@@ -90,6 +90,7 @@ class Runner:
         self._run_done.set()
         self._listeners: list[Callable[[State], None]] = []
         self._tls: ssl.SSLContext | None = None
+        self._stop_requested = False
 
     def __repr__(self) -> str:
         return f"<Runner {self.settings.runner_id!r} {self.state.value}>"
@@ -210,6 +211,7 @@ class Runner:
         Every caller waits for the same stop sequence. Raises `StopError` if the
         drain ran into trouble (the runner is `stopped` all the same).
         """
+        self._stop_requested = True  # a run that is starting sends STOP once its driver runs
         if self._active is not None:
             await self._active.driver.stop()
         await self._run_done.wait()
@@ -250,6 +252,7 @@ class Runner:
         handlers = self._resolved_handlers()
         settings = self.settings
         self._run_done = trio.Event()
+        self._stop_requested = False
         self._stop_errors, self._fatal = [], None
         self._vitals.started()
         try:
@@ -371,38 +374,41 @@ class Runner:
                     timeout=settings.heartbeat_timeout,
                     threshold=settings.heartbeat_failure_threshold,
                 )
-                self._active = _Active(driver, dispatcher, liveness)
-                if settings.control_stream_enabled:
-                    await lifetime.start(
-                        partial(
-                            follow_control_stream,
-                            wire,
-                            settings.control_stream_path,
-                            dispatcher.abort,
-                            hold=settings.long_poll_timeout,
-                            backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-                        ),
-                        name="control-stream",
-                    )
-                lifetime.start_soon(liveness.run, name="heartbeat")
-                lifetime.start_soon(
-                    partial(
-                        self._sweep,
-                        driver,
-                        dispatcher,
-                        settings.sweep_interval,
-                        partial(return_held_claims, wire, journal, self.redactor),
-                    ),
-                    name="sweep",
-                )
-                if checkpoint is not None:
-                    lifetime.start_soon(
-                        partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
-                        name="checkpoint",
-                    )
                 async with trio.open_nursery() as driving:
                     await driving.start(driver.run)
+                    self._active = _Active(driver, dispatcher, liveness)
                     await driver.send(Event.START)
+                    if self._stop_requested:
+                        await driver.send(Event.STOP)  # stop() was called while the run was starting
+                    if settings.control_stream_enabled:
+                        await lifetime.start(
+                            partial(
+                                follow_control_stream,
+                                wire,
+                                settings.control_stream_path,
+                                dispatcher.abort,
+                                hold=settings.long_poll_timeout,
+                                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                                tally=Tally(self._vitals, f"control stream {settings.control_stream_path}"),
+                            ),
+                            name="control-stream",
+                        )
+                    lifetime.start_soon(liveness.run, name="heartbeat")
+                    lifetime.start_soon(
+                        partial(
+                            self._sweep,
+                            driver,
+                            dispatcher,
+                            settings.sweep_interval,
+                            partial(return_held_claims, wire, journal, self.redactor),
+                        ),
+                        name="sweep",
+                    )
+                    if checkpoint is not None:
+                        lifetime.start_soon(
+                            partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
+                            name="checkpoint",
+                        )
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()
@@ -410,20 +416,21 @@ class Runner:
         log.info("runner.stopped", claims=dict(self._vitals.claims))
 
     async def _sweep(
-        self, driver: Driver, dispatcher: Dispatcher, interval: float, first: Callable[[], Awaitable[None]]
+        self, driver: Driver, dispatcher: Dispatcher, interval: float, first: Callable[[], Awaitable[list[str]]]
     ) -> None:
-        """Claim every served subscription once when streaming starts, then every `interval`.
+        """Claim every served subscription once every `interval` (each new connection sweeps too).
 
         `first` runs once, as soon as the server is reachable: claims an earlier run left
-        held are handed back, so the first sweep can take them up at once.
+        held are handed back, and those subscriptions are claimed again at once.
         """
         await driver.wait_until(State.STREAMING)
-        await first()
+        for subscription in await first():
+            await driver.send(Event.WAKE, payload=Wake(subscription))
         while True:
+            await trio.sleep(interval)
             await driver.wait_until(State.STREAMING)
             for subscription in dispatcher.served:
                 await driver.send(Event.WAKE, payload=Wake(subscription))
-            await trio.sleep(interval)
 
     def _record_fatal(self, envelope: Envelope) -> None:
         self._fatal = envelope.error or WakeStreamClosed("the wake stream ended for good")

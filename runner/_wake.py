@@ -19,6 +19,7 @@ import trio
 
 from machine import Event
 
+from ._answers import WakeEvent, parse
 from ._checkpoint import WakePosition
 from ._driver import StateContext
 from ._exceptions import (
@@ -33,13 +34,47 @@ from ._exceptions import (
 )
 from ._health import Vitals
 from ._subscriptions import SubscriptionKeeper
-from ._wire import Frame, LiveRead, Wire, is_after
+from ._wire import Frame, LiveRead, ReadResult, Wire, is_after
 
 log = structlog.get_logger("pullwake.wake")
 
-# A live read that ends cleanly this soon without delivering anything counts as an error,
-# so a server or proxy that closes at once cannot drive a tight reconnect loop.
+# A live read that ends this soon counts as an error, whatever it delivered, so a server or
+# proxy that closes at once (or after each message) cannot drive a tight reconnect loop:
+# the backoff paces it.
 MIN_USEFUL_STREAM = 1.0
+# Long-polls that come back empty are spaced at least this far apart: a server that answers
+# at once cannot drive a request loop.
+LONG_POLL_FLOOR = 1.0
+# How often a run of ignored wake-stream items is summarised in the log after the first.
+SUMMARY_EVERY = 60.0
+# Yield to other tasks every so many items of one huge frame.
+ITEMS_PER_STEP = 1000
+
+
+class Tally:
+    """Counts items that had to be ignored: logged the first time, then summarised, never one line each."""
+
+    def __init__(self, vitals: Vitals, what: str) -> None:
+        self._vitals = vitals
+        self._what = what
+        self._since_logged = 0
+        self._logged_at: float | None = None
+
+    def ignored(self, reason: str, example: object, count: int = 1) -> None:
+        self._vitals.ignored(reason, count)
+        self._since_logged += count
+        now = trio.current_time()
+        if self._logged_at is None or now - self._logged_at >= SUMMARY_EVERY:
+            log.warning(
+                "wake.ignored",
+                source=self._what,
+                reason=reason,
+                count=self._since_logged,
+                example=repr(example)[:200],
+                detail="counted in pullwake_wake_items_ignored_total; summarised at most once a minute",
+            )
+            self._vitals.error(f"{self._what}: ignored {self._since_logged} item(s): {reason}: {str(example)[:200]}")
+            self._since_logged, self._logged_at = 0, now
 
 
 @dataclass(frozen=True)
@@ -68,13 +103,30 @@ class LongPollRead:
         pass
 
     async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
-        # Each request is bounded by the hold time plus the request timeout: that is the watchdog.
-        while True:
-            result = await self._wire.long_poll(self._path, self.offset, hold=self._hold)
+        # Each request is bounded by the hold time plus the request deadline: that is the watchdog.
+        async for result in paced_long_polls(self._wire, self._path, self.offset, hold=self._hold):
             if not result.is_json:
                 raise ProtocolError(f"wake stream {self._path} is not a JSON stream ({result.content_type})")
             self.offset = result.next_offset
             yield Frame(result.messages, result.next_offset, result.closed)
+
+
+async def paced_long_polls(wire: Wire, path: str, offset: str, *, hold: float) -> AsyncGenerator[ReadResult, None]:
+    """Long-polls one after the other from `offset`; empty answers come at most every LONG_POLL_FLOOR s.
+
+    An empty answer never moves the offset back (a file-backed server can answer a read
+    from just past its tail with a smaller offset).
+    """
+    while True:
+        started = trio.current_time()
+        result = await wire.long_poll(path, offset, hold=hold)
+        if result.messages or is_after(result.next_offset, offset):
+            offset = result.next_offset
+        else:
+            result = ReadResult([], offset, result.up_to_date, result.closed, result.content_type)
+        yield result
+        if not result.messages:
+            await trio.sleep_until(started + LONG_POLL_FLOOR)
 
 
 class WakeFollower:
@@ -102,6 +154,8 @@ class WakeFollower:
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive_timeout
         self._hold = long_poll_timeout
+        self._tally = Tally(vitals, f"wake stream {wake_stream}")
+        self._missing = False
 
     async def connect(self, context: StateContext) -> None:
         try:
@@ -116,27 +170,27 @@ class WakeFollower:
         await context.emit(Event.CONNECTED, payload=connection)
 
     async def tail(self, *, timeout: float | None = None) -> str:
-        """HEAD of the wake stream: its tail. Also the liveness probe.
-
-        A missing wake stream means our offset refers to nothing: should the stream come
-        back (re-created), it is read from the start. Offsets alone cannot tell: the new
-        stream's tail may land exactly where we were in the old one.
-        """
-        try:
-            return await self._wire.tail(self._path, timeout=timeout)
-        except StreamNotFound:
-            if self._position.offset not in (None, "-1"):
-                self._rewind("the wake stream is missing")
-            raise
+        """HEAD of the wake stream: its tail. Also the liveness probe."""
+        return await self._wire.tail(self._path, timeout=timeout)
 
     async def _open(self) -> LiveRead:
-        # The tail says the stream is there, and whether our offset still means anything.
-        tail = await self.tail()
+        # The tail says the stream is there, and whether our offset still means anything. A
+        # stream that went missing and came back, or whose tail is behind our offset, was
+        # re-created: our offset means nothing in it. Offsets alone cannot always tell (the
+        # new tail may land exactly where we were), so a stream seen missing counts as new.
+        # Either way the read resumes at the tail: the sweep that every new connection
+        # makes (the RESYNC effect) claims whatever is pending, without re-reading history.
+        try:
+            tail = await self.tail()
+        except StreamNotFound:
+            self._missing = True
+            raise
         if self._position.offset is None:
-            # First start without a checkpoint: begin at the tail (the start-up sweep covers the past).
-            self._position.advance(tail)
-        elif is_after(self._position.offset, tail):
-            self._rewind(f"our offset is past its tail {tail}")
+            self._position.advance(tail)  # first start without a checkpoint
+        elif self._missing or is_after(self._position.offset, tail):
+            why = "it went missing and came back" if self._missing else f"our offset is past its tail {tail}"
+            self._resume_at(tail, why)
+        self._missing = False
         offset = self._position.offset
         assert offset is not None
         if self.mode == "sse":
@@ -150,11 +204,17 @@ class WakeFollower:
                 self.mode = "long-poll"
         return LongPollRead(self._wire, self._path, offset, self._hold)
 
-    def _rewind(self, why: str) -> None:
-        """Deleted and re-created under us: our offset means nothing in the new stream, and a read
-        from it would skip what is there. Every wake in the new stream is news: read it all."""
-        log.warning("wake.stream_rewound", wake_stream=self._path, offset=self._position.offset, why=why)
-        self._position.advance("-1")
+    def _resume_at(self, offset: str, why: str) -> None:
+        """Our offset means nothing in this stream any more: go on from the server's."""
+        log.warning(
+            "wake.stream_rewound",
+            wake_stream=self._path,
+            offset=self._position.offset,
+            resume_at=offset,
+            why=why,
+            detail="resuming there; the sweep of the new connection claims whatever is pending",
+        )
+        self._position.advance(offset)
 
     async def consume(self, context: StateContext) -> None:
         connection = cast(LiveRead, context.trigger.payload)
@@ -172,8 +232,8 @@ class WakeFollower:
             self._vitals.error(error)
             log.error("wake.stream_closed", wake_stream=self._path, offset=self._position.offset)
             await context.emit(Event.STREAM_CLOSED, error=error)
-        elif delivered == 0 and trio.current_time() - started < MIN_USEFUL_STREAM:
-            error = ImmediateClose("the wake stream closed at once without delivering anything")
+        elif (lived := trio.current_time() - started) < MIN_USEFUL_STREAM:
+            error = ImmediateClose(f"the wake stream ended after {lived:.2f} s ({delivered} message(s))")
             self._vitals.error(error)
             await context.emit(Event.STREAM_ERROR, error=error)
         else:
@@ -182,20 +242,28 @@ class WakeFollower:
 
     async def _follow(self, connection: LiveRead, context: StateContext) -> tuple[int, bool]:
         """Relay wakes until the live read ends; returns (messages delivered, stream closed)."""
-        delivered = 0
+        delivered, since_data = 0, False
         async with aclosing(connection.frames(self._keepalive)) as frames:
             async for frame in frames:
                 delivered += len(frame.messages)
-                for message in frame.messages:
+                since_data = since_data or bool(frame.messages) or frame.unusable is not None
+                if frame.unusable is not None:
+                    self._tally.ignored("unusable event", frame.unusable)
+                for index, message in enumerate(frame.messages, 1):
                     wake = self._wake_of(message)
                     if wake is not None:
                         await context.emit(Event.WAKE, payload=wake)
+                    elif index % ITEMS_PER_STEP == 0:
+                        await trio.lowlevel.checkpoint()  # a huge frame must not freeze the runner
                 if frame.offset is not None:
                     current = self._position.offset
                     if current is not None and is_after(current, frame.offset):
-                        self._rewind(f"the server went back to {frame.offset}")
+                        if not since_data:
+                            continue  # an empty answer just past a lagging tail: keep our offset
+                        self._resume_at(frame.offset, "the server went back")
                         raise StreamRewound(f"the wake stream {self._path} went back from {current} to {frame.offset}")
                     self._position.advance(frame.offset)
+                    since_data = False
                 if frame.closed:
                     return delivered, True
         return delivered, False
@@ -203,21 +271,15 @@ class WakeFollower:
     def _wake_of(self, message: object) -> Wake | None:
         self._vitals.wake_received()
         if not isinstance(message, dict):
-            log.warning("wake.malformed", wake_stream=self._path, message=repr(message)[:200])
+            self._tally.ignored("not an object", message)
             return None
         if message.get("type") != "wake":
-            log.debug("wake.other_event", type=message.get("type"))
+            self._vitals.ignored("other type")  # newer protocol versions: not a problem
             return None
-        subscription = message.get("subscription_id")
-        generation = message.get("generation")
-        if not isinstance(subscription, str) or not subscription or not isinstance(generation, int):
-            log.warning("wake.malformed", wake_stream=self._path, message=repr(message)[:200])
+        try:
+            event: WakeEvent = parse(WakeEvent, message, what="wake")
+        except ProtocolError as exc:
+            self._tally.ignored("malformed wake", str(exc))
             return None
-        stream = message.get("stream")
-        ts = message.get("ts")
-        return Wake(
-            subscription,
-            stream if isinstance(stream, str) else None,
-            generation,
-            ts if isinstance(ts, int) else None,
-        )
+        stream = event.stream if isinstance(event.stream, str) else None
+        return Wake(event.subscription_id, stream, event.generation, event.ts_ms)

@@ -234,7 +234,7 @@ async def test_wake_stream_garbage_and_non_json_streams_are_logged_and_survived(
             await world.append("a", {"n": 1})
             await eventually(lambda: {"n": 1} in recorder.messages(), what="a normal event after all that")
     events = {entry["event"] for entry in logs}
-    assert {"wake.not_served", "wake.malformed", "stream.not_json"} <= events
+    assert {"wake.not_served", "wake.ignored", "stream.not_json"} <= events
     assert recorder.messages(world.stream("text")) == [b"hello"]
     assert runner.health().claims_failed == 0
 

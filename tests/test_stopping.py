@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import prometheus_client
@@ -297,3 +298,26 @@ async def test_an_abort_rests_the_subscription_as_long_as_asked_and_health_says_
         rests_for = runner.health().cooldowns[world.sub] - time.time()
         assert 25 < rests_for <= 30
     assert [batch.messages for batch in started] == [[{"n": 1}], [{"n": 1}]], "aborted work is redelivered"
+
+
+async def test_a_stop_while_the_runner_is_still_starting_stops_it(world: World, nursery: trio.Nursery) -> None:
+    """The server accepts connections and never answers, so the start is still in progress
+    (connecting, opening its control stream) when stop() is called: stop() must not be lost."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(partial(trio.serve_listeners, never_answer, listeners))
+    port = listeners[0].socket.getsockname()[1]
+    runner = Runner(world.settings(server_url=f"http://127.0.0.1:{port}"), handlers={world.sub: Recorder()})
+    async with trio.open_nursery() as runs:
+        runs.start_soon(runner.start, runs)
+        await eventually(lambda: bool(held), what="the runner to reach the silent server")
+        with trio.fail_after(10):
+            await runner.stop()
+    assert runner.state is State.STOPPED
+    for stream in held:
+        await stream.aclose()

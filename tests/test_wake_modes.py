@@ -110,9 +110,10 @@ async def test_a_vanished_subscription_is_put_back(world: World) -> None:
     assert (await world.get_subscription(world.sub))["pattern"] == f"jobs-{world.uid}/*"
 
 
-async def test_a_wake_stream_re_created_under_the_runner_is_read_from_its_start(world: World) -> None:
+async def test_a_wake_stream_re_created_under_the_runner_misses_no_work(world: World) -> None:
     """Someone deletes and re-creates the wake stream, and work arrives before the runner is back:
-    the runner's offset is past the new stream's end, yet the wake written there is not lost."""
+    the wake written there may sit below the runner's offset, yet the work is not missed (the
+    new connection's sweep claims it, rather than re-reading the whole stream)."""
     await world.create("a")
     spec = world.spec(manage=False)
     await world.client.create_stream(world.wake)
@@ -120,14 +121,13 @@ async def test_a_wake_stream_re_created_under_the_runner_is_read_from_its_start(
     recorder = Recorder()
     settings = world.settings(subscriptions=(spec,), state_dir=world.tmp / "state", backoff_initial=1.0)
     runner = Runner(settings, handlers={world.sub: recorder})
-    with captured_logs() as logs:
-        async with running(runner):
-            for n in range(3):
-                await world.append("a", {"n": n})
-            await eventually(lambda: recorder.count == 3)
-            assert (await world.http.delete(world.stream_path(world.wake))).status_code == 204
-            await eventually(lambda: runner.state is not State.STREAMING, what="the runner to lose its stream")
-            await world.client.create_stream(world.wake)
-            await world.append("a", {"n": 3})  # its wake lands in the new stream, before the runner is back
-            await eventually(lambda: recorder.count == 4, timeout=10, what="the event after the re-creation")
-    assert any(entry["event"] == "wake.stream_rewound" for entry in logs)
+    async with running(runner):
+        for n in range(3):
+            await world.append("a", {"n": n})
+        await eventually(lambda: recorder.count == 3)
+        assert (await world.http.delete(world.stream_path(world.wake))).status_code == 204
+        await eventually(lambda: runner.state is not State.STREAMING, what="the runner to lose its stream")
+        await world.client.create_stream(world.wake)
+        await world.append("a", {"n": 3})  # its wake lands in the new stream, before the runner is back
+        await eventually(lambda: recorder.count == 4, timeout=10, what="the event after the re-creation")
+    assert [message["n"] for message in recorder.messages()] == [0, 1, 2, 3]
