@@ -1,4 +1,4 @@
-"""One claim of one subscription, from POST /claim to its final ack or hand-back.
+"""One claim of one subscription, from POST /claim to its final ack or hand-back (docs/design.md §5, §6.3).
 
 Batches of each pending stream go to the handler in order; each successful
 batch is acknowledged at once (which also renews the lease; the last one rides

@@ -1,4 +1,4 @@
-"""The local control surface: health, status, in-flight claims, abort, metrics.
+"""The local control surface (docs/design.md §7.5): health, status, in-flight claims, abort, metrics.
 
 Served by Hypercorn (trio worker) from a Starlette app, on a Unix socket that only
 the runner's user can open, and optionally on a loopback TCP port for scrapers

@@ -1,4 +1,4 @@
-"""Handing one batch to a subscription's handler: retries with backoff, then a dead letter or a failure.
+"""Handing one batch to a subscription's handler (docs/design.md §5.6): retries, then a dead letter or a failure.
 
 Used by a held claim for the batches it reads, and by the replay of a gap the
 server skipped; it knows nothing of leases or acks.

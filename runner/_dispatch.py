@@ -1,4 +1,4 @@
-"""The dispatcher: which wakes become claims, one worker per subscription at a time.
+"""The dispatcher (docs/design.md §5.1-5.3, §6.1): which wakes become claims, one worker per subscription at a time.
 
 A WAKE for a served subscription starts a worker unless one is already in
 flight; then the wake is remembered and the worker claims again when it ends

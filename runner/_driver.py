@@ -1,4 +1,4 @@
-"""Carries out the lifecycle: the machine decides *when*, this decides nothing.
+"""Carries out the lifecycle (docs/design.md §4.4): the machine decides *when*, this decides nothing.
 
 One trio task owns the `Lifecycle`. Every event reaches it through one memory
 channel, so transitions are serialized. Each entry into a state gets a new

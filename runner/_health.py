@@ -1,4 +1,4 @@
-"""What the runner has been doing, for operators: one recorder, one immutable snapshot, and the
+"""What the runner has been doing, for operators (docs/design.md §7.6): one recorder, one immutable snapshot, and the
 rules that judge them (`status_of`, `Health.verdict`, `progressing`).
 
 The lifecycle state is not recorded here: the driver owns it, and a snapshot

@@ -1,4 +1,4 @@
-"""What the runner remembers of its own work, across its own restarts and the server's.
+"""What the runner remembers of its own work, across its own restarts and the server's (docs/design.md §6.4-6.5).
 
 The journal keeps, per served subscription:
 - the claim the runner holds, if any (wake id, generation, claim token, when the

@@ -1,4 +1,4 @@
-"""The lease of a held claim: how long it is ours, by the runner's own clock.
+"""The lease of a held claim: how long it is ours, by the runner's own clock (docs/design.md §5.4).
 
 A lease is only as fresh as the request that granted or renewed it: it is
 counted from when that request was *sent*, since the server may have started

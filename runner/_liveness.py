@@ -1,4 +1,4 @@
-"""Never alive-but-idle: probe the server, and reset a connection that is not really alive.
+"""Never alive-but-idle (docs/design.md §4.3): probe the server, and reset a connection that is not really alive.
 
 The heartbeat lives for the whole run. Every `interval` it HEADs the wake
 stream with its own timeout. After `threshold` consecutive failures it sends

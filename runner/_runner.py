@@ -1,4 +1,4 @@
-"""The `Runner`: wires the lifecycle driver to the real activities and runs them.
+"""The `Runner`: wires the lifecycle driver to the real activities and runs them (docs/design.md §4.3).
 
 Nursery layout of one run (outermost first):
 

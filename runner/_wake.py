@@ -1,4 +1,4 @@
-"""Following the wake stream: the `connecting` and `streaming` activities.
+"""Following the wake stream: the `connecting` and `streaming` activities (docs/design.md §4.2).
 
 `connect` prepares the server side (managed subscriptions), finds the offset to
 resume from, and opens the live read; it hands the open read over with
