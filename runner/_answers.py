@@ -1,7 +1,8 @@
 """What the server's answers must look like, checked with strict types.
 
-A wrong type is a malformed answer, never a coercion: a dict is not a token, the
-string "false" is not a boolean, and a 400-digit number is not a timestamp.
+A wrong type is a malformed answer, never a coercion: a dict is not a token and the
+string "false" is not a boolean. A wake's `ts` only feeds a latency metric, so an
+implausible one (a 400-digit number, say) is ignored rather than refused.
 Stream paths from the server must name a stream under the stream root, and
 offsets must be short printable strings, before anything is requested with them.
 """

@@ -81,7 +81,7 @@ class ClaimResult:
     """None: cancelled from outside (a stop or an abort), after its finalizer ran."""
     generation: int | None = None
     next_wake: bool = False
-    """The server says more work is pending: claim again at once."""
+    """The server says more work is pending (claimed again at once if this claim made progress)."""
     restarted: bool = False
     """The subscription had to be created again: its generations start over, and what the
     server skipped is replayed by the next claim, at once."""

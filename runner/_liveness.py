@@ -6,9 +6,9 @@ STREAM_RESET, which in `connecting` cancels a connect attempt that hangs and
 in `streaming` drops a stream that stopped carrying anything; it keeps sending
 one per failed probe while the failures last. While streaming, a tail that is
 ahead of what the runner received, on two probes in a row with nothing arriving
-in between, is a stalled stream: STREAM_RESET as well. Every probe that gets an answer says so (PROBE_OK): while
-reconnecting, that ends the backoff at once, so recovery follows the end of a
-fault rather than a timer.
+in between, is a stalled stream: STREAM_RESET as well. A probe that gets an answer after one that did not says so
+(PROBE_OK): while reconnecting, that ends the backoff at once, so recovery follows
+the end of a fault rather than a timer.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class Liveness:
         self.resets = 0
         self.started_at = trio.current_time()
         self.last_beat_at: float | None = None
+        self._answered = True
         self._last: _Observation | None = None
 
     async def run(self) -> None:
@@ -88,9 +89,12 @@ class Liveness:
         if error is not None:
             log.warning("heartbeat.failed", error=str(error))
         state, epoch = self._driver.state, self._driver.epoch
-        if tail is not None or isinstance(error, RequestError):
-            # The server answered: whatever kept the runner away may be over.
+        answered = tail is not None or isinstance(error, RequestError)
+        if answered and not self._answered:
+            # The server answers again after it did not: the fault is over, so is any wait for it.
+            # (Only then: a server that answers all along gets the backoff's pace.)
             await self._driver.send(Event.PROBE_OK, epoch=epoch)
+        self._answered = answered
         if self.failures >= self.threshold:
             if state in (State.CONNECTING, State.STREAMING):
                 await self._reset(f"{self.failures} liveness probes failed in a row", epoch)

@@ -176,3 +176,23 @@ def test_health_is_degraded_while_probes_fail_or_the_stream_is_down() -> None:
     assert (health.status, health.reconnect_count, health.stream_connected) == ("degraded", 1, False)
     vitals.started()
     assert vitals.snapshot(State.STOPPED, [], None).reconnect_count == 0, "counters start fresh on every start"
+
+
+async def test_only_an_answer_after_a_failure_ends_a_backoff(autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    probe = Probe(lambda n: "fail" if n == 1 else "0000_0001")
+    liveness = liveness_for(driver, probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.RECONNECTING)
+        nursery.start_soon(liveness.run)
+        await trio.sleep(INTERVAL + 1)
+        assert driver.state is State.RECONNECTING, "a failed probe ends nothing"
+        await trio.sleep(INTERVAL)
+        assert driver.state is State.CONNECTING, "the first answer after the failure ends the wait"
+        await driver.send(Event.CONNECT_FAILED, epoch=driver.epoch)
+        await settle()
+        await trio.sleep(INTERVAL * 4)
+        assert driver.state is State.RECONNECTING, "a server answering all along gets the backoff's pace"
+        nursery.cancel_scope.cancel()
