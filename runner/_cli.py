@@ -84,7 +84,26 @@ def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> N
         log.warning("config.warning", detail=warning)
     from ._daemon import serve
 
-    sys.exit(trio.run(serve, runner))
+    try:
+        exit_status = trio.run(serve, runner)
+    except (ConfigError, BaseExceptionGroup) as error:
+        # What fails inside trio (binding the control socket or the metrics port) comes wrapped
+        # in trio's exception groups: a ConfigError among them is the same one line and 78.
+        if (config_error := _config_error_in(error)) is None:
+            raise
+        _fail_config(config_error)
+    sys.exit(exit_status)
+
+
+def _config_error_in(error: BaseException) -> ConfigError | None:
+    """The first ConfigError in `error` or in the exception groups nested in it, if any."""
+    if isinstance(error, ConfigError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _config_error_in(inner)) is not None:
+                return found
+    return None
 
 
 @main.command()
