@@ -170,11 +170,20 @@ socket_option = click.option(
 )
 
 
-def _ask(socket_path: Path | None, config: Path | None, method: str, url: str) -> tuple[int, Any]:
+timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the runner's answer.",
+)
+
+
+def _ask(socket_path: Path | None, config: Path | None, method: str, url: str, timeout: float) -> tuple[int, Any]:
     from ._control import request
 
     try:
-        return request(_socket_path(socket_path, config), method, url)
+        return request(_socket_path(socket_path, config), method, url, timeout=timeout)
     except RunnerError as error:
         click.echo(f"pullwake: {error}", err=True)
         sys.exit(EX_FAILURE)
@@ -190,11 +199,12 @@ def _ago(timestamp: float | None) -> str:
 @main.command()
 @config_option
 @socket_option
+@timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full status snapshot as JSON.")
-def status(config: Path | None, socket_path: Path | None, as_json: bool) -> None:
+def status(config: Path | None, socket_path: Path | None, timeout: float, as_json: bool) -> None:
     """Show what a running runner is doing: state, health, counters, claims in flight."""
-    _, snapshot = _ask(socket_path, config, "GET", "/status")
-    code, health = _ask(socket_path, config, "GET", "/health")
+    _, snapshot = _ask(socket_path, config, "GET", "/status", timeout)
+    code, health = _ask(socket_path, config, "GET", "/health", timeout)
     if as_json:
         click.echo(json.dumps({**snapshot, "healthy": health["ok"], "health_reason": health["reason"]}, indent=2))
         sys.exit(EX_OK if code == 200 else EX_FAILURE)
@@ -238,9 +248,10 @@ def status(config: Path | None, socket_path: Path | None, as_json: bool) -> None
 @click.argument("subscription")
 @config_option
 @socket_option
-def abort(subscription: str, config: Path | None, socket_path: Path | None) -> None:
+@timeout_option
+def abort(subscription: str, config: Path | None, socket_path: Path | None, timeout: float) -> None:
     """Abort the in-flight claim of SUBSCRIPTION: progress is acked, the claim released."""
-    code, answer = _ask(socket_path, config, "POST", f"/claims/{subscription}/abort")
+    code, answer = _ask(socket_path, config, "POST", f"/claims/{subscription}/abort", timeout)
     if code == 202:
         click.echo(f"aborted the claim of {subscription}")
         return

@@ -250,16 +250,56 @@ async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[An
 # -- the client side, for `pullwake status` and `pullwake abort` -------------------------
 
 
-def _client(path: Path) -> httpx.Client:
+def _client(path: Path, timeout: float) -> httpx.Client:
     if not path.exists():
         raise RunnerError(f"no control socket at {path}: is the runner running with control_socket set?")
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://pullwake", timeout=5.0)
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://pullwake", timeout=timeout)
 
 
-def request(path: Path, method: str, url: str) -> tuple[int, Any]:
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError under an httpx error (httpcore and httpx chain it), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _unreachable(path: Path, error: httpx.TransportError, timeout: float) -> str:
+    if isinstance(error, httpx.TimeoutException):
+        return (
+            f"the runner at {path} did not answer within {timeout:g} s: it is wedged, or something other "
+            "than a runner holds this socket"
+        )
+    cause = _os_error(error)
+    if isinstance(cause, ConnectionRefusedError):
+        return (
+            f"nobody is answering on {path} (connection refused): the runner is not running, "
+            "or it stopped without removing its socket"
+        )
+    if isinstance(cause, PermissionError):
+        return f"cannot connect to {path}: permission denied; run this as the runner's user"
+    if cause is not None:
+        return f"cannot connect to {path}: {_reason(cause)}"
+    return f"the runner at {path} gave no answer: {type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def request(path: Path, method: str, url: str, *, timeout: float = 5.0) -> tuple[int, Any]:
+    """Ask the runner on the control socket at `path`; its status code and JSON answer.
+
+    Raises `RunnerError` with one line when there is no runner to ask, or no usable answer.
+    """
     try:
-        with _client(path) as client:
+        with _client(path, timeout) as client:
             response = client.request(method, url)
     except httpx.TransportError as exc:
-        raise RunnerError(f"cannot reach the runner at {path}: {exc}") from exc
-    return response.status_code, response.json()
+        raise RunnerError(_unreachable(path, exc, timeout)) from exc
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        raise RunnerError(
+            f"{path} answered HTTP {response.status_code} without JSON: it is not a pullwake control socket"
+        ) from None
