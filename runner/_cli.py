@@ -84,7 +84,26 @@ def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> N
         log.warning("config.warning", detail=warning)
     from ._daemon import serve
 
-    sys.exit(trio.run(serve, runner))
+    try:
+        exit_status = trio.run(serve, runner)
+    except (ConfigError, BaseExceptionGroup) as error:
+        # What fails inside trio (binding the control socket or the metrics port) comes wrapped
+        # in trio's exception groups: a ConfigError among them is the same one line and 78.
+        if (config_error := _config_error_in(error)) is None:
+            raise
+        _fail_config(config_error)
+    sys.exit(exit_status)
+
+
+def _config_error_in(error: BaseException) -> ConfigError | None:
+    """The first ConfigError in `error` or in the exception groups nested in it, if any."""
+    if isinstance(error, ConfigError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _config_error_in(inner)) is not None:
+                return found
+    return None
 
 
 @main.command()
@@ -151,11 +170,20 @@ socket_option = click.option(
 )
 
 
-def _ask(socket_path: Path | None, config: Path | None, method: str, url: str) -> tuple[int, Any]:
+timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the runner's answer.",
+)
+
+
+def _ask(socket_path: Path | None, config: Path | None, method: str, url: str, timeout: float) -> tuple[int, Any]:
     from ._control import request
 
     try:
-        return request(_socket_path(socket_path, config), method, url)
+        return request(_socket_path(socket_path, config), method, url, timeout=timeout)
     except RunnerError as error:
         click.echo(f"pullwake: {error}", err=True)
         sys.exit(EX_FAILURE)
@@ -171,11 +199,12 @@ def _ago(timestamp: float | None) -> str:
 @main.command()
 @config_option
 @socket_option
+@timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full status snapshot as JSON.")
-def status(config: Path | None, socket_path: Path | None, as_json: bool) -> None:
+def status(config: Path | None, socket_path: Path | None, timeout: float, as_json: bool) -> None:
     """Show what a running runner is doing: state, health, counters, claims in flight."""
-    _, snapshot = _ask(socket_path, config, "GET", "/status")
-    code, health = _ask(socket_path, config, "GET", "/health")
+    _, snapshot = _ask(socket_path, config, "GET", "/status", timeout)
+    code, health = _ask(socket_path, config, "GET", "/health", timeout)
     if as_json:
         click.echo(json.dumps({**snapshot, "healthy": health["ok"], "health_reason": health["reason"]}, indent=2))
         sys.exit(EX_OK if code == 200 else EX_FAILURE)
@@ -219,9 +248,10 @@ def status(config: Path | None, socket_path: Path | None, as_json: bool) -> None
 @click.argument("subscription")
 @config_option
 @socket_option
-def abort(subscription: str, config: Path | None, socket_path: Path | None) -> None:
+@timeout_option
+def abort(subscription: str, config: Path | None, socket_path: Path | None, timeout: float) -> None:
     """Abort the in-flight claim of SUBSCRIPTION: progress is acked, the claim released."""
-    code, answer = _ask(socket_path, config, "POST", f"/claims/{subscription}/abort")
+    code, answer = _ask(socket_path, config, "POST", f"/claims/{subscription}/abort", timeout)
     if code == 202:
         click.echo(f"aborted the claim of {subscription}")
         return

@@ -20,6 +20,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from ._exceptions import ConfigError
@@ -28,6 +29,17 @@ CREDENTIAL_NAME = "pullwake-token"
 """The name of the systemd credential holding the service token (LoadCredential=)."""
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+UNIX_PATH_MAX = 107
+"""The longest path a Unix socket can be bound to on Linux (sun_path is 108 bytes with its NUL)."""
+
+
+def unix_socket_path_problem(path: Path) -> str | None:
+    """Why `path` cannot be a Unix socket's address (too long for AF_UNIX), or None."""
+    length = len(os.fsencode(path))
+    if length > UNIX_PATH_MAX:
+        return f"{path} is {length} bytes long; a Unix socket path can be at most {UNIX_PATH_MAX}"
+    return None
 
 
 def _default_runner_id() -> str:
@@ -229,6 +241,15 @@ class Settings(BaseSettings):
         host, _, port = value.rpartition(":")
         if host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit():
             raise ValueError("must be a loopback host:port such as 127.0.0.1:9464")
+        if int(port) > 65_535:
+            raise ValueError(f"port {port} is out of range (0-65535)")
+        return value
+
+    @field_validator("control_socket")
+    @classmethod
+    def _bindable_socket(cls, value: Path | None) -> Path | None:
+        if value is not None and (problem := unix_socket_path_problem(value)):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -321,17 +342,40 @@ def describe_validation_error(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def _describe_settings_error(error: ValueError) -> str:
+    """One line for what pydantic-settings raises before validation: a complex value that does not parse.
+
+    It says which field and source (`error parsing value for field "subscriptions" from source
+    "EnvSettingsSource"`) and chains the JSON error; the line names the variable and the JSON problem.
+    """
+    found = re.search(r'field "(\w+)" from source "(\w+)"', str(error))
+    if found is None:
+        return "invalid configuration: " + " ".join(str(error).split())
+    field, source = found.groups()
+    where = f"PULLWAKE_{field.upper()}" if source == "EnvSettingsSource" else f"{field} (from {source})"
+    cause = error.__cause__ or error.__context__
+    if cause is None:
+        return f"{where}: cannot be parsed"
+    what = "is not valid JSON" if isinstance(cause, ValueError) else "cannot be parsed"
+    return f"{where} {what}: " + " ".join(str(cause).split())
+
+
 def load_settings(config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Build the settings from a TOML file, the environment and explicit overrides.
 
-    Raises `ConfigError` with one line per bad key.
+    Raises `ConfigError`: one line for one problem, else a heading and one line per bad key.
     """
     path = Path(config_file) if config_file is not None else None
     with _reading(path):
         try:
             return Settings(**dict(overrides or {}))
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc)) from None
+            heading, *problems = describe_validation_error(exc).splitlines()
+            if len(problems) == 1:
+                raise ConfigError(f"{heading} {problems[0].strip()}") from None
+            raise ConfigError("\n".join([heading, *problems])) from None
+        except (SettingsError, ValueError) as exc:  # a complex env value (PULLWAKE_SUBSCRIPTIONS) that is not JSON
+            raise ConfigError(_describe_settings_error(exc)) from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -61,17 +61,21 @@ async def _serve_bound(runner: Runner) -> int:
     problems: list[BaseException] = []
     fatal = False
     try:
-        async with trio.open_nursery() as nursery:
-            await runner.start(nursery)
-            async with trio.open_nursery() as helpers:
-                await helpers.start(serve_surfaces, runner, runner.settings)
-                notifier.send("READY=1", f"STATUS={_status_line(runner, runner.state)}", f"MAINPID={os.getpid()}")
-                runner.add_state_listener(partial(_notify_state, notifier, runner))
-                helpers.start_soon(_watch_signals, runner, nursery, problems, notifier)
-                if (interval := watchdog_interval()) is not None:
-                    helpers.start_soon(keep_watchdog, notifier, runner.progressing, interval)
-                await runner.wait_stopped()
-                helpers.cancel_scope.cancel()  # the control surfaces end with the runner
+        async with trio.open_nursery() as surfaces:
+            # Bound before the runner starts: a socket or port that cannot be had (ConfigError) ends
+            # the start here, before this runner claims any work.
+            await surfaces.start(serve_surfaces, runner, runner.settings)
+            async with trio.open_nursery() as nursery:
+                await runner.start(nursery)
+                async with trio.open_nursery() as helpers:
+                    notifier.send("READY=1", f"STATUS={_status_line(runner, runner.state)}", f"MAINPID={os.getpid()}")
+                    runner.add_state_listener(partial(_notify_state, notifier, runner))
+                    helpers.start_soon(_watch_signals, runner, nursery, problems, notifier)
+                    if (interval := watchdog_interval()) is not None:
+                        helpers.start_soon(keep_watchdog, notifier, runner.progressing, interval)
+                    await runner.wait_stopped()
+                    helpers.cancel_scope.cancel()
+            surfaces.cancel_scope.cancel()  # the control surfaces end with the runner
     except* WakeStreamClosed as group:
         log.error("runner.fatal", error=str(group.exceptions[0]))
         fatal = True

@@ -401,6 +401,11 @@ def resolve(reference: str) -> Handler:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"handler {reference!r}: cannot import {module_name}: {exc}") from exc
+    except Exception as exc:  # the module itself fails at import (RuntimeError, SyntaxError, a bad setting...)
+        detail = " ".join(str(exc).split())  # one line, whatever the module put in its message
+        raise ConfigError(
+            f"handler {reference!r}: importing {module_name} failed: {type(exc).__name__}: {detail}"
+        ) from exc
     target: Any = module
     for part in attribute.split("."):
         try:
