@@ -13,6 +13,7 @@ Serving the control socket and the metrics listener is the daemon's business
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class Runner:
         """
         self._resolved_handlers()
         self.redactor.keep(self.settings.service_token())
+        if (state_dir := self.settings.state_dir) is not None:
+            _check_state_dir(Path(state_dir))
 
     def _resolved_handlers(self) -> dict[str, AsyncHandler]:
         resolved: dict[str, AsyncHandler] = {}
@@ -454,6 +457,20 @@ class Runner:
             epoch=epoch,
             error=str(envelope.error) if envelope.error else None,
         )
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """ConfigError (one line) if `state_dir` is not, and cannot become, a writable directory.
+
+    Creates nothing (`config check` runs this too): it looks at the nearest part that exists.
+    """
+    existing = state_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"state_dir {state_dir}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir {state_dir}: {existing} is not writable by this user")
 
 
 def _wake_of(envelope: Envelope) -> Wake:

@@ -190,9 +190,9 @@ async def test_only_an_answer_after_a_failure_ends_a_backoff(autojump_clock: tri
         await trio.sleep(INTERVAL + 1)
         assert driver.state is State.RECONNECTING, "a failed probe ends nothing"
         await trio.sleep(INTERVAL)
-        assert driver.state is State.CONNECTING, "the first answer after the failure ends the wait"
+        assert State(driver.state) is State.CONNECTING, "the first answer after the failure ends the wait"
         await driver.send(Event.CONNECT_FAILED, epoch=driver.epoch)
         await settle()
         await trio.sleep(INTERVAL * 4)
-        assert driver.state is State.RECONNECTING, "a server answering all along gets the backoff's pace"
+        assert State(driver.state) is State.RECONNECTING, "a server answering all along gets the backoff's pace"
         nursery.cancel_scope.cancel()

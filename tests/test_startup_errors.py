@@ -261,3 +261,9 @@ async def test_status_on_a_socket_that_is_not_a_runner_says_so_in_one_line(tmp_p
     assert stderr.strip().splitlines() == [
         f"pullwake: {control} answered HTTP 200 without JSON: it is not a pullwake control socket"
     ]
+
+
+def test_a_state_dir_under_a_file_is_one_line_and_78(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x\n")
+    config = write_config(tmp_path / "runner.toml", state_dir=str(tmp_path / "a-file" / "state"))
+    one_line_config_error(pullwake("run", "--config", str(config)), "state_dir", "not a directory")
