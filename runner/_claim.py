@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import structlog
 import trio
@@ -34,14 +33,14 @@ from ._exceptions import (
     Fenced,
     InvalidOffset,
     NoPendingWork,
-    StreamNotFound,
     SubscriptionNotFound,
     TokenInvalid,
 )
 from ._handlers import Batch
 from ._health import SUCCEEDED, Outcome, Vitals
-from ._journal import Gap, Journal
+from ._journal import Journal
 from ._lease import Lease
+from ._recovery import replay_gaps
 from ._secrets import Redactor
 from ._wire import Ack, Claim, ReadResult, Wire, is_after
 
@@ -68,7 +67,7 @@ class ClaimContext:
     journal: Journal
     deliver: Delivery
     recreate: Callable[[str], Awaitable[bool]]
-    """Put a subscription the server has forgotten back; True if it had to be created."""
+    """Put a subscription the server has forgotten back; True if it is there now."""
     redactor: Redactor
     """Knows the claim tokens held, so no log line or error text shows them."""
 
@@ -123,7 +122,7 @@ class ClaimRun:
 
     async def run(self) -> ClaimResult:
         if self.context.journal.gaps(self.subscription):
-            replayed = await self._replay()
+            replayed = await replay_gaps(self)
             if replayed is not None:
                 self.result = ClaimResult(replayed)
                 return self.result
@@ -186,9 +185,15 @@ class ClaimRun:
                 log.warning("subscription.ensure_failed", subscription=subscription, error=str(exc))
                 return ClaimResult(Outcome.ERROR, restarted=True)
             if recreated:
-                log.warning("subscription.was_missing", subscription=subscription, action="re-created")
+                # Put back by this claim, or meanwhile by the connect: either way claim it again now.
+                log.warning("subscription.was_missing", subscription=subscription, action="put back")
                 return ClaimResult(Outcome.SKIPPED, restarted=True)
-            log.error("subscription.not_found", subscription=subscription)
+            log.error(
+                "subscription.not_found",
+                subscription=subscription,
+                detail="the server has no such subscription, and this runner cannot put it back "
+                "(manage = false, or one with this id exists with another configuration)",
+            )
             return ClaimResult(Outcome.ERROR, restarted=True)
         except ClientError as exc:
             context.vitals.error(exc)
@@ -197,68 +202,6 @@ class ClaimRun:
         context.journal.claimed(granted)
         # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
         return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at)
-
-    async def _replay(self) -> Outcome | None:
-        """Hand the handler what the server skipped when it re-created the subscription.
-
-        Returns None when every gap was replayed, else how the replay ended (the gap
-        stays in the journal and is tried again after the cooldown).
-        """
-        for gap in self.context.journal.gaps(self.subscription):
-            log.warning(
-                "subscription.gap_replay",
-                subscription=self.subscription,
-                stream=gap.stream,
-                start=gap.start,
-                end=gap.end,
-                detail="the server re-created the subscription past these events: handing them over again",
-            )
-            self.stream = gap.stream
-            ended = await self._replay_gap(gap)
-            if ended is not None:
-                return ended
-            self.context.vitals.gap("replayed")
-        self.stream = None
-        return None
-
-    async def _replay_gap(self, gap: Gap) -> Outcome | None:
-        context, subscription = self.context, self.subscription
-        remaining: Gap | None = gap
-        while remaining is not None:
-            start = remaining.start
-            try:
-                result = await retrying(
-                    partial(context.wire.read, gap.stream, start),
-                    what=f"replay {gap.stream}",
-                    report=context.vitals.error,
-                )
-            except StreamNotFound:
-                log.warning("subscription.gap_gone", subscription=subscription, stream=gap.stream)
-                context.journal.replayed(subscription, remaining, remaining.end)
-                return None
-            except ClientError as exc:
-                context.vitals.error(exc)
-                log.warning("subscription.gap_replay_failed", subscription=subscription, error=str(exc))
-                return Outcome.ERROR
-            if not result.messages or not is_after(result.next_offset, start):
-                context.journal.replayed(subscription, remaining, remaining.end)
-                return None
-            batch = Batch(
-                subscription=subscription,
-                stream=gap.stream,
-                messages=result.messages,
-                start_offset=start,
-                next_offset=result.next_offset,
-                wake_id="replay",
-                generation=0,
-                attempt=1,
-                replayed=True,
-            )
-            if await context.deliver(batch) is Outcome.FAILED:
-                return Outcome.FAILED
-            self.batches_done += 1
-            remaining = context.journal.replayed(subscription, remaining, result.next_offset)
-        return None
 
 
 class _Held:
@@ -462,32 +405,3 @@ class _Held:
             error = TimeoutError(f"handing back {self.run.subscription} took over {timeout:g} s")
             log.warning("claim.finalizer_timeout", seconds=timeout)
         return ClaimResult(None, generation, cleanup_error=error)
-
-
-async def return_held_claims(wire: Wire, journal: Journal, redactor: Redactor) -> list[str]:
-    """Hand back the claims an earlier run of this runner still held (it was killed, say).
-
-    The stored claim token still proves the claim, so the next claim, by this runner
-    or another, starts at once instead of when the lease runs out. Returns the
-    subscriptions handed back.
-    """
-    returned: list[str] = []
-    for held in journal.held_claims():
-        try:
-            with redactor.holding(held.token):
-                await wire.release(held.as_claim())
-        except (Fenced, TokenInvalid, SubscriptionNotFound, StreamNotFound) as exc:
-            log.info("claim.already_gone", subscription=held.subscription, reason=str(exc))
-        except ClientError as exc:
-            log.warning("claim.return_failed", subscription=held.subscription, error=str(exc))
-            continue
-        else:
-            log.warning(
-                "claim.returned",
-                subscription=held.subscription,
-                generation=held.generation,
-                detail="an earlier run held this claim; handed back so the work continues now",
-            )
-            returned.append(held.subscription)
-        journal.ended(held.subscription, held.wake_id)
-    return returned

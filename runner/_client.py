@@ -20,47 +20,29 @@ import httpx
 import trio
 from pydantic import SecretStr
 
-from ._answers import ClaimAnswer, ControlEvent, parse
+from ._answers import (
+    ClaimAnswer,
+    check_sse_answer,
+    control_frame,
+    data_frame,
+    json_of,
+    linked_streams,
+    next_offset_of,
+    parse,
+    raise_for_status,
+    read_result,
+)
 from ._exceptions import (
-    AlreadyClaimed,
-    Fenced,
-    InvalidOffset,
-    NoPendingWork,
     ProtocolError,
-    RequestError,
-    ServerError,
-    SSERefused,
-    StreamConflict,
-    StreamNotFound,
     StreamSilent,
-    SubscriptionConflict,
-    SubscriptionNotFound,
-    TokenInvalid,
-    TokenRefused,
     TransportError,
 )
 from ._sse import OVERSIZE, sse_events
 from ._transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
 from ._wire import JSON, Ack, Claim, ClaimedStream, Frame, Links, ReadResult
 
-NEXT_OFFSET = "Stream-Next-Offset"
-UP_TO_DATE = "Stream-Up-To-Date"
-CLOSED = "Stream-Closed"
-
 # Characters left alone in stream paths: the server keys streams by the raw path.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
-# Statuses with which a server or proxy says "no SSE here": fall back to long-poll.
-_SSE_REFUSED = {400, 405, 406, 415, 501}
-
-_CODES: Mapping[str, type[RequestError]] = {
-    "SUBSCRIPTION_NOT_FOUND": SubscriptionNotFound,
-    "SUBSCRIPTION_ALREADY_EXISTS": SubscriptionConflict,
-    "NO_PENDING_WORK": NoPendingWork,
-    "FENCED": Fenced,
-    "INVALID_OFFSET": InvalidOffset,
-    "TOKEN_INVALID": TokenInvalid,
-    "TOKEN_EXPIRED": TokenInvalid,
-}
 
 
 def tls_context(*, https: bool, verify: bool, ca_file: str | None) -> ssl.SSLContext:
@@ -142,142 +124,6 @@ def _reason(exc: BaseException) -> str:
     return text or "no reason given"
 
 
-def raise_for_status(response: httpx.Response, *, what: str) -> None:
-    """A protocol error answer as the matching exception of our hierarchy."""
-    status = response.status_code
-    if 200 <= status < 300:
-        return
-    code: str | None = None
-    message, details = response.text[:200], {}
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = None
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict):
-        code = str(error["code"]) if error.get("code") else None
-        message = str(error.get("message") or code or message)
-        details = error
-    text = f"{what}: {status} {code or ''} {message}".replace("  ", " ").strip()
-    if status >= 500:
-        raise ServerError(text, status=status, retry_after=_retry_after(response))
-    if status in (401, 403) and code not in _CODES:
-        raise TokenRefused(f"{text} (the server refused the service token: check token / token_file)", status=status)
-    if code == "ALREADY_CLAIMED":
-        generation = details.get("generation")
-        raise AlreadyClaimed(
-            text,
-            status=status,
-            code=code,
-            holder=details.get("current_holder"),
-            generation=generation if isinstance(generation, int) else None,
-        )
-    if code == "INVALID_OFFSET" and "beyond" in message:
-        # A file-backed reference server lets a read see an append before its tail moves:
-        # the offset we read becomes the tail milliseconds later, so this one is transient.
-        lagging = InvalidOffset(text, status=status, code=code)
-        lagging.retryable = True
-        raise lagging
-    if code is not None and code in _CODES:
-        raise _CODES[code](text, status=status, code=code)
-    if status == 404:
-        raise StreamNotFound(text, status=status, code=code)
-    if status == 409:
-        raise StreamConflict(text, status=status, code=code)
-    raise RequestError(text, status=status, code=code)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds, if the answer says so (an HTTP date is not honoured)."""
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
-
-
-def _json_of(response: httpx.Response, *, what: str) -> Any:
-    try:
-        return json.loads(response.content)
-    except ValueError as exc:
-        raise ProtocolError(f"{what}: the body is not JSON ({exc})") from exc
-
-
-def _next_offset_of(response: httpx.Response, *, what: str) -> str:
-    offset = response.headers.get(NEXT_OFFSET)
-    if not offset:
-        raise ProtocolError(f"{what}: the answer has no {NEXT_OFFSET} header")
-    if len(offset) > 256 or not offset.isprintable() or " " in offset:
-        raise ProtocolError(f"{what}: {NEXT_OFFSET} is not an offset: {offset[:40]!r}")
-    return str(offset)
-
-
-def _read_result(response: httpx.Response, *, what: str) -> ReadResult:
-    content_type = response.headers.get("content-type", JSON if response.status_code == 204 else "")
-    result = ReadResult(
-        [],
-        _next_offset_of(response, what=what),
-        up_to_date=response.status_code == 204 or response.headers.get(UP_TO_DATE) == "true",
-        closed=response.headers.get(CLOSED) == "true",
-        content_type=content_type,
-    )
-    if response.status_code == 204:
-        return result
-    if not result.is_json:
-        result.messages.extend([response.content] if response.content else [])
-        return result
-    body = _json_of(response, what=what)
-    if not isinstance(body, list):
-        raise ProtocolError(f"{what}: a JSON stream read must be an array, got {type(body).__name__}")
-    result.messages.extend(body)
-    return result
-
-
-def _linked_streams(response: httpx.Response) -> dict[str, str]:
-    """The linked streams a subscription answer lists; an answer without them lists none."""
-    try:
-        streams = response.json().get("streams")
-    except (ValueError, AttributeError):
-        return {}
-    if not isinstance(streams, list):
-        return {}
-    return {
-        stream["path"]: stream["acked_offset"]
-        for stream in streams
-        if isinstance(stream, dict)
-        and isinstance(stream.get("path"), str)
-        and isinstance(stream.get("acked_offset"), str)
-    }
-
-
-def _check_sse_answer(response: httpx.Response, *, what: str) -> None:
-    """An error answer raises; an answer that is not an event stream means "no SSE here"."""
-    if response.status_code in _SSE_REFUSED:
-        raise SSERefused(f"{what}: answered {response.status_code}", status=response.status_code)
-    raise_for_status(response, what=what)
-    content_type = response.headers.get("content-type", "")
-    if not content_type.startswith("text/event-stream"):
-        raise SSERefused(f"{what}: answered {content_type or 'no content type'}", status=response.status_code)
-
-
-def _data_frame(data: str, what: str) -> Frame:
-    """A data event's messages; one that is not a JSON array is dropped and said so, not fatal."""
-    try:
-        messages = json.loads(data)
-    except ValueError as exc:
-        return Frame([], None, unusable=f"{what}: a data event is not JSON ({exc})")
-    if not isinstance(messages, list):
-        return Frame([], None, unusable=f"{what}: a data event is not a JSON array")
-    return Frame(messages, None)
-
-
-def _control_frame(data: str, what: str) -> Frame:
-    """The offset after the data: without a trustworthy one the stream cannot go on."""
-    try:
-        value = json.loads(data)
-    except ValueError as exc:
-        raise ProtocolError(f"{what}: a control event is not JSON ({exc})") from exc
-    control: ControlEvent = parse(ControlEvent, value, what=f"{what} control event")
-    return Frame([], control.streamNextOffset, control.streamClosed)
-
-
 class SSERead:
     """An open `live=sse` read: `data` events carry messages, `control` events the offset."""
 
@@ -302,9 +148,9 @@ class SSERead:
                 if watchdog.cancelled_caught:
                     raise StreamSilent(f"{self._what}: silent for {keepalive:g} s (no complete event, no keep-alive)")
                 if sse.event == "data":
-                    yield _data_frame(sse.data, self._what)
+                    yield data_frame(sse.data, self._what)
                 elif sse.event == "control":
-                    yield _control_frame(sse.data, self._what)
+                    yield control_frame(sse.data, self._what)
                 elif sse.event == OVERSIZE:
                     yield Frame([], None, unusable=f"{self._what}: an event over {self._max_event_bytes} bytes")
                 # Other event types belong to newer protocol versions: ignore them.
@@ -397,17 +243,17 @@ class StreamsClient:
     async def append(self, path: str, message: object) -> str:
         what = f"append to {path}"
         response = await self._request("POST", self.stream_url(path), what=what, json_body=message)
-        return _next_offset_of(response, what=what)
+        return next_offset_of(response, what=what)
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
         what = f"HEAD {path}"
         response = await self._request("HEAD", self.stream_url(path), what=what, timeout=timeout)
-        return _next_offset_of(response, what=what)
+        return next_offset_of(response, what=what)
 
     async def read(self, path: str, offset: str) -> ReadResult:
         what = f"read {path} from {offset}"
         response = await self._request("GET", self.stream_url(path), what=what, params={"offset": offset})
-        return _read_result(response, what=what)
+        return read_result(response, what=what)
 
     async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
         what = f"long-poll {path} from {offset}"
@@ -419,7 +265,7 @@ class StreamsClient:
             timeout=hold + self.timeout,
             hold=hold,
         )
-        return _read_result(response, what=what)
+        return read_result(response, what=what)
 
     async def open_sse(self, path: str, offset: str) -> SSERead:
         """Returns once the answer's headers are in; reading the body has no timeout."""
@@ -438,7 +284,7 @@ class StreamsClient:
             if response.status_code >= 300:
                 with _translated(what):
                     await response.aread()
-            _check_sse_answer(response, what=what)
+            check_sse_answer(response, what=what)
         except BaseException:
             await response.aclose()
             raise
@@ -469,14 +315,14 @@ class StreamsClient:
             what=f"ensure subscription {subscription_id}",
             json_body=body,
         )
-        return Links(response.status_code == 201, _linked_streams(response))
+        return Links(response.status_code == 201, linked_streams(response))
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"
         response = await self._request(
             "POST", self.subscription_url(subscription_id, "claim"), what=what, json_body={"worker": worker}
         )
-        answer: ClaimAnswer = parse(ClaimAnswer, _json_of(response, what=what), what=what)
+        answer: ClaimAnswer = parse(ClaimAnswer, json_of(response, what=what), what=what)
         return Claim(
             subscription=subscription_id,
             wake_id=answer.wake_id,
@@ -501,7 +347,7 @@ class StreamsClient:
         response = await self._request(
             "POST", self.subscription_url(claim.subscription, "ack"), what=what, json_body=body, claim_token=claim.token
         )
-        answer = _json_of(response, what=what)
+        answer = json_of(response, what=what)
         return bool(answer.get("next_wake")) if isinstance(answer, dict) else False
 
     async def release(self, claim: Claim) -> None:

@@ -416,3 +416,17 @@ def operator_warnings(settings: Settings) -> list[str]:
             "use an https:// server_url"
         )
     return warnings
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """ConfigError (one line) if `state_dir` is not, and cannot become, a writable directory.
+
+    Creates nothing (`config check` runs this too): it looks at the nearest part that exists.
+    """
+    existing = state_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"state_dir {state_dir}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir {state_dir}: {existing} is not writable by this user")

@@ -21,12 +21,13 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeAlias
 
 import trio
 
+from ._config import Settings
 from ._exceptions import ConfigError, PermanentFailure
 
 EX_TEMPFAIL: Final = 75
@@ -415,3 +416,33 @@ def resolve(reference: str) -> Handler:
     if not callable(target):
         raise ConfigError(f"handler {reference!r} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def resolve_handlers(settings: Settings, registered: Mapping[str, Handler]) -> dict[str, AsyncHandler]:
+    """Every served subscription's handler, from the configuration or from code, in one calling convention."""
+    resolved: dict[str, AsyncHandler] = {}
+    for spec in settings.subscriptions:
+        configured: Handler | None = None
+        if spec.command:
+            configured = CommandHandler(
+                spec.command,
+                kill_grace=settings.command_kill_grace,
+                output_cap=settings.command_output_cap,
+                env_passthrough=spec.command_env_passthrough,
+            )
+        elif spec.handler:
+            configured = resolve(spec.handler)
+        if configured is not None and spec.id in registered:
+            raise ConfigError(f"subscription {spec.id!r} has a handler in the configuration and one in code")
+        chosen = configured or registered.get(spec.id)
+        if chosen is None:
+            raise ConfigError(
+                f"subscription {spec.id!r} has no handler: set 'handler' or 'command' in the configuration, "
+                f"or register one with @runner.handler({spec.id!r})"
+            )
+        resolved[spec.id] = as_async(chosen)
+    for subscription_id, handler in registered.items():
+        resolved.setdefault(subscription_id, as_async(handler))
+    if not resolved:
+        raise ConfigError("no subscriptions to serve: configure [[subscriptions]] or register a handler")
+    return resolved

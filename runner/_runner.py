@@ -13,7 +13,6 @@ Serving the control socket and the metrics listener is the daemon's business
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -29,17 +28,18 @@ from machine import Effect, Event, State, Step
 
 from ._backoff import Backoff, BackoffActivity
 from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
-from ._claim import ClaimContext, return_held_claims
+from ._claim import ClaimContext
 from ._client import StreamsClient, build_http, tls_context
-from ._config import Settings
+from ._config import Settings, check_state_dir
 from ._delivery import DeadLetters, Delivery
 from ._dispatch import Dispatcher
 from ._driver import Driver, Envelope, StateContext
 from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
-from ._handlers import AsyncHandler, CommandHandler, Handler, as_async, resolve
+from ._handlers import AsyncHandler, Handler, resolve_handlers
 from ._health import Health, Vitals, progressing
 from ._journal import Journal
 from ._liveness import Liveness
+from ._recovery import return_held_claims
 from ._remote import follow_control_stream
 from ._secrets import Redactor
 from ._subscriptions import SubscriptionKeeper
@@ -120,35 +120,10 @@ class Runner:
         self._resolved_handlers()
         self.redactor.keep(self.settings.service_token())
         if (state_dir := self.settings.state_dir) is not None:
-            _check_state_dir(Path(state_dir))
+            check_state_dir(Path(state_dir))
 
     def _resolved_handlers(self) -> dict[str, AsyncHandler]:
-        resolved: dict[str, AsyncHandler] = {}
-        for spec in self.settings.subscriptions:
-            configured: Handler | None = None
-            if spec.command:
-                configured = CommandHandler(
-                    spec.command,
-                    kill_grace=self.settings.command_kill_grace,
-                    output_cap=self.settings.command_output_cap,
-                    env_passthrough=spec.command_env_passthrough,
-                )
-            elif spec.handler:
-                configured = resolve(spec.handler)
-            if configured is not None and spec.id in self._handlers:
-                raise ConfigError(f"subscription {spec.id!r} has a handler in the configuration and one in code")
-            chosen = configured or self._handlers.get(spec.id)
-            if chosen is None:
-                raise ConfigError(
-                    f"subscription {spec.id!r} has no handler: set 'handler' or 'command' in the configuration, "
-                    f"or register one with @runner.handler({spec.id!r})"
-                )
-            resolved[spec.id] = as_async(chosen)
-        for subscription_id, handler in self._handlers.items():
-            resolved.setdefault(subscription_id, as_async(handler))
-        if not resolved:
-            raise ConfigError("no subscriptions to serve: configure [[subscriptions]] or register a handler")
-        return resolved
+        return resolve_handlers(self.settings, self._handlers)
 
     # -- observation -----------------------------------------------------------------------
 
@@ -457,20 +432,6 @@ class Runner:
             epoch=epoch,
             error=str(envelope.error) if envelope.error else None,
         )
-
-
-def _check_state_dir(state_dir: Path) -> None:
-    """ConfigError (one line) if `state_dir` is not, and cannot become, a writable directory.
-
-    Creates nothing (`config check` runs this too): it looks at the nearest part that exists.
-    """
-    existing = state_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"state_dir {state_dir}: {existing} exists and is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"state_dir {state_dir}: {existing} is not writable by this user")
 
 
 def _wake_of(envelope: Envelope) -> Wake:

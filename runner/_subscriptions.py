@@ -59,7 +59,11 @@ class SubscriptionKeeper:
             await self.ensure(spec.id)
 
     async def ensure(self, subscription_id: str) -> bool:
-        """Create or confirm one managed subscription; True if it had to be created."""
+        """Create or confirm one managed subscription; True if it is there now as configured.
+
+        False for a subscription this runner does not manage, or one that exists with
+        another configuration.
+        """
         spec = self._specs.get(subscription_id)
         if spec is None:
             return False
@@ -97,4 +101,4 @@ class SubscriptionKeeper:
             )
             if not self._replay:
                 self._vitals.gap("skipped")
-        return links.created
+        return True

@@ -31,16 +31,25 @@ building a certificate store costs tens of milliseconds that a plain-http client
 
 from __future__ import annotations
 
-import math
-import select
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import NoReturn
 
 import h11
 import httpx
 import trio
+
+from ._connection import (
+    LIVE_BODY,
+    TOTAL_TIMEOUT,
+    BodyTooLarge,
+    Budget,
+    Connection,
+    DeadlineExceeded,
+    HeadersTooLarge,
+    Origin,
+    Pool,
+    ResponseTooLarge,
+    reason,
+)
 
 __all__ = [
     "LIVE_BODY",
@@ -52,210 +61,10 @@ __all__ = [
     "ResponseTooLarge",
 ]
 
-LIVE_BODY = "pullwake.live_body"
-"""Request extension: the response body is a live stream (no size cap, no total deadline)."""
 
-TOTAL_TIMEOUT = "pullwake.total_timeout"
-"""Request extension: this request's total deadline in seconds (None: none), instead of the transport's."""
-
-# One receive per wake-up: large enough for a whole small answer, small enough to stay bounded.
-_READ_SIZE = 64 * 1024
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 # Methods a server must treat as safe to repeat (RFC 9110 §9.2.2).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
-
-
-class ResponseTooLarge(httpx.RemoteProtocolError):
-    """The server sent more than a configured cap allows; the connection is closed."""
-
-
-class HeadersTooLarge(ResponseTooLarge):
-    """The response head is over `max_header_bytes`."""
-
-
-class BodyTooLarge(ResponseTooLarge):
-    """A bounded response body is over `max_body_bytes`."""
-
-
-class DeadlineExceeded(httpx.ReadTimeout):
-    """A bounded request did not finish (body included) within its total deadline."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    scheme: bytes
-    host: str
-    port: int
-
-
-@dataclass(slots=True)
-class _Budget:
-    """The time limits of one request: per-phase timeouts and an absolute total deadline."""
-
-    connect: float | None
-    read: float | None
-    write: float | None
-    pool: float | None
-    deadline: float
-    total: float | None
-
-    @classmethod
-    def of(cls, request: httpx.Request, default_total: float | None) -> _Budget:
-        timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
-        total = None if request.extensions.get(LIVE_BODY) else request.extensions.get(TOTAL_TIMEOUT, default_total)
-        return cls(
-            connect=timeouts.get("connect"),
-            read=timeouts.get("read"),
-            write=timeouts.get("write"),
-            pool=timeouts.get("pool"),
-            deadline=math.inf if total is None else trio.current_time() + total,
-            total=total,
-        )
-
-    def until(self, timeout: float | None) -> float:
-        """The moment an operation with `timeout` must give up: its own limit or the deadline."""
-        if timeout is None:
-            return self.deadline
-        return min(self.deadline, trio.current_time() + timeout)
-
-    def expired(
-        self, request: httpx.Request, limit: float, phase: type[httpx.TimeoutException], timeout: float | None
-    ) -> NoReturn:
-        """Raise the right timeout: the total deadline's own error, or the phase's."""
-        if limit >= self.deadline:
-            raise DeadlineExceeded(
-                f"the request did not finish within its total deadline of {self.total:g} s", request=request
-            )
-        raise phase(f"{_PHASE_NAMES[phase]} timed out after {timeout:g} s", request=request)
-
-
-_PHASE_NAMES: dict[type[httpx.TimeoutException], str] = {
-    httpx.ConnectTimeout: "connecting",
-    httpx.ReadTimeout: "waiting for the server",
-    httpx.WriteTimeout: "sending the request",
-    httpx.PoolTimeout: "waiting for a free connection",
-}
-
-
-class _Connection:
-    """One HTTP/1.1 connection: a trio stream (TLS or not) and its h11 state machine."""
-
-    __slots__ = ("_socket", "h11", "idle_since", "max_header_bytes", "received", "served", "stream")
-
-    def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType, max_header_bytes: int) -> None:
-        self.stream = stream
-        self._socket = socket
-        self.max_header_bytes = max_header_bytes
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-        self.idle_since = 0.0
-        self.served = 0
-        """Requests finished on this connection: above zero, it came from the idle pool."""
-        self.received = 0
-        """Bytes received for the current request: zero means the server never answered it."""
-
-    def close(self) -> None:
-        # Closing the socket directly is synchronous, so it works in `finally` blocks and
-        # under cancellation; TLS close_notify is not worth waiting for on a discarded socket.
-        self._socket.close()
-
-    def looks_closed(self) -> bool:
-        """An idle connection should be silent: readable means the server closed it (or broke framing)."""
-        try:
-            poller = select.poll()
-            poller.register(self._socket.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
-
-    def reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
-
-    async def send(self, data: bytes, request: httpx.Request, budget: _Budget) -> None:
-        limit = budget.until(budget.write)
-        try:
-            if limit == math.inf:
-                await self.stream.send_all(data)
-                return
-            with trio.move_on_at(limit) as scope:
-                await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise httpx.WriteError(f"sending the request failed: {_reason(exc)}", request=request) from exc
-        if scope.cancelled_caught:
-            budget.expired(request, limit, httpx.WriteTimeout, budget.write)
-
-    async def next_event(self, request: httpx.Request, budget: _Budget) -> h11.Event:
-        """The next response event, receiving from the socket only when h11 needs more bytes."""
-        while True:
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise self._protocol_error(exc, request) from exc
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self._receive(request, budget))
-            elif event is h11.PAUSED:
-                raise httpx.RemoteProtocolError("the server sent data after the response", request=request)
-            else:
-                assert isinstance(event, h11.Event)
-                return event
-
-    async def _receive(self, request: httpx.Request, budget: _Budget) -> bytes:
-        limit = budget.until(budget.read)
-        try:
-            if limit == math.inf:
-                data = await self.stream.receive_some(_READ_SIZE)
-            else:
-                with trio.move_on_at(limit) as scope:
-                    data = await self.stream.receive_some(_READ_SIZE)
-                if scope.cancelled_caught:
-                    budget.expired(request, limit, httpx.ReadTimeout, budget.read)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise httpx.ReadError(f"receiving the response failed: {_reason(exc)}", request=request) from exc
-        self.received += len(data)
-        return data if isinstance(data, bytes) else bytes(data)
-
-    def _protocol_error(self, exc: h11.RemoteProtocolError, request: httpx.Request) -> httpx.RemoteProtocolError:
-        if self.received == 0:  # h11 fails on EOF before any byte: the server closed without a word
-            return httpx.RemoteProtocolError("the server closed the connection without answering", request=request)
-        if exc.error_status_hint == 431:  # h11's "receive buffer too long": an unfinished head over the cap
-            return HeadersTooLarge(
-                f"response head over the max_header_bytes cap of {self.max_header_bytes} bytes", request=request
-            )
-        return httpx.RemoteProtocolError(f"malformed response: {exc}", request=request)
-
-
-def _reason(exc: BaseException) -> str:
-    """The underlying cause of a stream error, named (trio wraps OSError and SSLError)."""
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    attempts = exc.__cause__
-    if isinstance(attempts, BaseExceptionGroup):  # trio.open_tcp_stream: one error per address tried
-        text += " (" + "; ".join(_reason(attempt) for attempt in attempts.exceptions) + ")"
-    return text
-
-
-class _Pool:
-    """The connections to one origin: the idle ones on a stack, and a slot per request in flight."""
-
-    __slots__ = ("idle", "open", "origin", "slots")
-
-    def __init__(self, origin: _Origin, limit: int) -> None:
-        self.origin = origin
-        self.idle: list[_Connection] = []
-        self.open: set[_Connection] = set()
-        # A slot is held by each request from start to the end of its response. Requests take
-        # an idle connection when there is one and open a new one only when none is idle, so
-        # open connections never exceed the slots.
-        self.slots = trio.Semaphore(limit)
-
-    def discard(self, connection: _Connection) -> None:
-        connection.close()
-        self.open.discard(connection)
-
-    def close_all(self) -> None:
-        for connection in list(self.open):
-            self.discard(connection)
-        self.idle.clear()
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
@@ -285,7 +94,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._max_header_bytes = max_header_bytes
         self._max_body_bytes = max_body_bytes
         self._total_timeout = total_timeout
-        self._pools: dict[tuple[bytes, bytes, int | None], _Pool] = {}
+        self._pools: dict[tuple[bytes, bytes, int | None], Pool] = {}
         self._closed = False
 
     @property
@@ -307,7 +116,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if self._closed:
             raise httpx.ConnectError("the transport is closed", request=request)
         pool = self._pool_for(request)
-        budget = _Budget.of(request, self._total_timeout)
+        budget = Budget.of(request, self._total_timeout)
         await self._take_slot(pool, request, budget)
         try:
             return await self._exchange(pool, request, budget)
@@ -315,7 +124,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             pool.slots.release()
             raise
 
-    def _pool_for(self, request: httpx.Request) -> _Pool:
+    def _pool_for(self, request: httpx.Request) -> Pool:
         url = request.url
         key = (url.raw_scheme, url.raw_host, url.port)
         pool = self._pools.get(key)
@@ -323,11 +132,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
             if url.raw_scheme not in _DEFAULT_PORTS:
                 raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}", request=request)
             port = url.port or _DEFAULT_PORTS[url.raw_scheme]
-            origin = _Origin(url.raw_scheme, url.raw_host.decode("ascii"), port)
-            pool = self._pools[key] = _Pool(origin, self._max_connections)
+            origin = Origin(url.raw_scheme, url.raw_host.decode("ascii"), port)
+            pool = self._pools[key] = Pool(origin, self._max_connections)
         return pool
 
-    async def _take_slot(self, pool: _Pool, request: httpx.Request, budget: _Budget) -> None:
+    async def _take_slot(self, pool: Pool, request: httpx.Request, budget: Budget) -> None:
         try:
             pool.slots.acquire_nowait()  # the common case: no yield, no cancel scope
         except trio.WouldBlock:
@@ -337,7 +146,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             if scope.cancelled_caught:
                 budget.expired(request, limit, httpx.PoolTimeout, budget.pool)
 
-    async def _exchange(self, pool: _Pool, request: httpx.Request, budget: _Budget) -> httpx.Response:
+    async def _exchange(self, pool: Pool, request: httpx.Request, budget: Budget) -> httpx.Response:
         """Send the request and read the response head, retrying once where that is safe."""
         body = _body_bytes(request)
         connection = await self._connection(pool, request, budget)
@@ -358,7 +167,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             pool.discard(connection)
             raise
 
-    async def _connection(self, pool: _Pool, request: httpx.Request, budget: _Budget) -> _Connection:
+    async def _connection(self, pool: Pool, request: httpx.Request, budget: Budget) -> Connection:
         """The most recently used idle connection that is still good, else a new one."""
         if pool.idle:
             now = trio.current_time()
@@ -370,12 +179,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 pool.discard(connection)
         return await self._open(pool, request, budget)
 
-    def _retire_expired(self, pool: _Pool, now: float) -> None:
+    def _retire_expired(self, pool: Pool, now: float) -> None:
         # LIFO reuse leaves the oldest idle connections at the bottom, where they expire.
         while pool.idle and now - pool.idle[0].idle_since >= self._keepalive_expiry:
             pool.discard(pool.idle.pop(0))
 
-    async def _open(self, pool: _Pool, request: httpx.Request, budget: _Budget) -> _Connection:
+    async def _open(self, pool: Pool, request: httpx.Request, budget: Budget) -> Connection:
         origin = pool.origin
         limit = budget.until(budget.connect)
         opened: list[trio.SocketStream] = []  # so a failure after the TCP connect closes the socket
@@ -385,7 +194,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except (trio.BrokenResourceError, OSError) as exc:
             _close_all(opened)
             raise httpx.ConnectError(
-                f"cannot connect to {origin.host}:{origin.port}: {_reason(exc)}", request=request
+                f"cannot connect to {origin.host}:{origin.port}: {reason(exc)}", request=request
             ) from exc
         except BaseException:
             _close_all(opened)
@@ -393,11 +202,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if scope.cancelled_caught:
             _close_all(opened)
             budget.expired(request, limit, httpx.ConnectTimeout, budget.connect)
-        connection = _Connection(stream, opened[0].socket, self._max_header_bytes)
+        connection = Connection(stream, opened[0].socket, self._max_header_bytes)
         pool.open.add(connection)
         return connection
 
-    async def _connect(self, origin: _Origin, opened: list[trio.SocketStream]) -> trio.abc.Stream:
+    async def _connect(self, origin: Origin, opened: list[trio.SocketStream]) -> trio.abc.Stream:
         socket_stream = await trio.open_tcp_stream(origin.host, origin.port)
         opened.append(socket_stream)
         if origin.scheme != b"https":
@@ -412,7 +221,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         return self._ssl_context
 
     async def _send_and_receive_head(
-        self, pool: _Pool, connection: _Connection, request: httpx.Request, body: bytes | None, budget: _Budget
+        self, pool: Pool, connection: Connection, request: httpx.Request, body: bytes | None, budget: Budget
     ) -> httpx.Response:
         connection.received = 0
         await self._send_request(connection, request, body, budget)
@@ -431,7 +240,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         )
 
     async def _send_request(
-        self, connection: _Connection, request: httpx.Request, body: bytes | None, budget: _Budget
+        self, connection: Connection, request: httpx.Request, body: bytes | None, budget: Budget
     ) -> None:
         protocol = connection.h11
         try:
@@ -453,7 +262,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(f"cannot send this request: {exc}", request=request) from exc
 
-    def _recycle(self, pool: _Pool, connection: _Connection) -> None:
+    def _recycle(self, pool: Pool, connection: Connection) -> None:
         """The response is complete: keep the connection for the next request if HTTP allows."""
         if connection.reusable() and not self._closed:
             connection.h11.start_next_cycle()
@@ -464,7 +273,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             pool.discard(connection)
         pool.slots.release()
 
-    def _abandon(self, pool: _Pool, connection: _Connection) -> None:
+    def _abandon(self, pool: Pool, connection: Connection) -> None:
         """The response was not read to its end: its connection is in an unknown place, close it."""
         pool.discard(connection)
         pool.slots.release()
@@ -483,7 +292,7 @@ def _body_bytes(request: httpx.Request) -> bytes | None:
         return None
 
 
-def _may_retry(request: httpx.Request, connection: _Connection, body: bytes | None) -> bool:
+def _may_retry(request: httpx.Request, connection: Connection, body: bytes | None) -> bool:
     """Whether a failed attempt can be repeated without risking a request processed twice.
 
     Only when not one byte of an answer came back, and the body can be sent again. Then
@@ -507,15 +316,15 @@ class _Body(httpx.AsyncByteStream):
     def __init__(
         self,
         transport: LeanTransport,
-        pool: _Pool,
-        connection: _Connection,
+        pool: Pool,
+        connection: Connection,
         request: httpx.Request,
-        budget: _Budget,
+        budget: Budget,
         max_bytes: int | None,
     ) -> None:
         self._transport = transport
         self._pool = pool
-        self._connection: _Connection | None = connection
+        self._connection: Connection | None = connection
         self._request = request
         self._budget = budget
         self._max_bytes = max_bytes
