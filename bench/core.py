@@ -225,10 +225,12 @@ class Bench:
         for spec in specs:
             await self.producer.ensure_subscription(spec.id, wake_stream=wake, pattern=spec.pattern)
 
-    async def produce_spaced(self, stream: str, events: int, gap: float) -> dict[str, tuple[int, float]]:
+    async def produce_spaced(
+        self, stream: str, events: int, gap: float, *, first: int = 0
+    ) -> dict[str, tuple[int, float]]:
         """Append one event every `gap`; returns offset -> (event, time the append returned)."""
         appended: dict[str, tuple[int, float]] = {}
-        for i in range(events):
+        for i in range(first, first + events):
             offset = await self.producer.append(stream, {"i": i})
             appended[offset] = (i, time.perf_counter())
             await trio.sleep(gap)

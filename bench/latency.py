@@ -40,10 +40,7 @@ async def latency(bench: Bench) -> None:
     events, gap = bench.scale.latency_events, bench.scale.latency_gap
     runner_times = await _in_process_runner(bench, events, gap)
     baseline_times = await _in_process_baseline(bench, events, gap)
-    processes = {
-        "runner": await _in_own_process(bench, events, gap, use_baseline=False),
-        "baseline": await _in_own_process(bench, events, gap, use_baseline=True),
-    }
+    processes = await _in_own_processes(bench, events, gap)
     bench.results["latency"] = {
         "events": events,
         "gap_s": gap,
@@ -142,50 +139,95 @@ async def _in_process_baseline(bench: Bench, events: int, gap: float) -> dict[st
     return _summarize(appended, handled_at, acked_at, batch_sizes)
 
 
-async def _in_own_process(bench: Bench, events: int, gap: float, *, use_baseline: bool) -> dict[str, Any]:
-    """The same spaced appends to a runner (or baseline) process; its CPU time per event."""
-    uid, wake = bench.names("lpb" if use_baseline else "lp")
-    stream = f"{uid}/a"
-    spec = SubscriptionSpec(id=f"sub-{uid}", pattern=f"{uid}/*")
-    record = bench.scratch / f"{uid}.jsonl"
-    log = bench.scratch / f"{uid}.log"
-    if use_baseline:
-        await bench.prepare(wake, [stream], (spec,))
-        argv = [sys.executable, "-m", "bench.baseline", bench.url, wake, spec.id]
-        with log.open("ab") as output:
-            process = await trio.lowlevel.open_process(
-                argv, stdout=output, stderr=output, env={**ENV, "BENCH_RECORD": str(record)}
-            )
-        # It reports once it follows the wake stream; a wake written before that it never sees.
-        await until(lambda: log.exists() and '{"handled"' in log.read_text(), 60, "the baseline to follow")
-    else:
-        await bench.producer.create_stream(stream)
-        config = bench.runner_config(uid, wake, (spec,), handler="bench.handlers:record")
-        process = await start_runner_process(config, log, level="warning", BENCH_RECORD=str(record))
-    usage = psutil.Process(process.pid)
-    try:
+ROUNDS = 4
+"""Process mode alternates runner and baseline this many times each (drift on a shared machine
+then hits both alike); both processes live throughout, only one gets events at a time."""
+
+
+class Worker:
+    """A runner (`pullwake run`) or baseline (`python -m bench.baseline`) process following its
+    own wake stream, whose handler writes down when it got each event."""
+
+    def __init__(self, bench: Bench, *, use_baseline: bool) -> None:
+        self.bench, self.use_baseline = bench, use_baseline
+        uid, self.wake = bench.names("lpb" if use_baseline else "lp")
+        self.stream = f"{uid}/a"
+        self.spec = SubscriptionSpec(id=f"sub-{uid}", pattern=f"{uid}/*")
+        self.record = bench.scratch / f"{uid}.jsonl"
+        self.log = bench.scratch / f"{uid}.log"
+        self.uid = uid
+        self.process: trio.Process | None = None
+        self.appended: dict[str, tuple[int, float]] = {}
+        self.cpu = 0.0
+        self.events = 0
+
+    async def start(self) -> None:
+        bench, record, log = self.bench, self.record, self.log
+        if self.use_baseline:
+            await bench.prepare(self.wake, [self.stream], (self.spec,))
+            argv = [sys.executable, "-m", "bench.baseline", bench.url, self.wake, self.spec.id]
+            with log.open("ab") as output:
+                self.process = await trio.lowlevel.open_process(
+                    argv, stdout=output, stderr=output, env={**ENV, "BENCH_RECORD": str(record)}
+                )
+            # It reports once it follows the wake stream; a wake written before that it never sees.
+            await until(lambda: log.exists() and '{"handled"' in log.read_text(), 60, "the baseline to follow")
+        else:
+            await bench.producer.create_stream(self.stream)
+            config = bench.runner_config(self.uid, self.wake, (self.spec,), handler="bench.handlers:record")
+            self.process = await start_runner_process(config, log, level="warning", BENCH_RECORD=str(record))
+
         # Warm up until an event goes through: the process follows its wake stream, and the
         # first claim's one-off costs (imports, connections) are paid before the measurement.
         async def warmed_up() -> bool:
             if any(entry.get("i") == -1 for entry in recorded(record)):
                 return True
-            await bench.producer.append(stream, {"i": -1})
+            await bench.producer.append(self.stream, {"i": -1})
             await trio.sleep(0.3)
             return False
 
         await until(warmed_up, 60, "a warm-up event to be handled")
-        await trio.sleep(0.5)
+
+    async def round(self, first: int, events: int, gap: float) -> None:
+        """`events` appends `gap` apart (numbered from `first`); this process's CPU time for them."""
+        assert self.process is not None
+        usage = psutil.Process(self.process.pid)
+        await trio.sleep(0.3)  # settle
         cpu_before = cpu_seconds(usage)
-        appended = await bench.produce_spaced(stream, events, gap)
-        await until(lambda: len(_handled_times(record)) >= events, 60, f"{events} events handled")
-        cpu = cpu_seconds(usage) - cpu_before
+        appended = await self.bench.produce_spaced(self.stream, events, gap, first=first)
+        total = first + events
+        await until(lambda: len(_handled_times(self.record)) >= total, 60, f"{total} events handled")
+        self.cpu += cpu_seconds(usage) - cpu_before
+        self.events += events
+        self.appended |= appended
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            await stop_process(self.process)
+
+    def summary(self) -> dict[str, Any]:
+        handled_at = _handled_times(self.record)
+        return {
+            "append_to_handler": percentiles([handled_at[i] - at for i, at in self.appended.values()]),
+            "cpu_ms_per_event": self.cpu / self.events * 1000,
+            "events": self.events,
+        }
+
+
+async def _in_own_processes(bench: Bench, events: int, gap: float) -> dict[str, Any]:
+    """The same spaced appends to a runner process and a baseline process, in alternating rounds."""
+    runner, raw = Worker(bench, use_baseline=False), Worker(bench, use_baseline=True)
+    per_round = max(1, events // ROUNDS)
+    try:
+        await runner.start()
+        await raw.start()
+        for number in range(ROUNDS):
+            for worker in (runner, raw) if number % 2 == 0 else (raw, runner):
+                await worker.round(number * per_round, per_round, gap)
     finally:
-        await stop_process(process)
-    handled_at = _handled_times(record)
-    return {
-        "append_to_handler": percentiles([handled_at[i] - at for i, at in appended.values()]),
-        "cpu_ms_per_event": cpu / events * 1000,
-    }
+        await runner.stop()
+        await raw.stop()
+    return {"rounds": ROUNDS, "runner": runner.summary(), "baseline": raw.summary()}
 
 
 def _handled_times(record: Path) -> dict[int, float]:
