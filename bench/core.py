@@ -33,6 +33,7 @@ class Scale:
     latency_gap: float = 0.01
     throughput_events: int = 20_000
     subscriptions: tuple[int, ...] = (1, 10, 200)
+    backlog_subscriptions: int = 200
     idle_seconds: float = 60.0
     peak_events: int = 5_000
     """Events handled after the idle phase, for the peak RSS."""
@@ -51,6 +52,7 @@ SMOKE = Scale(
     latency_events=20,
     throughput_events=100,
     subscriptions=(1, 10, 200),
+    backlog_subscriptions=10,
     idle_seconds=1.0,
     peak_events=50,
     fast_recovery=True,

@@ -59,7 +59,7 @@ async def throughput(bench: Bench) -> None:
         runner_row = await _throughput_process(bench, count, use_baseline=False)
         baseline_row = await _throughput_process(bench, count, use_baseline=True)
         rows.append({"subscriptions": count, "runner": runner_row, "baseline": baseline_row})
-    count = max(bench.scale.subscriptions)
+    count = bench.scale.backlog_subscriptions
     backlog = {
         "subscriptions": count,
         "runner": await _throughput_process(bench, count, use_baseline=False, backlog=True),
