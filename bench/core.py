@@ -45,6 +45,8 @@ class Scale:
     gap_events: int = 40
     """Events appended while the server is back but the runner cannot reach it yet."""
     starts: int = 10
+    repeats: int = 3
+    """Runs of the quick after-fault rows (kill -9, server restart gap); the table shows median and worst."""
 
 
 FULL = Scale()
@@ -60,6 +62,7 @@ SMOKE = Scale(
     storm_seconds=2.0,
     gap_events=6,
     starts=3,
+    repeats=1,
 )
 
 

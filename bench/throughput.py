@@ -129,6 +129,9 @@ async def _throughput_process(bench: Bench, count: int, *, use_baseline: bool, b
         row["producer_events_per_s"] = produced / (produced_at - started)
     if not use_baseline:
         row["batches_per_s"] = progress.batches / elapsed
+        # A stop longer than the wake stream's silence limit (75 s) makes the runner reconnect
+        # after SIGCONT: that work is then part of the backlog figure.
+        row["wake_stream_reconnected"] = "wake.stream_error" in (bench.scratch / f"{uid}.log").read_text()
     return row
 
 
