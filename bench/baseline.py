@@ -8,12 +8,14 @@ As a program (for CPU measurements in its own process):
 
     python -m bench.baseline SERVER_URL WAKE_STREAM SUB[,SUB...]
 
-prints {"handled": N} lines as it goes.
+prints {"handled": N} lines as it goes. With $BENCH_RECORD set, it also writes when each
+message was handled to that file, as the runner's `bench.handlers:record` does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -112,11 +114,16 @@ async def follow(
 
 
 async def _main(server_url: str, wake_stream: str, subscriptions: set[str]) -> None:
+    from bench.handlers import write_times
+
     handled = 0
+    record = os.environ.get("BENCH_RECORD")
 
     async def count(stream: str, messages: list[Any]) -> None:
         nonlocal handled
         handled += len(messages)
+        if record:
+            write_times(record, messages)
 
     async def report() -> None:
         while True:
