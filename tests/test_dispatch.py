@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -132,14 +133,18 @@ async def test_the_newest_generation_of_the_wakes_that_came_while_busy_is_rememb
         assert len(scene.claims_at()) == 2
 
 
-async def test_a_sweep_that_came_while_busy_outweighs_any_generation(autojump_clock: trio.testing.MockClock) -> None:
+@pytest.mark.parametrize("sweep_first", [True, False])
+async def test_a_sweep_that_came_while_busy_outweighs_any_generation(
+    autojump_clock: trio.testing.MockClock, sweep_first: bool
+) -> None:
     wire = server()
     wire.subscriptions[SUB].generation = 1
     async with dispatching(wire, Recorder(sleep_for(10))) as scene:
         scene.dispatcher.wake(Wake(SUB, generation=2))
         await trio.sleep(1)
-        scene.dispatcher.wake(SWEEP)
-        scene.dispatcher.wake(Wake(SUB, generation=2))
+        wakes = [SWEEP, Wake(SUB, generation=2)]
+        for wake in wakes if sweep_first else reversed(wakes):
+            scene.dispatcher.wake(wake)
         await trio.sleep(100)
         assert len(scene.claims_at()) == 2
 
@@ -308,7 +313,10 @@ async def test_no_more_claims_run_at_once_than_the_limit(autojump_clock: trio.te
         for subscription in ("a", "b", "c"):
             scene.dispatcher.wake(Wake(subscription))
         await trio.sleep(1)
-        assert len(scene.dispatcher.in_flight()) == 3, "the third waits for a slot, registered"
+        in_flight = scene.dispatcher.in_flight()
+        assert len(in_flight) == 3, "the third waits for a slot, registered"
+        [waiting] = [claim for claim in in_flight if claim.wake_id is None]
+        assert (waiting.generation, waiting.stream, waiting.batches_done) == (None, None, 0)
         await trio.sleep(100)
         assert sorted(scene.claims_at()) == [start, start, start + 10]
         assert scene.handler.most_running == 2
@@ -335,6 +343,7 @@ async def test_in_flight_claims_say_where_they_are(autojump_clock: trio.testing.
         scene.dispatcher.wake(SWEEP)
         await trio.sleep(1)
         [waiting] = scene.dispatcher.in_flight()
+        assert abs(waiting.started_at - time.time()) < 60
         assert (waiting.subscription, waiting.wake_id, waiting.generation, waiting.stream, waiting.batches_done) == (
             SUB,
             None,
@@ -503,3 +512,16 @@ async def test_a_transport_error_in_the_hand_back_does_not_block_the_drain(
         await scene.dispatcher.drain(5)
         [error] = scene.dispatcher.cleanup_errors
         assert isinstance(error, TransportError)
+
+
+async def test_the_time_from_the_servers_wake_to_the_handler_is_measured(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server()) as scene:
+        scene.dispatcher.wake(Wake(SUB, generation=1, ts_ms=int((time.time() - 5) * 1000)))
+        await trio.sleep(1)
+        registry = scene.vitals.metrics.registry
+        assert registry.get_sample_value("pullwake_wake_to_handler_seconds_count") == 1
+        latency = registry.get_sample_value("pullwake_wake_to_handler_seconds_sum")
+        assert latency is not None
+        assert 5 <= latency < 6

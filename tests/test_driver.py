@@ -156,3 +156,68 @@ async def test_start_stop_start_in_one_driver(autojump_clock: trio.testing.MockC
         assert driver.state is State.STOPPED
         assert not driver.running
     assert fakes.running() == []
+
+
+async def test_an_activity_knows_its_state_and_can_start_work_in_its_nursery() -> None:
+    fakes = Fakes()
+    started = trio.Event()
+
+    async def helper() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    async def connect(context: StateContext) -> None:
+        context.nursery.start_soon(helper)
+
+    fakes.scripts["connect"] = connect
+    async with running_driver(fakes, State.CONNECTING):
+        [life] = fakes.running()
+        assert life.context.state is State.CONNECTING
+        await started.wait()
+
+
+async def test_an_activity_speaks_for_its_epoch_and_its_error_reaches_the_effects() -> None:
+    fakes = Fakes()
+    error = RuntimeError("the stream closed for good")
+    async with running_driver(fakes, State.STREAMING) as driver:
+        [consume] = fakes.running()
+        await consume.context.emit(Event.STREAM_CLOSED, error=error)
+        await settle()
+        assert driver.state is State.STOPPING
+        [envelope] = [env for e, env in fakes.effects if e is Effect.FATAL]
+        assert envelope.epoch == consume.epoch
+        assert envelope.error is error
+
+
+async def test_an_activity_from_an_older_epoch_cannot_speak(autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    async with running_driver(fakes, State.STREAMING) as driver:
+        [consume] = fakes.running()
+        await driver.send(Event.STREAM_END, epoch=driver.epoch)
+        await settle()
+        await consume.context.emit(Event.CONNECT_FAILED)  # from the streaming that is over
+        await settle()
+        assert driver.state is State.CONNECTING
+
+
+async def test_busy_for_counts_how_long_a_transition_waits_for_the_old_activity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fakes = Fakes()
+
+    async def stubborn(context: StateContext) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(7)
+
+    fakes.scripts["consume"] = stubborn
+    async with running_driver(fakes, State.STREAMING) as driver:
+        assert driver.busy_for() == 0.0
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)
+        await trio.sleep(5)
+        assert driver.busy_for() == 5.0
+        await trio.sleep(5)
+        assert driver.state is State.RECONNECTING
+        assert driver.busy_for() == 0.0
