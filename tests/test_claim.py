@@ -383,10 +383,12 @@ async def test_a_dead_letter_stream_that_cannot_be_written_fails_the_claim(
 ) -> None:
     wire = server((JOBS, 1))
     wire.fail("create_stream", RequestError("create stream dead/letters: 403 forbidden", status=403))
-    context = make_context(wire, fails_on(0), handler_max_attempts=1, dead_letter_stream="dead/letters")
+    vitals = Vitals("test")
+    context = make_context(wire, fails_on(0), vitals=vitals, handler_max_attempts=1, dead_letter_stream="dead/letters")
     result = await claim(context)
     assert result.outcome is Outcome.FAILED
     assert len(wire.called("release")) == 1
+    assert vitals.batches == {"failed": 1}
 
 
 async def test_a_handler_over_its_timeout_is_cancelled_and_retried(autojump_clock: trio.testing.MockClock) -> None:
@@ -476,6 +478,21 @@ async def test_a_claim_request_that_fails_briefly_is_retried(autojump_clock: tri
     wire = server((JOBS, 1))
     wire.fail_transport("claim", times=4)
     assert (await claim(make_context(wire, Recorder()))).outcome is Outcome.COMPLETED
+
+
+async def test_the_claim_is_made_in_the_runners_name(autojump_clock: trio.testing.MockClock) -> None:
+    wire = server((JOBS, 1))
+    await claim(make_context(wire, Recorder()))
+    assert [call.args for call in wire.called("claim")] == [(SUB, "runner-1")]
+
+
+async def test_a_refused_claim_request_is_an_error_and_says_why(autojump_clock: trio.testing.MockClock) -> None:
+    wire, vitals = server((JOBS, 1)), Vitals("test")
+    wire.fail("claim", RequestError("claim s1: 403 forbidden", status=403))
+    result = await claim(make_context(wire, Recorder(), vitals=vitals))
+    assert result == ClaimResult(Outcome.ERROR)
+    assert len(wire.called("claim")) == 1, "a refusal is not retried"
+    assert vitals.last_error == "RequestError: claim s1: 403 forbidden"
 
 
 async def test_a_claim_request_that_keeps_failing_is_an_error(autojump_clock: trio.testing.MockClock) -> None:
@@ -672,7 +689,8 @@ async def test_the_time_from_the_wake_to_the_handler_is_measured_once_per_claim(
     vitals = Vitals("test")
     context = make_context(server((JOBS, 5)), Recorder(), vitals=vitals)
     with trio.fail_after(3600):
-        await ClaimRun(context, SUB, woken_at=time.time() - 5).run()
+        result = await ClaimRun(context, SUB, woken_at=time.time() - 5).run()
+    assert result.outcome is Outcome.COMPLETED
     assert sample(vitals, "pullwake_wake_to_handler_seconds_count") == 1
     latency = sample(vitals, "pullwake_wake_to_handler_seconds_sum")
     assert latency is not None

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from machine import Effect, Event, State
-from runner._driver import Driver, StateContext
+from machine import Effect, Event, State, Step
+from runner._driver import Driver, Envelope, StateContext
 from tests.driver_harness import Fakes, drive_to, running_driver, settle
 
 
@@ -16,6 +16,7 @@ class FakeConnection:
         self.closed = False
 
     async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # as a network close would: it must survive a cancelled caller
         self.closed = True
 
 
@@ -214,6 +215,7 @@ async def test_busy_for_counts_how_long_a_transition_waits_for_the_old_activity(
 
     fakes.scripts["consume"] = stubborn
     async with running_driver(fakes, State.STREAMING) as driver:
+        await trio.sleep(100)
         assert driver.busy_for() == 0.0
         await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)
         await trio.sleep(5)
@@ -221,3 +223,65 @@ async def test_busy_for_counts_how_long_a_transition_waits_for_the_old_activity(
         await trio.sleep(5)
         assert driver.state is State.RECONNECTING
         assert driver.busy_for() == 0.0
+
+
+async def test_a_crash_event_speaks_for_the_crashed_activitys_epoch_and_carries_the_error() -> None:
+    fakes = Fakes()
+    error = RuntimeError("bug in connect")
+
+    async def explode(context: StateContext) -> None:
+        raise error
+
+    fakes.scripts["connect"] = explode
+    seen: list[tuple[Step, Envelope, int]] = []
+    driver = Driver(
+        {name: fakes.activity(name) for name in ("connect", "consume", "backoff", "drain")},
+        dict.fromkeys(Effect, lambda envelope: None),
+        on_step=lambda step, envelope, epoch: seen.append((step, envelope, epoch)),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await driver.send(Event.START)
+        await settle()
+        assert driver.state is State.RECONNECTING
+        step, crash, epoch = seen[-1]
+        assert (step.source, step.event, step.target, epoch) == (
+            State.CONNECTING,
+            Event.CONNECT_FAILED,
+            State.RECONNECTING,
+            driver.epoch,
+        )
+        assert (crash.event, crash.epoch) == (Event.CONNECT_FAILED, 1)
+        assert isinstance(crash.error, BaseExceptionGroup)
+        assert crash.error.exceptions == (error,)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_running_driver_cannot_be_run_again() -> None:
+    fakes = Fakes()
+    async with running_driver(fakes) as driver:
+        with pytest.raises(RuntimeError, match=r"^this driver is already running$"):
+            await driver.run()
+
+
+async def test_payloads_nobody_takes_over_are_closed() -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    unsent = FakeConnection()
+    await driver.send(Event.CONNECTED, payload=unsent)  # no driver running
+    assert unsent.closed
+
+    ignored, queued = FakeConnection(), FakeConnection()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.CONNECTED, epoch=driver.epoch, payload=ignored)  # ignored in streaming
+        await settle()
+        assert ignored.closed
+        await drive_to(driver, State.STOPPING)
+        await driver.send(Event.DRAINED, epoch=driver.epoch)
+        await driver.send(Event.CONNECTED, payload=queued)  # still queued when the run ends
+        await settle()
+        assert driver.state is State.STOPPED
+        assert queued.closed
+        nursery.cancel_scope.cancel()

@@ -100,7 +100,7 @@ def test_building_the_table_again_gives_the_same_table() -> None:
 
 def test_columns_that_do_not_name_every_state_once_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_lifecycle, "COLUMNS", (*_lifecycle.COLUMNS, machine.State.STOPPED))
-    with pytest.raises(IncompleteTableError, match="every state exactly once"):
+    with pytest.raises(IncompleteTableError, match=r"^columns .* must name every state exactly once$"):
         _lifecycle._build_table()
 
 
@@ -109,5 +109,5 @@ def test_a_state_without_a_declared_activity_is_refused(monkeypatch: pytest.Monk
         state: activity for state, activity in machine.ACTIVITIES.items() if state is not machine.State.STOPPED
     }
     monkeypatch.setattr(_lifecycle, "ACTIVITIES", activities)
-    with pytest.raises(IncompleteTableError, match=r"every state must declare its activity \(or None\)"):
+    with pytest.raises(IncompleteTableError, match=r"^every state must declare its activity \(or None\)$"):
         _lifecycle._build_table()
