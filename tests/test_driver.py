@@ -285,3 +285,17 @@ async def test_payloads_nobody_takes_over_are_closed() -> None:
         assert driver.state is State.STOPPED
         assert queued.closed
         nursery.cancel_scope.cancel()
+
+
+async def test_a_driver_cancelled_from_outside_still_closes_the_connection_its_state_held() -> None:
+    fakes = Fakes()
+    connection = FakeConnection()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.CONNECTING)
+        await driver.send(Event.CONNECTED, epoch=driver.epoch, payload=connection)
+        await settle()
+        assert driver.state is State.STREAMING
+        nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
+    assert connection.closed, "disposal is shielded from the cancellation that caused it"
