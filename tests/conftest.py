@@ -73,4 +73,9 @@ def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def quiet_logs() -> None:
     """Only warnings and errors show up in a failing test's captured output (PULLWAKE_TEST_LOG_LEVEL)."""
     level = os.environ.get("PULLWAKE_TEST_LOG_LEVEL", "warning").upper()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)))
+    # Plain tracebacks: rich (installed with mutmut) renders one in seconds, which mutation runs repeat.
+    *processors, _renderer = structlog.get_config()["processors"]
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level)),
+        processors=[*processors, structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)],
+    )

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from machine import Effect, Event, State
-from runner._driver import Driver, StateContext
+from machine import Effect, Event, State, Step
+from runner._driver import Driver, Envelope, StateContext
 from tests.driver_harness import Fakes, drive_to, running_driver, settle
 
 
@@ -16,6 +16,7 @@ class FakeConnection:
         self.closed = False
 
     async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()  # as a network close would: it must survive a cancelled caller
         self.closed = True
 
 
@@ -156,3 +157,145 @@ async def test_start_stop_start_in_one_driver(autojump_clock: trio.testing.MockC
         assert driver.state is State.STOPPED
         assert not driver.running
     assert fakes.running() == []
+
+
+async def test_an_activity_knows_its_state_and_can_start_work_in_its_nursery() -> None:
+    fakes = Fakes()
+    started = trio.Event()
+
+    async def helper() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    async def connect(context: StateContext) -> None:
+        context.nursery.start_soon(helper)
+
+    fakes.scripts["connect"] = connect
+    async with running_driver(fakes, State.CONNECTING):
+        [life] = fakes.running()
+        assert life.context.state is State.CONNECTING
+        await started.wait()
+
+
+async def test_an_activity_speaks_for_its_epoch_and_its_error_reaches_the_effects() -> None:
+    fakes = Fakes()
+    error = RuntimeError("the stream closed for good")
+    async with running_driver(fakes, State.STREAMING) as driver:
+        [consume] = fakes.running()
+        await consume.context.emit(Event.STREAM_CLOSED, error=error)
+        await settle()
+        assert driver.state is State.STOPPING
+        [envelope] = [env for e, env in fakes.effects if e is Effect.FATAL]
+        assert envelope.epoch == consume.epoch
+        assert envelope.error is error
+
+
+async def test_an_activity_from_an_older_epoch_cannot_speak(autojump_clock: trio.testing.MockClock) -> None:
+    fakes = Fakes()
+    async with running_driver(fakes, State.STREAMING) as driver:
+        [consume] = fakes.running()
+        await driver.send(Event.STREAM_END, epoch=driver.epoch)
+        await settle()
+        await consume.context.emit(Event.CONNECT_FAILED)  # from the streaming that is over
+        await settle()
+        assert driver.state is State.CONNECTING
+
+
+async def test_busy_for_counts_how_long_a_transition_waits_for_the_old_activity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fakes = Fakes()
+
+    async def stubborn(context: StateContext) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(7)
+
+    fakes.scripts["consume"] = stubborn
+    async with running_driver(fakes, State.STREAMING) as driver:
+        await trio.sleep(100)
+        assert driver.busy_for() == 0.0
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)
+        await trio.sleep(5)
+        assert driver.busy_for() == 5.0
+        await trio.sleep(5)
+        assert driver.state is State.RECONNECTING
+        assert driver.busy_for() == 0.0
+
+
+async def test_a_crash_event_speaks_for_the_crashed_activitys_epoch_and_carries_the_error() -> None:
+    fakes = Fakes()
+    error = RuntimeError("bug in connect")
+
+    async def explode(context: StateContext) -> None:
+        raise error
+
+    fakes.scripts["connect"] = explode
+    seen: list[tuple[Step, Envelope, int]] = []
+    driver = Driver(
+        {name: fakes.activity(name) for name in ("connect", "consume", "backoff", "drain")},
+        dict.fromkeys(Effect, lambda envelope: None),
+        on_step=lambda step, envelope, epoch: seen.append((step, envelope, epoch)),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await driver.send(Event.START)
+        await settle()
+        assert driver.state is State.RECONNECTING
+        step, crash, epoch = seen[-1]
+        assert (step.source, step.event, step.target, epoch) == (
+            State.CONNECTING,
+            Event.CONNECT_FAILED,
+            State.RECONNECTING,
+            driver.epoch,
+        )
+        assert (crash.event, crash.epoch) == (Event.CONNECT_FAILED, 1)
+        assert isinstance(crash.error, BaseExceptionGroup)
+        assert crash.error.exceptions == (error,)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_running_driver_cannot_be_run_again() -> None:
+    fakes = Fakes()
+    async with running_driver(fakes) as driver:
+        with pytest.raises(RuntimeError, match=r"^this driver is already running$"):
+            await driver.run()
+
+
+async def test_payloads_nobody_takes_over_are_closed() -> None:
+    fakes = Fakes()
+    driver = fakes.driver()
+    unsent = FakeConnection()
+    await driver.send(Event.CONNECTED, payload=unsent)  # no driver running
+    assert unsent.closed
+
+    ignored, queued = FakeConnection(), FakeConnection()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.CONNECTED, epoch=driver.epoch, payload=ignored)  # ignored in streaming
+        await settle()
+        assert ignored.closed
+        await drive_to(driver, State.STOPPING)
+        await driver.send(Event.DRAINED, epoch=driver.epoch)
+        await driver.send(Event.CONNECTED, payload=queued)  # still queued when the run ends
+        await settle()
+        assert driver.state is State.STOPPED
+        assert queued.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_driver_cancelled_from_outside_still_closes_the_connection_its_state_held() -> None:
+    fakes = Fakes()
+    connection = FakeConnection()
+    driver = fakes.driver()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.CONNECTING)
+        await driver.send(Event.CONNECTED, epoch=driver.epoch, payload=connection)
+        await settle()
+        assert driver.state is State.STREAMING
+        nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
+    assert connection.closed, "disposal is shielded from the cancellation that caused it"

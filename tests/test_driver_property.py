@@ -8,6 +8,8 @@ epoch already left, which must change nothing).
 
 from __future__ import annotations
 
+import os
+
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -19,7 +21,8 @@ from tests.test_driver_matrix import CASES
 
 EXPECTED = {(source, event): target for source, event, target, _ in CASES}
 SENDERS = ("current", "lifetime", "stale")
-EXAMPLES = 400
+# `make mutate` runs this for many mutants of the driver: it asks for fewer examples there.
+EXAMPLES = int(os.environ.get("PULLWAKE_PROPERTY_EXAMPLES", "400"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

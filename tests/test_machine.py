@@ -71,3 +71,43 @@ def test_the_readme_shows_the_current_diagram() -> None:
     found = re.search(r"<!-- lifecycle:begin -->\n```mermaid\n(.*?)```\n<!-- lifecycle:end -->", readme, re.S)
     assert found, "README.md must contain the lifecycle diagram between the lifecycle markers"
     assert found.group(1) == machine.mermaid(), "README.md's diagram drifted: paste `pullwake machine --mermaid`"
+
+
+TABLE_TEXT = """\
+event            stopped     connecting                         streaming         reconnecting  stopping
+START            connecting  -                                  -                 -             -
+STOP             -           stopping                           stopping          stopping      -
+CONNECTED        -           streaming (reset backoff, resync)  -                 -             -
+CONNECT_FAILED   -           reconnecting                       -                 -             -
+STREAM_END       -           -                                  connecting        -             -
+STREAM_ERROR     -           -                                  reconnecting      -             -
+STREAM_CLOSED    -           -                                  stopping (fatal)  -             -
+STREAM_RESET     -           reconnecting                       reconnecting      -             -
+BACKOFF_ELAPSED  -           -                                  -                 connecting    -
+PROBE_OK         -           -                                  -                 connecting    -
+WAKE             -           -                                  - (claim)         -             -
+DRAINED          -           -                                  -                 -             stopped
+"""
+
+
+def test_the_plain_table_reads_like_the_design_documents_table() -> None:
+    assert machine.table_text() == TABLE_TEXT
+
+
+def test_building_the_table_again_gives_the_same_table() -> None:
+    assert _lifecycle._build_table() == machine.TABLE
+
+
+def test_columns_that_do_not_name_every_state_once_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_lifecycle, "COLUMNS", (*_lifecycle.COLUMNS, machine.State.STOPPED))
+    with pytest.raises(IncompleteTableError, match=r"^columns .* must name every state exactly once$"):
+        _lifecycle._build_table()
+
+
+def test_a_state_without_a_declared_activity_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    activities = {
+        state: activity for state, activity in machine.ACTIVITIES.items() if state is not machine.State.STOPPED
+    }
+    monkeypatch.setattr(_lifecycle, "ACTIVITIES", activities)
+    with pytest.raises(IncompleteTableError, match=r"^every state must declare its activity \(or None\)$"):
+        _lifecycle._build_table()
