@@ -131,14 +131,15 @@ class Dispatcher:
         if sub is None:
             log.info("wake.not_served", subscription=wake.subscription, detail="no handler here for it")
             return
+        if sub.worker is None and not sub.worth_claiming(wake):
+            log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
+            return
         if wake.ts_ms is not None:
-            sub.woken_at = wake.ts_ms / 1000
+            sub.woken_at = wake.ts_ms / 1000  # only a wake that leads to a claim times it
         if sub.worker is not None:
             sub.remember(wake)
-        elif sub.worth_claiming(wake):
-            self._start(sub)
         else:
-            log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
+            self._start(sub)
 
     def resync(self) -> None:
         """The RESYNC effect of a new connection: the server may have restarted since the last.

@@ -7,10 +7,13 @@ from typing import Any
 
 import trio
 
-from runner._claim import ClaimContext, DeadLetters
+from runner._claim import ClaimContext
 from runner._config import Settings
+from runner._delivery import DeadLetters, Delivery
 from runner._handlers import Batch, HandlerResult
 from runner._health import Vitals
+from runner._journal import Journal
+from runner._secrets import Redactor
 from tests.fake_wire import FakeWire
 
 SUB = "s1"
@@ -81,15 +84,19 @@ def make_context(
     **overrides: Any,
 ) -> ClaimContext:
     async def ensure(subscription: str) -> bool:
-        return await wire.ensure_subscription(subscription, wake_stream="wake/pool", pattern="jobs/*")
+        await wire.ensure_subscription(subscription, wake_stream="wake/pool", pattern="jobs/*")
+        return True
 
+    chosen = settings(**overrides)
+    recorder = vitals if vitals is not None else Vitals("test")
     return ClaimContext(
         wire=wire,
-        settings=settings(**overrides),
-        handler=handler,
-        vitals=vitals if vitals is not None else Vitals("test"),
-        dead_letters=DeadLetters(wire),
+        settings=chosen,
+        vitals=recorder,
+        journal=Journal(None, server_url=chosen.server_url),
+        deliver=Delivery(SUB, handler, chosen, recorder, DeadLetters(wire)),
         recreate=recreate if recreate is not None else ensure,
+        redactor=Redactor(),
     )
 
 

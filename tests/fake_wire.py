@@ -47,7 +47,7 @@ from runner._exceptions import (
     TransportError,
 )
 from runner._wake import Wake
-from runner._wire import JSON, Ack, Claim, ClaimedStream, LiveRead, ReadResult, is_after
+from runner._wire import JSON, Ack, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
 
 START = "-1"
 
@@ -299,16 +299,16 @@ class FakeWire:
         streams: Sequence[str] = (),
         lease_ttl_ms: int = 30_000,
         description: str | None = None,
-    ) -> bool:
+    ) -> Links:
         await self._call("ensure_subscription", subscription_id)
         if subscription_id in self.subscriptions:
-            return False
+            return Links(False, dict(self.subscriptions[subscription_id].acked))
         # A (re-)created subscription links the streams that exist at their tail.
         linked = [path for path in self.streams if path in streams or (pattern and fnmatch.fnmatch(path, pattern))]
         self.subscriptions[subscription_id] = Subscription(
             subscription_id, lease_ttl_ms, acked={path: self._tail(path) for path in linked}
         )
-        return True
+        return Links(True, dict(self.subscriptions[subscription_id].acked))
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"
