@@ -36,6 +36,8 @@ Probe = Callable[[], Awaitable[str]]
 class _Observation:
     epoch: int
     received: str | None
+    items: int
+    """Wake-stream items worked through so far: a huge frame in progress is not a stall."""
     behind: bool
 
 
@@ -102,10 +104,15 @@ class Liveness:
         if tail is None or state is not State.STREAMING:
             self._last = None
             return
-        received = self._position.offset
+        received, items = self._position.offset, self._vitals.events_received
         behind = received is not None and is_after(tail, received)
-        last, self._last = self._last, _Observation(epoch, received, behind)
-        if behind and last is not None and last.behind and last.epoch == epoch and last.received == received:
+        last, self._last = self._last, _Observation(epoch, received, items, behind)
+        if (
+            behind
+            and last is not None
+            and last.behind
+            and (last.epoch, last.received, last.items) == (epoch, received, items)
+        ):
             self._last = None
             await self._reset(f"the wake stream is stalled: tail {tail} is ahead of {received}", epoch)
 

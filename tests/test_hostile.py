@@ -30,7 +30,7 @@ from faults.hostile import (
 )
 from machine import State
 from runner import Batch, Runner, Settings, SubscriptionSpec
-from tests.support import captured_logs, eventually
+from tests.support import Recorder, World, captured_logs, eventually, running
 
 WINDOW = 3.0  # seconds each misbehaviour is given to show a spin
 
@@ -260,3 +260,49 @@ async def test_a_drip_fed_answer_ends_at_the_request_deadline(server: HostileSer
     assert failures, "the dripping claim answer was cut off"
     claims = [r.at for r in server.requests if r.path == SUBSCRIPTION + "/claim"]
     assert len(claims) >= 2, "the first claim request ended at its deadline and was retried"
+
+
+@pytest.mark.parametrize(
+    ("max_event_bytes", "counted_as"),
+    [
+        (1024 * 1024, 'reason="unusable event"} 1.0'),  # about 3.4 MB in one data event: dropped unread
+        (8 * 1024 * 1024, 'reason="not an object"} 500000.0'),  # read, and every item counted
+    ],
+)
+async def test_one_huge_append_of_junk_to_the_wake_stream_neither_floods_the_log_nor_freezes_the_runner(
+    world: World, max_event_bytes: int, counted_as: str
+) -> None:
+    """A single append of 500,000 numbers (1 MB) to the wake stream, through the reference server:
+    it was 500,000 warnings and a loop frozen for 24 s. Now: counted, summarised, and the runner
+    keeps answering while it reads past them."""
+    recorder = Recorder()
+    runner = Runner(world.settings(max_event_bytes=max_event_bytes), handlers={world.sub: recorder})
+    longest_gap = 0.0
+
+    async def watch_the_loop() -> None:
+        nonlocal longest_gap
+        while True:
+            before = trio.current_time()
+            await trio.sleep(0.01)
+            longest_gap = max(longest_gap, trio.current_time() - before - 0.01)
+
+    with captured_logs() as logs:
+        async with running(runner), trio.open_nursery() as nursery:
+            nursery.start_soon(watch_the_loop)
+            tail = await world.client.append(world.wake, list(range(500_000)))
+
+            async def past_the_junk() -> bool:
+                return runner.health().offset == tail
+
+            await eventually(past_the_junk, timeout=30, what="the wake offset to move past the junk")
+            await world.create("a")
+            await world.append("a", {"n": 1})
+            await eventually(lambda: recorder.count == 1, what="work after the junk")
+            nursery.cancel_scope.cancel()
+    ignored = [entry for entry in logs if entry["event"] == "wake.ignored"]
+    assert len(ignored) <= 2, f"{len(ignored)} log lines for one bad append"
+    exposition = runner.metrics_exposition()[0].decode()
+    counted = [line for line in exposition.splitlines() if line.startswith("pullwake_wake_items_ignored_total{")]
+    assert counted == ["pullwake_wake_items_ignored_total{" + counted_as], counted
+    assert longest_gap < 2.0, f"the runner's loop was held {longest_gap:.2f} s"
+    print(f"500,000 junk items: loop held at most {longest_gap * 1000:.0f} ms")
