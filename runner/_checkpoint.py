@@ -82,10 +82,11 @@ async def keep_checkpoint(checkpoint: Checkpoint, position: WakePosition, *, int
         while True:
             await position.changed.wait()
             position.changed = trio.Event()
-            _save(checkpoint, position)
+            # The fsync takes milliseconds: a worker thread waits for it, not the event loop.
+            await trio.to_thread.run_sync(_save, checkpoint, position)
             await trio.sleep(interval)
     finally:
-        _save(checkpoint, position)
+        _save(checkpoint, position)  # the last one, also when cancelled: quick enough to do here
 
 
 def _save(checkpoint: Checkpoint, position: WakePosition) -> None:

@@ -128,6 +128,25 @@ class Recorder:
         return len(self.messages())
 
 
+FAST_TIMINGS: dict[str, float] = {
+    "heartbeat_interval": 0.5,
+    "heartbeat_timeout": 0.5,
+    "keepalive_timeout": 5.0,
+    "connect_timeout": 3.0,
+    "request_timeout": 3.0,
+    "long_poll_timeout": 2.0,
+    "backoff_initial": 0.1,
+    "backoff_max": 1.0,
+    "handler_retry_initial": 0.02,
+    "handler_retry_max": 0.1,
+    "cooldown": 0.5,
+    "drain_timeout": 3.0,
+    "finalizer_timeout": 2.0,
+    "checkpoint_interval": 0.1,
+}
+"""Timings that make the tests against the real server quick (the server holds live reads 2 s)."""
+
+
 @dataclass
 class World:
     """One test's names on a (possibly shared) reference server, and a producer client."""
@@ -180,20 +199,7 @@ class World:
             "runner_id": f"runner-{self.uid}-{self._runners}",
             "wake_stream": self.wake,
             "subscriptions": (self.spec(),),
-            "heartbeat_interval": 0.5,
-            "heartbeat_timeout": 0.5,
-            "keepalive_timeout": 5.0,
-            "connect_timeout": 3.0,
-            "request_timeout": 3.0,
-            "long_poll_timeout": 2.0,
-            "backoff_initial": 0.1,
-            "backoff_max": 1.0,
-            "handler_retry_initial": 0.02,
-            "handler_retry_max": 0.1,
-            "cooldown": 0.5,
-            "drain_timeout": 3.0,
-            "finalizer_timeout": 2.0,
-            "checkpoint_interval": 0.1,
+            **FAST_TIMINGS,
         }
         values.update(overrides)
         return Settings(**values)

@@ -543,3 +543,64 @@ async def test_a_skipped_wake_does_not_count_toward_the_next_claims_latency(
         assert len(scene.claims_at()) == 2
         registry = scene.vitals.metrics.registry
         assert registry.get_sample_value("pullwake_wake_to_handler_seconds_count") == 0, "no timed wake led here"
+
+
+# -- aborts, rests and sweeps -----------------------------------------------------------------
+
+
+async def test_an_abort_rests_the_subscription_exactly_as_long_as_asked(autojump_clock: trio.testing.MockClock) -> None:
+    async with dispatching(server(), Recorder(forever)) as scene:
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(1)
+        assert scene.dispatcher.abort(SUB, cooldown=5.0)
+        await trio.sleep(0.5)
+        resting = scene.dispatcher.cooldowns()
+        assert set(resting) == {SUB}
+        assert resting[SUB] - time.time() == pytest.approx(4.5, abs=0.5)
+        aborted_at = trio.current_time()
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(10)
+        [_, again] = scene.claims_at()
+        assert again - aborted_at == pytest.approx(5.0 - 0.5, abs=0.01), "claimed again when the rest ended"
+        assert scene.outcomes[Outcome.ABORTED] == 1
+
+
+async def test_an_abort_without_a_cooldown_rests_for_the_setting_and_zero_not_at_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(), Recorder(forever)) as scene:
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(1)
+        assert scene.dispatcher.abort(SUB)
+        await trio.sleep(0.1)
+        assert scene.dispatcher.cooldowns()[SUB] - time.time() == pytest.approx(COOLDOWN - 0.1, abs=0.5)
+        assert not scene.dispatcher.abort("nobody")
+    async with dispatching(server(), Recorder(forever)) as scene:
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(1)
+        assert scene.dispatcher.abort(SUB, cooldown=0)
+        await trio.sleep(0.1)
+        assert scene.dispatcher.cooldowns() == {}
+
+
+async def test_an_abort_while_waiting_for_a_slot_is_booked_and_rests(autojump_clock: trio.testing.MockClock) -> None:
+    async with dispatching(server("a", "b"), Recorder(forever), max_concurrent=1) as scene:
+        scene.dispatcher.wake(Wake("a"))
+        await trio.sleep(1)
+        scene.dispatcher.wake(Wake("b"))  # waits for the only slot
+        await trio.sleep(1)
+        assert scene.dispatcher.abort("b", cooldown=7.0)
+        await trio.sleep(0.1)
+        assert scene.outcomes.get(Outcome.ABORTED) == 1
+        assert set(scene.dispatcher.cooldowns()) == {"b"}
+        assert scene.claims_at("b") == [], "it never got as far as claiming"
+
+
+async def test_a_resync_claims_every_served_subscription_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with dispatching(server("a", "b", "c")) as scene:
+        scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert sorted(call.args[0] for call in scene.wire.called("claim")) == ["a", "b", "c"]
+        scene.dispatcher.sweep(["b"])
+        await trio.sleep(1)
+        assert sorted(call.args[0] for call in scene.wire.called("claim")) == ["a", "b", "b", "c"]

@@ -34,7 +34,7 @@ from runner import (
     asyncio_handler,
 )
 from runner._devserver import DevServer
-from tests.support import captured_logs
+from tests.support import FAST_TIMINGS, captured_logs
 
 pytestmark = pytest.mark.server
 
@@ -46,19 +46,7 @@ def fast_settings(url: str, uid: str, **overrides: Any) -> Settings:
         "runner_id": f"runner-{uid}",
         "wake_stream": f"wake-{uid}/pool",
         "subscriptions": (SubscriptionSpec(id=f"sub-{uid}", pattern=f"jobs-{uid}/*", lease_ttl_ms=5_000),),
-        "heartbeat_interval": 0.5,
-        "heartbeat_timeout": 0.5,
-        "keepalive_timeout": 5.0,
-        "connect_timeout": 3.0,
-        "request_timeout": 3.0,
-        "long_poll_timeout": 2.0,
-        "backoff_initial": 0.1,
-        "backoff_max": 1.0,
-        "handler_retry_initial": 0.02,
-        "handler_retry_max": 0.1,
-        "cooldown": 0.5,
-        "drain_timeout": 3.0,
-        "finalizer_timeout": 2.0,
+        **FAST_TIMINGS,
     }
     values.update(overrides)
     return Settings(**values)
