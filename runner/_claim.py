@@ -27,6 +27,7 @@ import trio
 from ._backoff import retrying
 from ._config import Settings
 from ._delivery import Delivery
+from ._early_read import EarlyRead
 from ._exceptions import (
     AlreadyClaimed,
     ClientError,
@@ -126,13 +127,27 @@ class ClaimRun:
             if replayed is not None:
                 self.result = ClaimResult(replayed)
                 return self.result
+        early = EarlyRead.predicted(self.context.journal, self.subscription)
+        if early is None:
+            return await self._claim(None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(early.fetch, self.context.wire)
+            try:
+                return await self._claim(early)
+            finally:
+                early.cancel()
+
+    async def _claim(self, early: EarlyRead | None) -> ClaimResult:
         granted = await self._obtain()
+        if early is not None and (isinstance(granted, ClaimResult) or not early.matches(granted[0])):
+            early.cancel()
+            early = None
         if isinstance(granted, ClaimResult):
             self.result = granted
             return granted
         claim, lease = granted
         self.claim = claim
-        held = _Held(self, claim, lease)
+        held = _Held(self, claim, lease, early)
         bound = structlog.contextvars.bound_contextvars(
             subscription=self.subscription, wake_id=claim.wake_id, generation=claim.generation
         )
@@ -207,8 +222,9 @@ class ClaimRun:
 class _Held:
     """A granted claim at work: the batch loop, the lease keeper, acks and the hand-back."""
 
-    def __init__(self, run: ClaimRun, claim: Claim, lease: Lease) -> None:
+    def __init__(self, run: ClaimRun, claim: Claim, lease: Lease, early: EarlyRead | None = None) -> None:
         self.run = run
+        self.early = early
         self.claim = claim
         self.lease = lease
         self.context = run.context
@@ -319,6 +335,10 @@ class _Held:
         return Outcome.DEAD_LETTERED if self.dead_lettered else Outcome.COMPLETED
 
     async def _read(self, stream: str, offset: str) -> ReadResult:
+        if self.early is not None:
+            early, self.early = await self.early.take(stream, offset), None
+            if early is not None:
+                return early
         try:
             return await retrying(
                 lambda: self.context.wire.read(stream, offset), what=f"read {stream}", report=self.vitals.error

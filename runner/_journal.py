@@ -113,6 +113,13 @@ class Journal:
             del self._claims[subscription]
             self._save()
 
+    def sole_stream(self, subscription: str) -> tuple[str, str] | None:
+        """The subscription's only known stream and the offset acknowledged there, if it has one only."""
+        offsets = self._acked.get(subscription)
+        if offsets is None or len(offsets) != 1:
+            return None
+        return next(iter(offsets.items()))
+
     # -- lost subscriptions ----------------------------------------------------------------
 
     def linked(self, subscription: str, linked: dict[str, str], *, created: bool, keep_gaps: bool = True) -> list[Gap]:

@@ -146,6 +146,111 @@ async def test_handled_events_and_batches_are_counted(autojump_clock: trio.testi
     assert vitals.metrics.registry.get_sample_value("pullwake_events_handled_total") == 5
 
 
+# -- the first read, sent beside the claim ----------------------------------------------------
+
+
+async def claimed_once(wire: FakeWire, handler: Recorder) -> ClaimContext:
+    """A context whose journal learned, from one finished claim, where SUB's streams were acknowledged."""
+    context = make_context(wire, handler)
+    assert (await claim(context)).outcome is Outcome.COMPLETED
+    return context
+
+
+async def test_the_known_streams_first_read_goes_out_beside_the_claim_and_its_batch_waits_for_the_grant(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(4)[2:])
+    wire.delay("claim", 5)
+    start, reads_before = trio.current_time(), len(wire.called("read"))
+
+    result = await claim(context)
+
+    assert result.outcome is Outcome.COMPLETED
+    reads = wire.called("read")[reads_before:]
+    assert [(call.at - start, call.args) for call in reads] == [(0, (JOBS, offset_of(2)))], "one read, at once"
+    assert handler.messages[1:] == [jobs(4)[2:4]]
+    assert handler.at[1] - start == 5, "the batch waited for the claim to be granted"
+    assert wire.acked(SUB) == {JOBS: offset_of(4)}
+
+
+async def test_an_early_read_from_where_the_claim_does_not_start_is_not_used(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(5)[2:])
+    wire.subscriptions[SUB].acked[JOBS] = offset_of(3)  # another runner handled one event meanwhile
+    reads_before = len(wire.called("read"))
+
+    await claim(context)
+
+    assert [call.args for call in wire.called("read")[reads_before:]] == [
+        (JOBS, offset_of(2)),
+        (JOBS, offset_of(3)),
+    ]
+    assert handler.messages[1:] == [jobs(5)[3:5]], "nothing handled twice, nothing skipped"
+
+
+async def test_an_early_read_that_fails_is_read_again_after_the_claim(autojump_clock: trio.testing.MockClock) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(3)[2:])
+    wire.fail_transport("read")
+
+    result = await claim(context)
+
+    assert result.outcome is Outcome.COMPLETED
+    assert handler.messages[1:] == [jobs(3)[2:3]]
+
+
+async def test_an_early_read_answered_before_the_events_arrived_does_not_end_the_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+
+    async def appended_meanwhile() -> None:
+        await trio.sleep(1)  # the early read is answered (empty) before the events land
+        wire.add_stream(JOBS, jobs(3)[2:])
+
+    wire.script("claim", appended_meanwhile)
+    result = await claim(context)
+
+    assert result.outcome is Outcome.COMPLETED
+    assert handler.messages[1:] == [jobs(3)[2:3]]
+    assert wire.acked(SUB) == {JOBS: offset_of(3)}
+
+
+async def test_an_early_read_for_a_claim_not_granted_reaches_no_handler(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(3)[2:])
+    wire.take_over(SUB)
+
+    result = await claim(context)
+
+    assert result.outcome is Outcome.SKIPPED
+    assert len(handler.seen) == 1
+
+
+async def test_with_more_than_one_known_stream_the_read_waits_for_the_claim(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 1), ("jobs/b", 1)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(2)[1:])
+    wire.delay("claim", 5)
+    start, reads_before = trio.current_time(), len(wire.called("read"))
+
+    await claim(context)
+
+    assert [call.at - start for call in wire.called("read")[reads_before:]] == [5]
+
+
 # -- the lease ------------------------------------------------------------------------------
 
 
