@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from bench import core
 from bench.core import FULL, RESULTS, SMOKE, Bench, Scale
 from bench.footprint import footprint, start, stop
 from bench.latency import latency
@@ -71,7 +72,14 @@ def cli() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration, to check the bench runs")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {tuple(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="where the JSON goes")
+    parser.add_argument(
+        "--runner-python",
+        help="the Python that runs `pullwake run` processes, e.g. a venv with `pip install .` and no dev extra "
+        "(this source tree comes first on its path)",
+    )
     options = parser.parse_args()
+    if options.runner_python:
+        core.RUNNER_PYTHON[0] = options.runner_python
     sections = [name.strip() for name in options.only.split(",") if name.strip()]
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")

@@ -25,6 +25,8 @@ from runner._devserver import DevServer
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+RUNNER_PYTHON = [sys.executable]
+"""The interpreter of `pullwake run` processes (`--runner-python`: e.g. a production install's venv)."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ async def stop_process(process: trio.Process) -> None:
 
 async def start_runner_process(config: Path, log: Path, *, level: str = "info", **env: str) -> trio.Process:
     """`pullwake run --config CONFIG` with JSON log lines appended to `log`."""
-    argv = [sys.executable, "-m", "runner", "run", "--config", str(config), "--log-format", "json"]
+    argv = [RUNNER_PYTHON[0], "-m", "runner", "run", "--config", str(config), "--log-format", "json"]
     with log.open("ab") as output:  # the child keeps its own copy of the descriptor
         return await trio.lowlevel.open_process(
             [*argv, "--log-level", level], stdout=output, stderr=output, env={**ENV, **env}

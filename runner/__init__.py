@@ -4,6 +4,7 @@ from machine import State
 
 from ._asyncio_host import AsyncioHost
 from ._backoff import Backoff
+from ._batch import SUSPEND, Batch, Handler, Suspend
 from ._bridge import asyncio_handler
 from ._config import Settings, SubscriptionSpec, load_settings
 from ._exceptions import (
@@ -34,7 +35,7 @@ from ._exceptions import (
     WakeStreamClosed,
 )
 from ._guest import Ended
-from ._handlers import SUSPEND, Batch, CommandHandler, Handler, Suspend
+from ._handlers import CommandHandler
 from ._health import Health, InFlightClaim, Outcome
 from ._hosts import BackgroundRunner
 from ._runner import Runner

@@ -10,9 +10,9 @@ import structlog
 
 from machine import State
 
+from ._batch import Batch
 from ._exceptions import RunnerError
 from ._guest import Ended, GuestHooks, GuestRun
-from ._handlers import Batch
 from ._health import Health
 from ._runner import Runner
 

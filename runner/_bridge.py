@@ -24,7 +24,7 @@ import trio
 from ._exceptions import PermanentFailure
 
 if TYPE_CHECKING:
-    from ._handlers import AsyncHandler, Batch, HandlerResult
+    from ._batch import AsyncHandler, Batch, HandlerResult
 
 log = structlog.get_logger("pullwake.handlers")
 

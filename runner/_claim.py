@@ -25,6 +25,7 @@ import structlog
 import trio
 
 from ._backoff import retrying
+from ._batch import Batch
 from ._config import Settings
 from ._delivery import Delivery
 from ._early_read import EarlyRead
@@ -37,7 +38,6 @@ from ._exceptions import (
     SubscriptionNotFound,
     TokenInvalid,
 )
-from ._handlers import Batch
 from ._health import SUCCEEDED, Outcome, Vitals
 from ._journal import Journal
 from ._lease import Lease

@@ -12,6 +12,7 @@ import os
 import signal
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -19,10 +20,12 @@ import trio
 from machine import State
 
 from ._config import Settings
-from ._control import Controlled, serve_control, serve_metrics
 from ._exceptions import StopError, WakeStreamClosed
 from ._runner import Runner
 from ._systemd import Notifier, keep_watchdog, watchdog_interval
+
+if TYPE_CHECKING:
+    from ._control import Controlled
 
 EX_OK = 0
 EX_FAILURE = 1
@@ -37,6 +40,12 @@ async def serve_surfaces(
 
     Reports where the metrics listener ended up (useful with port 0), or None.
     """
+    if settings.control_socket is None and settings.metrics_listen is None:
+        task_status.started(None)
+        return
+    # The HTTP server stack (hypercorn, starlette, anyio: ~3.6 MiB) loads only for a surface.
+    from ._control import serve_control, serve_metrics
+
     async with trio.open_nursery() as nursery:
         if settings.control_socket is not None:
             await nursery.start(

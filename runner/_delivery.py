@@ -12,9 +12,9 @@ import structlog
 import trio
 
 from ._backoff import Backoff, retrying
+from ._batch import SUSPEND, AsyncHandler, Batch
 from ._config import Settings
 from ._exceptions import ClientError, PermanentFailure
-from ._handlers import SUSPEND, AsyncHandler, Batch
 from ._health import Outcome, Vitals
 from ._wire import Wire
 

@@ -18,10 +18,10 @@ import trio
 
 from machine import State
 
+from ._batch import Batch
 from ._client import StreamsClient, build_http
 from ._config import Settings, SubscriptionSpec
 from ._devserver import DevServer
-from ._handlers import Batch
 from ._runner import Runner
 
 STREAMS = ("jobs/resize", "jobs/encode", "jobs/notify", "jobs/index", "jobs/archive", "jobs/report")

@@ -33,7 +33,7 @@ from ._exceptions import AlreadyRunning, PullwakeError, RunnerError, StopError
 from ._health import Health
 
 if TYPE_CHECKING:
-    from ._handlers import Batch
+    from ._batch import Batch
     from ._runner import Runner
 
 log = structlog.get_logger("pullwake.hosts")

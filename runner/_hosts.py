@@ -15,10 +15,10 @@ import trio
 
 from machine import State
 
+from ._batch import Batch
 from ._bridge import observing
 from ._exceptions import AlreadyRunning, PullwakeError, RunnerError, StopError
 from ._guest import Ended, as_pullwake_error, send
-from ._handlers import Batch
 from ._health import Health
 from ._runner import Runner
 

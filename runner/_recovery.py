@@ -9,25 +9,47 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
 from ._backoff import retrying
+from ._batch import Batch
+from ._delivery import Delivery
 from ._exceptions import ClientError, Fenced, StreamNotFound, SubscriptionNotFound, TokenInvalid
-from ._handlers import Batch
-from ._health import Outcome
+from ._health import Outcome, Vitals
 from ._journal import Gap, Journal
 from ._secrets import Redactor
 from ._wire import Wire, is_after
 
-if TYPE_CHECKING:
-    from ._claim import ClaimRun
-
 log = structlog.get_logger("pullwake.claims")
 
 
-async def replay_gaps(run: ClaimRun) -> Outcome | None:
+class ReplayContext(Protocol):
+    """What a replay needs of the runner (a `ClaimContext` has it)."""
+
+    @property
+    def wire(self) -> Wire: ...
+    @property
+    def journal(self) -> Journal: ...
+    @property
+    def vitals(self) -> Vitals: ...
+    @property
+    def deliver(self) -> Delivery: ...
+
+
+class ReplayRun(Protocol):
+    """The claim attempt a replay runs in (`runner._claim.ClaimRun`): it shows what the replay is doing."""
+
+    subscription: str
+    stream: str | None
+    batches_done: int
+
+    @property
+    def context(self) -> ReplayContext: ...
+
+
+async def replay_gaps(run: ReplayRun) -> Outcome | None:
     """Hand the handler what the server skipped when it re-created the subscription.
 
     Returns None when every gap was replayed, else how the replay ended (the gap
@@ -51,7 +73,7 @@ async def replay_gaps(run: ClaimRun) -> Outcome | None:
     return None
 
 
-async def _replay_gap(run: ClaimRun, gap: Gap) -> Outcome | None:
+async def _replay_gap(run: ReplayRun, gap: Gap) -> Outcome | None:
     context, subscription = run.context, run.subscription
     remaining: Gap | None = gap
     while remaining is not None:

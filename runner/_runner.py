@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from machine import Effect, Event, State, Step
 
 from ._backoff import Backoff, BackoffActivity
+from ._batch import AsyncHandler, Handler
 from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._claim import ClaimContext
 from ._client import StreamsClient, build_http, tls_context
@@ -35,7 +36,7 @@ from ._delivery import DeadLetters, Delivery
 from ._dispatch import Dispatcher
 from ._driver import Driver, Envelope, StateContext
 from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
-from ._handlers import AsyncHandler, Handler, resolve_handlers
+from ._handlers import resolve_handlers
 from ._health import Health, Vitals, progressing
 from ._journal import Journal
 from ._liveness import Liveness

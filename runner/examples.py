@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import structlog
 
-from ._handlers import Batch
+from ._batch import Batch
 
 log = structlog.get_logger("pullwake.examples")
 

@@ -12,9 +12,9 @@ from PySide6.QtCore import QCoreApplication, QEventLoop, QObject, Qt, QTimer, Si
 
 from machine import State
 
+from ._batch import Batch
 from ._exceptions import PullwakeError
 from ._guest import Ended, GuestHooks, GuestRun, keyboard_interrupted
-from ._handlers import Batch
 from ._health import Health
 from ._runner import Runner
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import trio
 
+from runner._batch import Batch, HandlerResult
 from runner._claim import ClaimContext
 from runner._config import Settings
 from runner._delivery import DeadLetters, Delivery
-from runner._handlers import Batch, HandlerResult
 from runner._health import Vitals
 from runner._journal import Journal
 from runner._secrets import Redactor

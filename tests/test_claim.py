@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
+from runner._batch import SUSPEND, Batch, HandlerResult
 from runner._claim import ClaimContext, ClaimResult, ClaimRun
 from runner._config import SubscriptionSpec
 from runner._exceptions import InvalidOffset, PermanentFailure, RequestError, TransportError
-from runner._handlers import SUSPEND, Batch, HandlerResult
 from runner._health import Outcome, Vitals
 from runner._wire import Ack
 from tests.claim_harness import JOBS, SUB, Recorder, forever, jobs, make_context, sleep_for
@@ -725,6 +725,24 @@ async def test_a_claim_cancelled_before_it_was_granted_leaves_no_result(
     await cancel_at(5, run)
     assert run.result is None
     assert run.claim is None
+
+
+async def test_the_claim_token_is_redacted_from_every_text_while_the_claim_is_held(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = server((JOBS, 1))
+    seen: list[str] = []
+
+    async def quote_the_token(batch: Batch) -> HandlerResult:
+        holder = wire.subscriptions[SUB].holder
+        assert holder is not None
+        seen.append(context.redactor.redact(f"error text quoting {holder.token}"))
+        return None
+
+    context = make_context(wire, Recorder(quote_the_token))
+    await claim(context)
+
+    assert seen == ["error text quoting [redacted]"]
 
 
 # -- what operators see: metrics and the last error ----------------------------------------------

@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
+from runner._batch import Batch, HandlerResult
 from runner._dispatch import Dispatcher
 from runner._exceptions import TransportError
-from runner._handlers import Batch, HandlerResult
 from runner._health import InFlightClaim, Outcome, Vitals
 from runner._wake import Wake
 from tests.claim_harness import Recorder, forever, jobs, make_context, sleep_for
