@@ -115,6 +115,8 @@ class ClaimRun:
     subscription: str
     woken_at: float | None = None
     """When the server wrote the wake that led here (Unix seconds), for the latency metric."""
+    announced: bool = True
+    """The server said work is pending (False for a sweep's claim): worth a read beside the claim."""
     claim: Claim | None = None
     stream: str | None = None
     batches_done: int = 0
@@ -127,7 +129,7 @@ class ClaimRun:
             if replayed is not None:
                 self.result = ClaimResult(replayed)
                 return self.result
-        early = EarlyRead.predicted(self.context.journal, self.subscription)
+        early = EarlyRead.predicted(self.context.journal, self.subscription) if self.announced else None
         if early is None:
             return await self._claim(None)
         async with trio.open_nursery() as nursery:

@@ -72,6 +72,9 @@ class _Subscription:
     """The newest generation handled since the last (re)connect; generations start over with the server."""
     cooldown_until: float = 0.0
     woken_at: float | None = None
+    announced: bool = False
+    """The server said work is pending (a wake of its own), not just a sweep: the next claim
+    may send its first read beside it (a sweep finds nothing pending more often than not)."""
     worker: Worker | None = None
     again: Wake | None = None
     """A wake that arrived while the worker was busy: claim again when it ends."""
@@ -136,6 +139,8 @@ class Dispatcher:
             return
         if wake.ts_ms is not None:
             sub.woken_at = wake.ts_ms / 1000  # only a wake that leads to a claim times it
+        if wake.generation is not None:
+            sub.announced = True
         if sub.worker is not None:
             sub.remember(wake)
         else:
@@ -219,8 +224,8 @@ class Dispatcher:
                         await self._slots.acquire_on_behalf_of(worker)
                     if worker.waiting.cancelled_caught:
                         break
-                    run = ClaimRun(sub.context, sub.id, woken_at=sub.woken_at)
-                    sub.woken_at, worker.run = None, run
+                    run = ClaimRun(sub.context, sub.id, woken_at=sub.woken_at, announced=sub.announced)
+                    sub.woken_at, sub.announced, worker.run = None, False, run
                     try:
                         result = await run.run()
                     finally:
@@ -232,6 +237,7 @@ class Dispatcher:
                     # that keeps saying "more" without giving any cannot drive a claim loop.
                     if not (sub.take_again() or (result.next_wake and run.batches_done)):
                         break
+                    sub.announced = sub.announced or result.next_wake
                     booked = False
             if worker.scope.cancelled_caught and not booked:
                 self._ended(sub, worker, None)  # aborted or interrupted while waiting for its turn

@@ -91,6 +91,29 @@ async def test_a_wake_for_a_served_subscription_is_claimed_and_worked(autojump_c
         assert scene.vitals.last_dispatch_at is not None
 
 
+async def test_a_wake_sends_its_first_read_beside_the_claim_but_a_sweep_does_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A sweep (every subscription claimed at each connect) mostly finds nothing pending: a read
+    sent beside each of those claims would be a wasted request per subscription."""
+    async with dispatching(server(messages=1)) as scene:
+        scene.dispatcher.wake(SWEEP)  # the journal learns where the stream was acknowledged
+        await trio.sleep(1)
+        reads = len(scene.wire.called("read"))
+
+        scene.dispatcher.wake(SWEEP)  # nothing pending
+        await trio.sleep(1)
+        assert len(scene.wire.called("read")) == reads, "no read for a claim that found nothing"
+
+        scene.wire.add_stream(stream_of(SUB), jobs(2, stream_of(SUB))[1:])
+        scene.wire.delay("claim", 5)
+        start = trio.current_time()
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(10)
+        assert [call.at - start for call in scene.wire.called("read")[reads:]] == [0], "beside the claim"
+        assert scene.handler.messages[-1] == jobs(2, stream_of(SUB))[1:2]
+
+
 async def test_served_subscriptions_are_listed_in_order(autojump_clock: trio.testing.MockClock) -> None:
     async with dispatching(server("b", "c", "a")) as scene:
         assert scene.dispatcher.served == ["a", "b", "c"]
