@@ -115,8 +115,9 @@ class ClaimRun:
     subscription: str
     woken_at: float | None = None
     """When the server wrote the wake that led here (Unix seconds), for the latency metric."""
-    announced: bool = True
-    """The server said work is pending (False for a sweep's claim): worth a read beside the claim."""
+    read_early: bool = True
+    """Send the first read beside the claim if the journal can predict it (docs/design.md §5.5).
+    The dispatcher asks for it only where the claim is likely granted with work pending."""
     claim: Claim | None = None
     stream: str | None = None
     batches_done: int = 0
@@ -129,7 +130,7 @@ class ClaimRun:
             if replayed is not None:
                 self.result = ClaimResult(replayed)
                 return self.result
-        early = EarlyRead.predicted(self.context.journal, self.subscription) if self.announced else None
+        early = EarlyRead.predicted(self.context.journal, self.subscription) if self.read_early else None
         if early is None:
             return await self._claim(None)
         async with trio.open_nursery() as nursery:

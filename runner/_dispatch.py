@@ -73,8 +73,11 @@ class _Subscription:
     cooldown_until: float = 0.0
     woken_at: float | None = None
     announced: bool = False
-    """The server said work is pending (a wake of its own), not just a sweep: the next claim
-    may send its first read beside it (a sweep finds nothing pending more often than not)."""
+    """The next claim answers the server's word that work is pending (its wake, or `next_wake`),
+    not a sweep of the runner's own, which finds nothing pending more often than not."""
+    won_last: bool = False
+    """This runner's last claim of it was granted and done. Where several runners share the
+    subscription and another won the last one, a read sent beside the claim is likely wasted."""
     worker: Worker | None = None
     again: Wake | None = None
     """A wake that arrived while the worker was busy: claim again when it ends."""
@@ -95,7 +98,10 @@ class _Subscription:
     def take_again(self) -> bool:
         """Is a remembered wake newer than what has been handled since?"""
         again, self.again = self.again, None
-        return again is not None and self.worth_claiming(again)
+        if again is None or not self.worth_claiming(again):
+            return False
+        self.announced = again.generation is not None
+        return True
 
 
 class Dispatcher:
@@ -139,11 +145,10 @@ class Dispatcher:
             return
         if wake.ts_ms is not None:
             sub.woken_at = wake.ts_ms / 1000  # only a wake that leads to a claim times it
-        if wake.generation is not None:
-            sub.announced = True
         if sub.worker is not None:
             sub.remember(wake)
         else:
+            sub.announced = wake.generation is not None
             self._start(sub)
 
     def resync(self) -> None:
@@ -224,8 +229,10 @@ class Dispatcher:
                         await self._slots.acquire_on_behalf_of(worker)
                     if worker.waiting.cancelled_caught:
                         break
-                    run = ClaimRun(sub.context, sub.id, woken_at=sub.woken_at, announced=sub.announced)
-                    sub.woken_at, sub.announced, worker.run = None, False, run
+                    run = ClaimRun(
+                        sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
+                    )
+                    sub.woken_at, worker.run = None, run
                     try:
                         result = await run.run()
                     finally:
@@ -237,7 +244,8 @@ class Dispatcher:
                     # that keeps saying "more" without giving any cannot drive a claim loop.
                     if not (sub.take_again() or (result.next_wake and run.batches_done)):
                         break
-                    sub.announced = sub.announced or result.next_wake
+                    if result.next_wake:
+                        sub.announced = True
                     booked = False
             if worker.scope.cancelled_caught and not booked:
                 self._ended(sub, worker, None)  # aborted or interrupted while waiting for its turn
@@ -269,6 +277,7 @@ class Dispatcher:
         if result.cleanup_error is not None:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
+        sub.won_last = outcome in SUCCEEDED
         if outcome in SUCCEEDED and result.generation is not None:
             sub.handled = max(sub.handled, result.generation)
         if outcome in COOLS_DOWN:

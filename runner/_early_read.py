@@ -40,6 +40,9 @@ class EarlyRead:
                 self.result = await wire.read(self.stream, self.offset)
         except ClientError as exc:
             log.debug("claim.early_read_failed", stream=self.stream, error=str(exc))
+        except Exception:
+            # A bug here must not take the claim (or the runner) down: the usual read follows.
+            log.exception("claim.early_read_crashed", stream=self.stream)
         finally:
             self._done.set()
 

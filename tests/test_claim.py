@@ -203,6 +203,19 @@ async def test_an_early_read_that_fails_is_read_again_after_the_claim(autojump_c
     assert handler.messages[1:] == [jobs(3)[2:3]]
 
 
+async def test_a_bug_in_the_early_read_costs_only_the_early_read(autojump_clock: trio.testing.MockClock) -> None:
+    wire, handler = server((JOBS, 2)), Recorder()
+    context = await claimed_once(wire, handler)
+    wire.add_stream(JOBS, jobs(3)[2:])
+    wire.fail("read", RuntimeError("a bug, not a ClientError"))
+
+    result = await claim(context)
+
+    assert result.outcome is Outcome.COMPLETED
+    assert handler.messages[1:] == [jobs(3)[2:3]]
+    assert wire.holder(SUB) is None
+
+
 async def test_an_early_read_answered_before_the_events_arrived_does_not_end_the_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

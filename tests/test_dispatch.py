@@ -91,27 +91,35 @@ async def test_a_wake_for_a_served_subscription_is_claimed_and_worked(autojump_c
         assert scene.vitals.last_dispatch_at is not None
 
 
-async def test_a_wake_sends_its_first_read_beside_the_claim_but_a_sweep_does_not(
+async def test_the_first_read_goes_out_beside_a_claim_only_where_it_is_likely_granted_with_work(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A sweep (every subscription claimed at each connect) mostly finds nothing pending: a read
-    sent beside each of those claims would be a wasted request per subscription."""
-    async with dispatching(server(messages=1)) as scene:
-        scene.dispatcher.wake(SWEEP)  # the journal learns where the stream was acknowledged
-        await trio.sleep(1)
-        reads = len(scene.wire.called("read"))
+    """Beside a claim the server announced (a wake), after this runner won the last one: not for a
+    sweep (every subscription at each connect, mostly nothing pending), and not after another
+    runner won the last claim (where runners share a subscription, the read is likely wasted)."""
+    stream = stream_of(SUB)
 
-        scene.dispatcher.wake(SWEEP)  # nothing pending
-        await trio.sleep(1)
-        assert len(scene.wire.called("read")) == reads, "no read for a claim that found nothing"
-
-        scene.wire.add_stream(stream_of(SUB), jobs(2, stream_of(SUB))[1:])
+    async def claim_once(wake: Wake, new_events: int) -> list[float]:
+        """Append events, wake, and say when reads went out (relative to the wake)."""
+        scene.wire.add_stream(stream, jobs(new_events, stream))
         scene.wire.delay("claim", 5)
-        start = trio.current_time()
-        scene.dispatcher.wake(scene.wire.wake(SUB))
-        await trio.sleep(10)
-        assert [call.at - start for call in scene.wire.called("read")[reads:]] == [0], "beside the claim"
-        assert scene.handler.messages[-1] == jobs(2, stream_of(SUB))[1:2]
+        reads, start = len(scene.wire.called("read")), trio.current_time()
+        scene.dispatcher.wake(wake)
+        await trio.sleep(30)
+        return [call.at - start for call in scene.wire.called("read")[reads:]]
+
+    async with dispatching(server(messages=0)) as scene:
+        assert await claim_once(scene.wire.wake(SUB), 1) == [5], "no claim won yet: read after the claim"
+        assert await claim_once(scene.wire.wake(SUB), 1) == [0], "won the last one: read beside the claim"
+        assert await claim_once(SWEEP, 0) == [], "a sweep that finds nothing sends no read"
+        assert await claim_once(scene.wire.wake(SUB), 1) == [5], "the last claim found nothing: read after"
+        assert await claim_once(scene.wire.wake(SUB), 1) == [0]
+        scene.wire.take_over(SUB)
+        # Another runner holds it: the read sent beside the refused claim is wasted, this once.
+        assert await claim_once(scene.wire.wake(SUB), 1) == [0]
+        scene.wire.subscriptions[SUB].holder = None
+        assert await claim_once(scene.wire.wake(SUB), 1) == [5], "another runner won the last one: read after"
+        assert len(scene.handler.seen) == 5
 
 
 async def test_served_subscriptions_are_listed_in_order(autojump_clock: trio.testing.MockClock) -> None:

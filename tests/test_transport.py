@@ -20,6 +20,7 @@ import pytest
 import trio
 from httpx_sse import EventSource
 
+from runner._client import build_http
 from runner._devserver import DevServer
 from runner._transport import (
     LIVE_BODY,
@@ -585,3 +586,54 @@ async def test_https_with_the_callers_context_and_a_named_verification_failure(
         async with client(fake, LeanTransport()) as http:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await http.get("/")
+
+
+# -- the runner's client over either transport ------------------------------------------------
+
+
+async def test_httpx_own_transport_keeps_httpx_behaviour_proxies_from_the_environment_included(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`http_transport = "httpx"` is the compatible choice: HTTP_PROXY is honoured as httpx documents."""
+    async with fake_server(partial(answer_each, OK)) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        async with build_http("http://127.0.0.1:9", timeout=5, transport="httpx") as http:
+            response = await http.exchange(
+                "GET", "/v1/stream/a", params={"offset": "-1"}, headers={}, content=None, timeout=5, extensions={}
+            )
+    assert response.status_code == 200
+    assert proxy.requests[0].startswith(b"GET http://127.0.0.1:9/v1/stream/a?offset=-1 HTTP/1.1")
+
+
+@pytest.mark.parametrize("transport", ["lean", "httpx"])
+async def test_credentials_in_the_server_url_go_with_every_request(transport: str) -> None:
+    async with fake_server(partial(answer_each, OK)) as fake:
+        url = fake.url.replace("http://", "http://user:secret@")
+        async with build_http(url, timeout=5, transport=transport) as http:
+            await http.exchange("POST", "/x", params=None, headers={}, content=b"{}", timeout=5, extensions={})
+    assert b"authorization: basic dxnlcjpzzwnyzxq=" in fake.requests[0].lower()
+
+
+async def test_the_lean_short_path_sends_what_the_client_would() -> None:
+    """Default headers, the caller's headers and the query string, as `AsyncClient.request` would send them."""
+    async with fake_server(partial(answer_each, OK)) as fake, build_http(fake.url, timeout=5) as http:
+        await http.exchange(
+            "POST",
+            "/v1/stream/a%20b",
+            params={"offset": "0000000000000000_0000000000000013", "live": "long-poll"},
+            headers={"Authorization": "Bearer t", "Content-Type": "application/json"},
+            content=b"{}",
+            timeout=5,
+            extensions={},
+        )
+        await http.request(
+            "POST",
+            "/v1/stream/a%20b",
+            params={"offset": "0000000000000000_0000000000000013", "live": "long-poll"},
+            headers={"Authorization": "Bearer t", "Content-Type": "application/json"},
+            content=b"{}",
+        )
+    short, full = fake.requests
+    assert short == full
