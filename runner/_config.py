@@ -193,7 +193,9 @@ class Settings(BaseSettings):
     # Stopping
     drain_timeout: float = Field(30.0, ge=0, description="How long stop() lets in-flight claims finish.")
     finalizer_timeout: float = Field(5.0, gt=0, description="Bound on a cancelled claim's ack and release.")
-    checkpoint_interval: float = Field(1.0, gt=0, description="Most frequent wake offset checkpoint.")
+    checkpoint_interval: float = Field(
+        1.0, gt=0, description="Most frequent write of the wake offset checkpoint, and of the journal after acks."
+    )
 
     # Control and observation
     control_stream: str | None = Field(None, description="Stream of control events (default runners/<id>/control).")

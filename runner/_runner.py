@@ -388,6 +388,7 @@ class Runner:
                             partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
                             name="checkpoint",
                         )
+                    lifetime.start_soon(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()
