@@ -122,6 +122,28 @@ async def test_the_first_read_goes_out_beside_a_claim_only_where_it_is_likely_gr
         assert len(scene.handler.seen) == 5
 
 
+@pytest.mark.parametrize("follow_up", ["a wake that came meanwhile", "next_wake at the done ack"])
+async def test_a_claim_that_follows_another_at_once_reads_beside_it_when_the_server_announced_it(
+    follow_up: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    stream = stream_of(SUB)
+    async with dispatching(server(messages=1), Recorder(sleep_for(10))) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))  # won: the next claims may read early
+        await trio.sleep(30)
+        scene.wire.add_stream(stream, jobs(2, stream)[1:])
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(1)  # the handler is busy for 10 s
+        scene.wire.delay("claim", 5)  # the follow-up claim: a read sent after it would come 5 s later
+        if follow_up == "a wake that came meanwhile":
+            scene.dispatcher.wake(Wake(SUB, generation=scene.wire.subscriptions[SUB].generation + 1))
+        else:
+            scene.wire.add_stream(stream, jobs(3, stream)[2:])  # pending at the done ack: next_wake
+        await trio.sleep(30)
+        claims, reads = scene.claims_at(), [call.at for call in scene.wire.called("read")]
+        assert len(claims) == 3
+        assert claims[2] in reads, "the follow-up claim's read went out beside it"
+
+
 async def test_served_subscriptions_are_listed_in_order(autojump_clock: trio.testing.MockClock) -> None:
     async with dispatching(server("b", "c", "a")) as scene:
         assert scene.dispatcher.served == ["a", "b", "c"]
