@@ -41,7 +41,7 @@ def wait_for(predicate: Any, *, timeout: float = 15.0, what: str = "the conditio
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.005)  # polling interval, not synchronization: the loop re-checks the condition
+        time.sleep(0.005)  # real-time: another thread changes the condition; this is the poll interval
 
 
 def test_a_background_runner_starts_handles_and_stops_from_plain_threads(shared_server: DevServer) -> None:
