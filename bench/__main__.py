@@ -33,8 +33,8 @@ from bench.latency import latency
 from bench.recovery import recovery
 from bench.report import machine_info, render
 from bench.throughput import throughput
-from runner._client import StreamsClient, build_http
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
+from runner._wire.client import StreamsClient, build_http
 
 SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "latency": latency,

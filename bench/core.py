@@ -19,8 +19,8 @@ import trio
 
 from machine import State
 from runner import Runner, Settings, SubscriptionSpec
-from runner._client import StreamsClient
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
+from runner._wire.client import StreamsClient
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -32,8 +32,8 @@ from bench.core import (
     until,
 )
 from runner import Batch, Runner, SubscriptionSpec
-from runner._client import StreamsClient
-from runner._wire import Claim
+from runner._wire.client import StreamsClient
+from runner._wire.protocol import Claim
 
 
 async def latency(bench: Bench) -> None:

@@ -29,8 +29,8 @@ from bench.core import Bench, logged_streaming, recorded, running, start_runner_
 from faults.proxy import Proxy
 from machine import State
 from runner import Batch, Runner, Settings, SubscriptionSpec
-from runner._client import StreamsClient, build_http
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
+from runner._wire.client import StreamsClient, build_http
 
 DEFAULT_LEASE_MS = int(SubscriptionSpec.model_fields["lease_ttl_ms"].default)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import psutil
 
-from runner._devserver import VERSION
+from runner._service.devserver import VERSION
 
 GOALS = {
     # issue 15: (what, runner figure / baseline figure or absolute figure, at most)

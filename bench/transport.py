@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from runner._devserver import DevServer
-from runner._transport import LeanTransport
+from runner._service.devserver import DevServer
+from runner._wire.transport import LeanTransport
 
 TIMEOUT = httpx.Timeout(10.0)
 WARMUP_PAIRS = 100

@@ -2,12 +2,18 @@
 
 from machine import State
 
-from ._asyncio_host import AsyncioHost
-from ._backoff import Backoff
-from ._batch import SUSPEND, Batch, Handler, Suspend
-from ._bridge import asyncio_handler
+from ._claims.outcome import Outcome
 from ._config import Settings, SubscriptionSpec, load_settings
-from ._exceptions import (
+from ._handlers.batch import SUSPEND, Batch, Handler, Suspend
+from ._handlers.bridge import asyncio_handler
+from ._handlers.command import CommandHandler
+from ._health import Health, InFlightClaim
+from ._hosts.asyncio_host import AsyncioHost
+from ._hosts.guest import Ended
+from ._hosts.thread import BackgroundRunner
+from ._runner import Runner
+from ._wire.retrying import Backoff
+from .errors import (
     AlreadyClaimed,
     AlreadyRunning,
     ClientError,
@@ -34,11 +40,6 @@ from ._exceptions import (
     TransportError,
     WakeStreamClosed,
 )
-from ._guest import Ended
-from ._handlers import CommandHandler
-from ._health import Health, InFlightClaim, Outcome
-from ._hosts import BackgroundRunner
-from ._runner import Runner
 
 __all__ = [
     "SUSPEND",

@@ -1,3 +1,3 @@
-from ._cli import main
+from ._service.cli import main
 
 main()

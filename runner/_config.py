@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from ._exceptions import ConfigError
+from .errors import ConfigError
 
 CREDENTIAL_NAME = "pullwake-token"
 """The name of the systemd credential holding the service token (LoadCredential=)."""

@@ -19,11 +19,25 @@ from dataclasses import dataclass, field
 import structlog
 import trio
 
-from ._claim import ClaimContext, ClaimResult, ClaimRun
-from ._health import SUCCEEDED, InFlightClaim, Outcome, Vitals
-from ._wake import Wake
+from ._claims.claim import ClaimContext, ClaimResult, ClaimRun
+from ._claims.outcome import SUCCEEDED, Outcome
+from ._health import InFlightClaim, Vitals
 
 log = structlog.get_logger("pullwake.claims")
+
+
+@dataclass(frozen=True)
+class Wake:
+    """A reason to claim a subscription."""
+
+    subscription: str
+    stream: str | None = None
+    generation: int | None = None
+    """The server's generation of the wake; None for a wake of the runner's own (a sweep),
+    which is always worth a claim."""
+    ts_ms: int | None = None
+    """Server time the wake was written (ms since the epoch), for latency."""
+
 
 # Outcomes after which a subscription rests for `cooldown` before it is claimed again.
 COOLS_DOWN = frozenset({Outcome.FAILED, Outcome.ERROR, Outcome.ABORTED})

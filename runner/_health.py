@@ -7,7 +7,6 @@ is always taken with the state the driver is in at that moment.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,29 +15,12 @@ from typing import Any
 
 from machine import State
 
+from ._claims.outcome import FAILED, SUCCEEDED, Outcome
 from ._metrics import Metrics
-
-
-class Outcome(enum.StrEnum):
-    """How one claim ended."""
-
-    COMPLETED = "completed"
-    SKIPPED = "skipped"
-    SUSPENDED = "suspended"
-    FAILED = "failed"
-    DEAD_LETTERED = "dead_lettered"
-    INTERRUPTED = "interrupted"
-    ABORTED = "aborted"
-    FENCED = "fenced"
-    ERROR = "error"
-
 
 # A transition that takes longer than this means the driver is wedged: cancelled
 # activities finish their (bounded) cleanup within a couple of seconds.
 WEDGED_AFTER = 10.0
-
-SUCCEEDED = frozenset({Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED})
-FAILED = frozenset({Outcome.FAILED, Outcome.FENCED, Outcome.ERROR, Outcome.INTERRUPTED, Outcome.ABORTED})
 
 
 @dataclass(frozen=True)

@@ -26,25 +26,27 @@ from prometheus_client import CollectorRegistry
 
 from machine import Effect, Event, State, Step
 
-from ._backoff import Backoff, BackoffActivity
-from ._batch import AsyncHandler, Handler
-from ._checkpoint import Checkpoint, WakePosition, keep_checkpoint
-from ._claim import ClaimContext
-from ._client import StreamsClient, build_http, tls_context
+from ._claims.claim import ClaimContext
+from ._claims.delivery import DeadLetters, Delivery
+from ._claims.recovery import return_held_claims
 from ._config import Settings, check_state_dir
-from ._delivery import DeadLetters, Delivery
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, Wake
 from ._driver import Driver, Envelope, StateContext
-from ._exceptions import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
-from ._handlers import resolve_handlers
+from ._handlers.batch import AsyncHandler, Handler
+from ._handlers.calling import resolve_handlers
 from ._health import Health, Vitals, progressing
-from ._journal import Journal
-from ._liveness import Liveness
-from ._recovery import return_held_claims
-from ._remote import follow_control_stream
 from ._secrets import Redactor
-from ._subscriptions import SubscriptionKeeper
-from ._wake import Tally, Wake, WakeFollower
+from ._state.checkpoint import Checkpoint, WakePosition, keep_checkpoint
+from ._state.journal import Journal
+from ._wake.control_stream import follow_control_stream
+from ._wake.follower import WakeFollower
+from ._wake.liveness import Liveness
+from ._wake.reading import Tally
+from ._wake.reconnect import BackoffActivity
+from ._wake.subscriptions import SubscriptionKeeper
+from ._wire.client import StreamsClient, build_http, tls_context
+from ._wire.retrying import Backoff
+from .errors import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
 
 log = structlog.get_logger("pullwake.runner")
 

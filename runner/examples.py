@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import structlog
 
-from ._batch import Batch
+from ._handlers.batch import Batch
 
 log = structlog.get_logger("pullwake.examples")
 

@@ -12,11 +12,11 @@ from PySide6.QtCore import QCoreApplication, QEventLoop, QObject, Qt, QTimer, Si
 
 from machine import State
 
-from ._batch import Batch
-from ._exceptions import PullwakeError
-from ._guest import Ended, GuestHooks, GuestRun, keyboard_interrupted
+from ._handlers.batch import Batch
 from ._health import Health
+from ._hosts.guest import Ended, GuestHooks, GuestRun, keyboard_interrupted
 from ._runner import Runner
+from .errors import PullwakeError
 
 __all__ = ["QtHost"]
 

@@ -7,13 +7,13 @@ from typing import Any
 
 import trio
 
-from runner._batch import Batch, HandlerResult
-from runner._claim import ClaimContext
+from runner._claims.claim import ClaimContext
+from runner._claims.delivery import DeadLetters, Delivery
 from runner._config import Settings
-from runner._delivery import DeadLetters, Delivery
+from runner._handlers.batch import Batch, HandlerResult
 from runner._health import Vitals
-from runner._journal import Journal
 from runner._secrets import Redactor
+from runner._state.journal import Journal
 from tests.fake_wire import FakeWire
 
 SUB = "s1"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from runner._devserver import DevServer, install
+from runner._service.devserver import DevServer, install
 from tests.support import World
 
 # The reference server holds live reads (and spaces SSE keep-alives) this long.

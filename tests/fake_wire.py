@@ -32,7 +32,9 @@ import trio
 import trio.testing
 from pydantic import SecretStr
 
-from runner._exceptions import (
+from runner._dispatch import Wake
+from runner._wire.protocol import JSON, Ack, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
+from runner.errors import (
     AlreadyClaimed,
     ClientError,
     Fenced,
@@ -46,8 +48,6 @@ from runner._exceptions import (
     TokenInvalid,
     TransportError,
 )
-from runner._wake import Wake
-from runner._wire import JSON, Ack, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
 
 START = "-1"
 

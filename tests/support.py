@@ -17,9 +17,9 @@ import trio
 
 from machine import State
 from runner import Batch, Runner, Settings, SubscriptionSpec
-from runner._client import StreamsClient, build_http
-from runner._daemon import serve_surfaces
-from runner._devserver import DevServer
+from runner._service.daemon import serve_surfaces
+from runner._service.devserver import DevServer
+from runner._wire.client import StreamsClient, build_http
 
 
 async def eventually(

@@ -10,8 +10,9 @@ import trio
 import trio.testing
 
 from machine import Effect, Event, State
-from runner._backoff import Backoff, BackoffActivity
 from runner._driver import Driver, StateContext
+from runner._wake.reconnect import BackoffActivity
+from runner._wire.retrying import Backoff
 
 INITIAL, MAXIMUM, JITTER = 1.0, 30.0, 0.2
 

@@ -8,12 +8,13 @@ import pytest
 import trio
 import trio.testing
 
-from runner._batch import SUSPEND, Batch, HandlerResult
-from runner._claim import ClaimContext, ClaimResult, ClaimRun
+from runner._claims.claim import ClaimContext, ClaimResult, ClaimRun
+from runner._claims.outcome import Outcome
 from runner._config import SubscriptionSpec
-from runner._exceptions import InvalidOffset, PermanentFailure, RequestError, TransportError
-from runner._health import Outcome, Vitals
-from runner._wire import Ack
+from runner._handlers.batch import SUSPEND, Batch, HandlerResult
+from runner._health import Vitals
+from runner._wire.protocol import Ack
+from runner.errors import InvalidOffset, PermanentFailure, RequestError, TransportError
 from tests.claim_harness import JOBS, SUB, Recorder, forever, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, offset_of
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from runner import Batch, CommandHandler, Runner
-from runner._exceptions import ConfigError, PermanentFailure
-from runner._handlers import RUN_MARKER, CommandFailed
+from runner._handlers.command import RUN_MARKER, CommandFailed
+from runner.errors import ConfigError, PermanentFailure
 
 from .support import World, eventually, running
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runner._devserver import DevServer, DevServerError
+from runner._service.devserver import DevServer, DevServerError
 
 FAKE = Path(__file__).parent / "fake_devserver.py"
 

@@ -11,11 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from runner._batch import Batch, HandlerResult
-from runner._dispatch import Dispatcher
-from runner._exceptions import TransportError
-from runner._health import InFlightClaim, Outcome, Vitals
-from runner._wake import Wake
+from runner._claims.outcome import Outcome
+from runner._dispatch import Dispatcher, Wake
+from runner._handlers.batch import Batch, HandlerResult
+from runner._health import InFlightClaim, Vitals
+from runner.errors import TransportError
 from tests.claim_harness import Recorder, forever, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, offset_of
 

@@ -16,10 +16,10 @@ from pydantic import SecretStr
 
 from runner import Settings
 from runner._config import operator_warnings
-from runner._exceptions import ConfigError
-from runner._logging import processors
 from runner._secrets import REDACTED, Redactor
-from runner._systemd import Notifier
+from runner._service.logs import processors
+from runner._service.systemd import Notifier
+from runner.errors import ConfigError
 
 TOKEN = "tok-3f9a1c77e2b64d0c"
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ import trio
 from faults.proxy import Proxy
 from machine import State
 from runner import ClientError, Runner
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
 from tests.support import Recorder, World, eventually, running
 
 

@@ -29,7 +29,7 @@ from runner import (
     SubscriptionSpec,
     WakeStreamClosed,
 )
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
 from tests.test_hosts_asyncio import fast_settings, footprint
 
 pytestmark = pytest.mark.server
@@ -336,11 +336,11 @@ def test_no_http_server_stack_is_loaded_unless_a_control_socket_or_metrics_liste
     """Embedding programs, and `pullwake run` without those surfaces, do not pay for hypercorn and
     starlette (about 3.6 MiB of RSS and a second of import time on a small machine)."""
     code = (
-        "import sys, trio, runner, runner._cli, runner._daemon\n"
+        "import sys, trio, runner, runner._service.cli, runner._service.daemon\n"
         "from runner import Settings\n"
         "server = {'hypercorn', 'starlette'}\n"
         "assert not server & set(sys.modules), 'loaded at import'\n"
-        "trio.run(runner._daemon.serve_surfaces, None, Settings(control_stream_enabled=False))\n"
+        "trio.run(runner._service.daemon.serve_surfaces, None, Settings(control_stream_enabled=False))\n"
         "assert not server & set(sys.modules), 'loaded by serve_surfaces without surfaces'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

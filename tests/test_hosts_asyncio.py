@@ -33,7 +33,7 @@ from runner import (
     WakeStreamClosed,
     asyncio_handler,
 )
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
 from tests.support import FAST_TIMINGS, captured_logs
 
 pytestmark = pytest.mark.server

@@ -32,7 +32,7 @@ from PySide6.QtWidgets import QApplication
 
 from examples.qt_app import JobsWindow
 from runner import Batch, ConfigError, Ended, PullwakeError, Runner, State
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
 from runner.qt import QtHost
 from tests.test_hosts_asyncio import budget, fast_settings, footprint
 

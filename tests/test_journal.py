@@ -18,9 +18,9 @@ import trio.lowlevel
 import trio.testing
 from pydantic import SecretStr
 
-import runner._journal
-from runner._journal import Journal
-from runner._wire import Ack, Claim, ClaimedStream
+import runner._state.journal
+from runner._state.journal import Journal
+from runner._wire.protocol import Ack, Claim, ClaimedStream
 
 INTERVAL = 1.0
 STREAM = "jobs/a"
@@ -35,7 +35,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Every document the journal writes, in order. The worker thread's hop is made inline,
     so a write is done when the tasks are (virtual time cannot wait for a real thread)."""
     written: list[dict[str, Any]] = []
-    original = runner._journal._write
+    original = runner._state.journal._write
 
     def recording(path: Path, document: bytes) -> None:
         written.append(json.loads(document))
@@ -45,7 +45,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         await trio.lowlevel.checkpoint()
         return function(*args)
 
-    monkeypatch.setattr(runner._journal, "_write", recording)
+    monkeypatch.setattr(runner._state.journal, "_write", recording)
     monkeypatch.setattr(trio.to_thread, "run_sync", inline)
     return written
 

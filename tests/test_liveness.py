@@ -9,11 +9,11 @@ import trio
 import trio.testing
 
 from machine import Event, State
-from runner._checkpoint import WakePosition
 from runner._driver import Driver, StateContext
-from runner._exceptions import TransportError
 from runner._health import Vitals
-from runner._liveness import Liveness
+from runner._state.checkpoint import WakePosition
+from runner._wake.liveness import Liveness
+from runner.errors import TransportError
 from tests.driver_harness import Fakes, drive_to, settle
 
 INTERVAL, TIMEOUT, THRESHOLD = 5.0, 2.0, 2

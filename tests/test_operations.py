@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from machine import Event, State
 from runner import Batch, ConfigError, Runner, Settings, load_settings
 from runner._driver import StateContext
-from runner._systemd import Notifier, keep_watchdog
+from runner._service.systemd import Notifier, keep_watchdog
 from tests.driver_harness import Fakes, drive_to, settle
 from tests.support import Recorder, World, eventually, running, serving
 from tests.test_end_to_end import ROOT, start_runner_process, write_config

@@ -19,7 +19,7 @@ import trio
 from faults.proxy import Proxy
 from machine import State
 from runner import Runner
-from runner._devserver import DevServer
+from runner._service.devserver import DevServer
 from tests.support import Recorder, World, captured_logs, eventually, running
 from tests.test_end_to_end import lines, start_runner_process, write_config
 

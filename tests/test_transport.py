@@ -20,9 +20,9 @@ import pytest
 import trio
 from httpx_sse import EventSource
 
-from runner._client import build_http
-from runner._devserver import DevServer
-from runner._transport import (
+from runner._service.devserver import DevServer
+from runner._wire.client import build_http
+from runner._wire.transport import (
     LIVE_BODY,
     TOTAL_TIMEOUT,
     BodyTooLarge,

@@ -1,0 +1,80 @@
+"""Where the runner is in its wake stream, kept on disk across restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import structlog
+import trio
+
+from .files import write_atomically
+
+log = structlog.get_logger("pullwake.checkpoint")
+
+
+class WakePosition:
+    """The wake stream offset received so far; `saved` is what the disk holds."""
+
+    def __init__(self, offset: str | None) -> None:
+        self.offset = offset
+        self.saved = offset
+        self.changed = trio.Event()
+
+    def advance(self, offset: str) -> None:
+        if offset != self.offset:
+            self.offset = offset
+            self.changed.set()
+
+
+class Checkpoint:
+    """A small JSON file replaced atomically: the wake offset of one server and wake stream.
+
+    A checkpoint written for another server or wake stream is ignored, so pointing a
+    runner somewhere new never resumes from an offset that means nothing there.
+    """
+
+    def __init__(self, state_dir: Path, *, server_url: str, wake_stream: str) -> None:
+        self.path = state_dir / "wake-checkpoint.json"
+        self._identity = {"server_url": server_url, "wake_stream": wake_stream}
+
+    def load(self) -> str | None:
+        try:
+            document = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("checkpoint.unreadable", path=str(self.path), error=str(exc))
+            return None
+        if not isinstance(document, dict) or any(document.get(k) != v for k, v in self._identity.items()):
+            log.warning("checkpoint.other_stream", path=str(self.path), found=document)
+            return None
+        offset = document.get("offset")
+        return offset if isinstance(offset, str) and offset else None
+
+    def save(self, offset: str) -> None:
+        write_atomically(self.path, json.dumps({**self._identity, "offset": offset}).encode(), sync=True)
+
+
+async def keep_checkpoint(checkpoint: Checkpoint, position: WakePosition, *, interval: float) -> None:
+    """Write the position at most once per `interval`, and once more when cancelled."""
+    try:
+        while True:
+            await position.changed.wait()
+            position.changed = trio.Event()
+            # The fsync takes milliseconds: a worker thread waits for it, not the event loop.
+            await trio.to_thread.run_sync(_save, checkpoint, position)
+            await trio.sleep(interval)
+    finally:
+        _save(checkpoint, position)  # the last one, also when cancelled: quick enough to do here
+
+
+def _save(checkpoint: Checkpoint, position: WakePosition) -> None:
+    offset = position.offset
+    if offset is None or offset == position.saved:
+        return
+    try:
+        checkpoint.save(offset)
+        position.saved = offset
+    except OSError as exc:
+        log.error("checkpoint.write_failed", path=str(checkpoint.path), error=str(exc))
