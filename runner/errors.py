@@ -1,32 +1,35 @@
-"""Every error this package raises, as one hierarchy.
+"""Every error pullwake-runner raises, as one hierarchy: what it means, and what to do.
 
-PullwakeError
-├── ConfigError                 the configuration is invalid
-├── ClientError                 talking to the Durable Streams server failed
-│   ├── TransportError          no usable answer: refused, reset, timed out, cut off
-│   │   ├── StreamSilent        the live stream went quiet past the keep-alive timeout
-│   │   └── ImmediateClose      the live stream ended at once, having delivered nothing
-│   ├── ProtocolError           an answer the protocol does not allow
-│   │   └── StreamRewound       a stream's offsets went backwards (deleted and re-created)
-│   ├── ServerError             the server answered 5xx
-│   └── RequestError            the server refused the request (4xx)
-│       ├── SSERefused          (internal: the runner falls back to long-poll; never escapes)
-│       ├── TokenRefused        the server refused the service token (401/403)
-│       ├── StreamNotFound
-│       ├── StreamConflict
-│       ├── SubscriptionNotFound
-│       ├── SubscriptionConflict
-│       ├── AlreadyClaimed
-│       ├── NoPendingWork
-│       ├── Fenced
-│       ├── InvalidOffset
-│       └── TokenInvalid
-├── HandlerError                a handler's verdict on a batch
-│   └── PermanentFailure
+Errors marked (handled) are met and dealt with by the runner itself: they show up in
+logs, `Health.last_error` and `StopError.errors`, and are never raised to your code.
+
+PullwakeError                   the base: catch this to catch anything of ours
+├── ConfigError                 the configuration is invalid: fix the setting named (the CLI exits 78)
+├── ClientError                 talking to the server failed: the runner retries; see `Health.last_error`
+│   ├── TransportError          (handled) no usable answer: refused, reset, timed out, cut off
+│   │   ├── StreamSilent        (handled) the live stream went quiet past `keepalive_timeout`
+│   │   └── ImmediateClose      (handled) the live stream ended at once, having delivered nothing
+│   ├── ProtocolError           (handled) an answer the protocol does not allow: check the server
+│   │   └── StreamRewound       (handled) a stream's offsets went backwards (deleted and re-created)
+│   ├── ServerError             (handled) the server answered 5xx
+│   └── RequestError            the server refused a request (4xx)
+│       ├── TokenRefused        the server refused the service token (401/403): fix `token` / `token_file`
+│       ├── SSERefused          (handled) no SSE here: the runner falls back to long-poll
+│       ├── StreamNotFound      (handled) the stream does not exist
+│       ├── StreamConflict      (handled) the stream exists with another configuration
+│       ├── SubscriptionNotFound  (handled) the subscription is gone: a managed one is put back
+│       ├── SubscriptionConflict  (handled) the subscription exists with another configuration: logged
+│       ├── AlreadyClaimed      (handled) another runner holds the subscription: a lost race
+│       ├── NoPendingWork       (handled) nothing to claim: a lost race, or a sweep
+│       ├── Fenced              (handled) the claim is someone else's now: the handler is cancelled
+│       ├── InvalidOffset       (handled) the server refused an ack's offset: the claim is handed back
+│       └── TokenInvalid        (handled) the claim token was refused: the lease is lost
+├── HandlerError                raised by a handler to give a verdict on its batch
+│   └── PermanentFailure        raise it: this batch will never succeed, skip the retries
 └── RunnerError                 the runner cannot do what was asked
-    ├── AlreadyRunning
-    ├── WakeStreamClosed
-    └── StopError
+    ├── AlreadyRunning          `start()` on a running runner: stop it first, or use another `Runner`
+    ├── WakeStreamClosed        the wake stream was closed for good (EOF): the runner stopped itself
+    └── StopError               stopped, but not cleanly: `errors` lists what went wrong (work is handed back)
 """
 
 from __future__ import annotations

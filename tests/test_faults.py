@@ -17,8 +17,9 @@ import trio
 
 from faults.proxy import Proxy
 from machine import State
-from runner import ClientError, Runner
+from runner import Runner
 from runner._service.devserver import DevServer
+from runner.errors import ClientError
 from tests.support import Recorder, World, eventually, running
 
 
