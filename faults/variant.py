@@ -10,7 +10,7 @@ where the protocol is silent"); each is a boolean field, all on by default:
 - `not_found`: a missing subscription answers 404 `NOT_FOUND` (reference:
   `SUBSCRIPTION_NOT_FOUND`).
 - `gone`: ack or release on a deleted subscription answers 410 `SUBSCRIPTION_GONE`
-  (reference: 404 `SUBSCRIPTION_NOT_FOUND`).
+  (reference: 404 `SUBSCRIPTION_NOT_FOUND`; every 404 of an ack or release becomes 410).
 - `grant_idle_claims`: a claim with nothing pending is granted (reference: 409
   `NO_PENDING_WORK`). The grant has a fresh wake id, the highest generation this proxy has seen
   for the subscription (0 if none: an empty grant fences nobody), a token of the proxy's own,
@@ -24,6 +24,7 @@ where the protocol is silent"); each is a boolean field, all on by default:
 - `expiring_tokens`: claim answers carry a token alias of the proxy's instead of the real token;
   an alias older than `token_ttl` seconds answers 401 `TOKEN_EXPIRED`; every successful ack answer
   carries `"token"`, a new alias valid for another `token_ttl` (older aliases keep their own expiry).
+  Aliases are mapped back to the real token on the way upstream; unknown tokens pass unchanged.
 - `clamp_lease`: `lease_ttl_ms` outside 1000..600000 on a subscription PUT is clamped into range
   (reference: 400 `INVALID_REQUEST`).
 
@@ -123,6 +124,8 @@ class _Request:
 
 @dataclass
 class VariantServer:
+    """The proxy: `upstream` is the real server's base URL; `url` is this one's once `run` started."""
+
     upstream: str
     config_conflict: bool = True
     not_found: bool = True
@@ -135,8 +138,8 @@ class VariantServer:
     token_ttl: float = 300.0
     exchanges: list[Exchange] = field(default_factory=list)
     port: int = 0
-    _aliases: dict[str, _Alias] = field(default_factory=dict, repr=False)
-    _generations: dict[str, int] = field(default_factory=dict, repr=False)
+    _aliases: dict[str, _Alias] = field(default_factory=dict, init=False, repr=False)
+    _generations: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _http: httpx.AsyncClient = field(init=False, repr=False)
 
     @classmethod
