@@ -70,7 +70,7 @@ class QtHost(QObject):
         self._reenter.connect(self._call, Qt.ConnectionType.QueuedConnection)
         self._guest = GuestRun(
             runner,
-            _Hooks(self),
+            _Hooks(self, emit_health=self._emit_health, ended=self._ended),
             run_sync_soon_threadsafe=self._reenter.emit,
             run_sync_soon_not_threadsafe=self._reenter.emit,
         )
@@ -186,15 +186,19 @@ class QtHost(QObject):
 
 
 class _Hooks(GuestHooks):
-    def __init__(self, host: QtHost) -> None:
+    """Turns what the host hears from a run into the host's signals."""
+
+    def __init__(self, host: QtHost, *, emit_health: Callable[[], None], ended: Callable[[Ended], None]) -> None:
         self.host = host
+        self.emit_health = emit_health
+        self.on_ended = ended
 
     def started(self) -> None:
         self.host.started.emit()
 
     def state_changed(self, state: State) -> None:
         self.host.stateChanged.emit(state.value)
-        self.host._emit_health()
+        self.emit_health()
 
     def batch_handled(self, batch: Batch) -> None:
         self.host.batchHandled.emit(batch)
@@ -203,4 +207,4 @@ class _Hooks(GuestHooks):
         self.host.batchFailed.emit(batch, f"{type(error).__name__}: {error}")
 
     def ended(self, ended: Ended) -> None:
-        self.host._ended(ended)
+        self.on_ended(ended)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runner._claims.lease import Lease
+from runner._claims.claim import Lease
 
 TTL = 30.0
 

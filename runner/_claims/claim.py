@@ -25,7 +25,6 @@ import structlog
 import trio
 
 from .._config import Settings
-from .._handlers.batch import Batch
 from .._health import Vitals
 from .._secrets import Redactor
 from .._state.journal import Journal
@@ -42,13 +41,54 @@ from ..errors import (
 )
 from .delivery import Delivery
 from .early_read import EarlyRead
-from .lease import Lease
 from .outcome import SUCCEEDED, Outcome
 from .recovery import replay_gaps
 
 log = structlog.get_logger("pullwake.claims")
 
 MIN_LEASE = 1.0
+
+
+# The lease keeper renews after a third of the lease has gone by without an ack.
+RENEW_FRACTION = 1 / 3
+
+
+class Lease:
+    """When the lease was last proven, and what follows from it, by the runner's own clock.
+
+    A lease is only as fresh as the request that granted or renewed it: it is
+    counted from when that request was *sent*, since the server may have started
+    its clock at any moment after that. Time the process spent frozen (SIGSTOP, a
+    suspended VM) counts too, because the monotonic clock keeps running, so a claim
+    that slept past its lease is never treated as fresh.
+    """
+
+    def __init__(self, ttl: float, sent_at: float) -> None:
+        self.ttl = ttl
+        self.renewed_at = sent_at
+
+    def renewed(self, sent_at: float) -> None:
+        """A renewal sent at `sent_at` was accepted."""
+        self.renewed_at = max(self.renewed_at, sent_at)
+
+    @property
+    def deadline(self) -> float:
+        """When the lease runs out, at the latest, unless renewed."""
+        return self.renewed_at + self.ttl
+
+    @property
+    def renew_at(self) -> float:
+        """When the keeper renews it, unless an ack did meanwhile."""
+        return self.renewed_at + self.ttl * RENEW_FRACTION
+
+    def fresh(self, now: float) -> bool:
+        """Is it safe to hand a batch to a handler now without proving the lease first?
+
+        While the keeper keeps up, at least two thirds of the lease are always left. Less
+        than that means renewals fell behind: the process may have been frozen, and the
+        server may have given the subscription to someone else meanwhile.
+        """
+        return self.deadline - now >= self.ttl * (1 - RENEW_FRACTION)
 
 
 class LeaseLost(Exception):
@@ -306,20 +346,12 @@ class _Held:
                         await self._ack()
                     except LeaseLost as exc:
                         await self._lose(exc, work)
-                batch = Batch(
-                    subscription=self.run.subscription,
-                    stream=stream.path,
-                    messages=result.messages,
-                    start_offset=offset,
-                    next_offset=result.next_offset,
-                    wake_id=self.claim.wake_id,
-                    generation=self.claim.generation,
-                    attempt=1,
-                )
                 if self.run.woken_at is not None:
                     self.vitals.wake_latency(time.time() - self.run.woken_at)
                     self.run.woken_at = None
-                verdict = await self.context.deliver(batch)
+                verdict = await self.context.deliver(
+                    stream.path, offset, result, wake_id=self.claim.wake_id, generation=self.claim.generation
+                )
                 if verdict is Outcome.FAILED:
                     return Outcome.FAILED
                 if verdict is Outcome.DEAD_LETTERED:

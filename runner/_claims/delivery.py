@@ -14,7 +14,7 @@ import trio
 from .._config import Settings
 from .._handlers.batch import SUSPEND, AsyncHandler, Batch
 from .._health import Vitals
-from .._wire.protocol import Wire
+from .._wire.protocol import ReadResult, Wire
 from .._wire.retrying import Backoff, retrying
 from ..errors import ClientError, PermanentFailure
 from .outcome import Outcome
@@ -53,8 +53,25 @@ class Delivery:
         self.vitals = vitals
         self.dead_letters = dead_letters
 
-    async def __call__(self, first: Batch) -> Outcome:
-        """COMPLETED, SUSPENDED, DEAD_LETTERED (given up, and kept aside) or FAILED (given up)."""
+    async def __call__(
+        self, stream: str, start: str, read: ReadResult, *, wake_id: str, generation: int, replayed: bool = False
+    ) -> Outcome:
+        """Hand what `read` found in `stream` after `start` to the handler, as one batch.
+
+        COMPLETED, SUSPENDED, DEAD_LETTERED (given up, and kept aside) or FAILED (given up).
+        The one place a `Batch` is made: for a held claim's reads and for a replayed gap alike.
+        """
+        first = Batch(
+            subscription=self.subscription,
+            stream=stream,
+            messages=read.messages,
+            start_offset=start,
+            next_offset=read.next_offset,
+            wake_id=wake_id,
+            generation=generation,
+            attempt=1,
+            replayed=replayed,
+        )
         settings = self.settings
         backoff = Backoff(
             settings.handler_retry_initial, max(settings.handler_retry_max, settings.handler_retry_initial)

@@ -13,7 +13,6 @@ from typing import Protocol
 
 import structlog
 
-from .._handlers.batch import Batch
 from .._health import Vitals
 from .._secrets import Redactor
 from .._state.journal import Gap, Journal
@@ -96,18 +95,10 @@ async def _replay_gap(run: ReplayRun, gap: Gap) -> Outcome | None:
         if not result.messages or not is_after(result.next_offset, start):
             context.journal.replayed(subscription, remaining, remaining.end)
             return None
-        batch = Batch(
-            subscription=subscription,
-            stream=gap.stream,
-            messages=result.messages,
-            start_offset=start,
-            next_offset=result.next_offset,
-            wake_id="replay",
-            generation=0,
-            attempt=1,
-            replayed=True,
-        )
-        if await context.deliver(batch) is Outcome.FAILED:
+        if (
+            await context.deliver(gap.stream, start, result, wake_id="replay", generation=0, replayed=True)
+            is Outcome.FAILED
+        ):
             return Outcome.FAILED
         run.batches_done += 1
         remaining = context.journal.replayed(subscription, remaining, result.next_offset)

@@ -50,12 +50,8 @@ class AsyncioHost:
         on_ended: Callable[[Ended], object] | None = None,
     ) -> None:
         self.runner = runner
-        self._on_state = on_state
-        self._on_batch = on_batch
-        self._on_ended = on_ended
+        self._hooks = _Hooks(on_state, on_batch, on_ended)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._started: asyncio.Future[None] | None = None
-        self._ended: asyncio.Future[Ended] | None = None
         self._guest: GuestRun | None = None
 
     # -- control ---------------------------------------------------------------------------
@@ -68,12 +64,13 @@ class AsyncioHost:
         waits for it to end, then starts a new run.
         """
         loop = asyncio.get_running_loop()
-        if self._guest is not None and self._guest.stop_requested and self._ended is not None:
-            await asyncio.shield(self._ended)  # a stop is draining: start anew after it
+        hooks = self._hooks
+        if self._guest is not None and self._guest.stop_requested and hooks.ended_future is not None:
+            await asyncio.shield(hooks.ended_future)  # a stop is draining: start anew after it
         guest = self._guest_for(loop)
         started, ended = loop.create_future(), loop.create_future()
         guest.start()  # raises before anything is scheduled
-        self._started, self._ended = started, ended
+        hooks.started_future, hooks.ended_future = started, ended
         await asyncio.wait({started, ended}, return_when=asyncio.FIRST_COMPLETED)
         if not started.done() and (error := ended.result().error) is not None:
             raise error
@@ -84,7 +81,7 @@ class AsyncioHost:
         Raises the run's `PullwakeError` if it had one (`StopError` for a drain in trouble,
         `WakeStreamClosed` if it had ended on its own). Not running: returns at once.
         """
-        ended = self._ended
+        ended = self._hooks.ended_future
         if ended is None:
             return
         if self._guest is not None:
@@ -117,14 +114,15 @@ class AsyncioHost:
     @property
     def ended(self) -> Ended | None:
         """How the last run ended; None while one is in progress or before the first."""
-        ended = self._ended
+        ended = self._hooks.ended_future
         return ended.result() if ended is not None and ended.done() else None
 
     async def wait_ended(self) -> Ended:
         """Wait until the current (or last) run is over, however it ended."""
-        if self._ended is None:
+        ended = self._hooks.ended_future
+        if ended is None:
             raise RunnerError("the runner was never started by this host")
-        return await asyncio.shield(self._ended)
+        return await asyncio.shield(ended)
 
     async def __aenter__(self) -> AsyncioHost:
         await self.start()
@@ -152,7 +150,7 @@ class AsyncioHost:
         self._loop = loop
         self._guest = GuestRun(
             self.runner,
-            _Hooks(self),
+            self._hooks,
             run_sync_soon_threadsafe=threadsafe,
             run_sync_soon_not_threadsafe=loop.call_soon,
             host_uses_signal_set_wakeup_fd=True,
@@ -161,24 +159,34 @@ class AsyncioHost:
 
 
 class _Hooks(GuestHooks):
-    def __init__(self, host: AsyncioHost) -> None:
-        self.host = host
+    """What the host hears from its runs: the callbacks it was given, and the futures of the current run."""
+
+    def __init__(
+        self,
+        on_state: Callable[[State], object] | None,
+        on_batch: Callable[[Batch], object] | None,
+        on_ended: Callable[[Ended], object] | None,
+    ) -> None:
+        self.on_state = on_state
+        self.on_batch = on_batch
+        self.on_ended = on_ended
+        self.started_future: asyncio.Future[None] | None = None
+        self.ended_future: asyncio.Future[Ended] | None = None
 
     def started(self) -> None:
-        if self.host._started is not None and not self.host._started.done():
-            self.host._started.set_result(None)
+        if self.started_future is not None and not self.started_future.done():
+            self.started_future.set_result(None)
 
     def state_changed(self, state: State) -> None:
-        if self.host._on_state is not None:
-            self.host._on_state(state)
+        if self.on_state is not None:
+            self.on_state(state)
 
     def batch_handled(self, batch: Batch) -> None:
-        if self.host._on_batch is not None:
-            self.host._on_batch(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch)
 
     def ended(self, ended: Ended) -> None:
-        future = self.host._ended
-        if future is not None and not future.done():
-            future.set_result(ended)
-        if self.host._on_ended is not None:
-            self.host._on_ended(ended)
+        if self.ended_future is not None and not self.ended_future.done():
+            self.ended_future.set_result(ended)
+        if self.on_ended is not None:
+            self.on_ended(ended)

@@ -234,26 +234,10 @@ class GuestRun:
         self._stop_event = stop_event = trio.Event()
         if self._stop_requested:
             return  # stopped before it started: nothing to undo
-        listener = self._hooks.state_changed  # the runner logs a listener's errors
-        self.runner.add_state_listener(listener)
-        try:
-            with observing(self._hooks):
-                async with trio.open_nursery() as nursery:
-                    await self.runner.start(nursery)
-                    self.phase = Phase.STOPPING if self._stop_requested else Phase.RUNNING
-                    _call_hook(self._hooks.started)
-                    nursery.start_soon(self._stopper, stop_event)
-                    await self.runner.wait_stopped()
-                    stop_event.set()  # ended on its own: collect what stop() would raise
-        finally:
-            self.runner.remove_state_listener(listener)
+        self._stop_error = await hosted_run(self.runner, self._hooks, stop_event, under_way=self._under_way)
 
-    async def _stopper(self, stop_event: trio.Event) -> None:
-        await stop_event.wait()
-        try:
-            await self.runner.stop()
-        except StopError as error:
-            self._stop_error = error
+    def _under_way(self) -> None:
+        self.phase = Phase.STOPPING if self._stop_requested else Phase.RUNNING
 
     def _done(self, result: outcome.Outcome[None]) -> None:
         error: PullwakeError | None = self._stop_error
@@ -268,6 +252,42 @@ class GuestRun:
         if error is not None:
             log.warning("hosted_run.ended", requested=ended.requested, error=f"{type(error).__name__}: {error}")
         _call_hook(self._hooks.ended, ended)
+
+
+async def hosted_run(
+    runner: Runner, hooks: GuestHooks, stop: trio.Event, *, under_way: Callable[[], object] = lambda: None
+) -> StopError | None:
+    """One run of `runner` for a host; every host runs its runner through this.
+
+    Starts the runner, calls `under_way()` and then `hooks.started()` once it is under way,
+    reports states and batches to `hooks`, and stops the runner when `stop` is set. A runner
+    that ends on its own sets `stop` itself, so the same stop collects what it left behind.
+    Returns what that stop raised, if anything.
+    """
+    stop_error: StopError | None = None
+
+    async def stopper() -> None:
+        nonlocal stop_error
+        await stop.wait()
+        try:
+            with trio.CancelScope(shield=True):  # a drain is never cut short by the host's own shutdown
+                await runner.stop()
+        except StopError as error:
+            stop_error = error
+
+    runner.add_state_listener(hooks.state_changed)  # the runner logs a listener's errors
+    try:
+        with observing(hooks):
+            async with trio.open_nursery() as nursery:
+                await runner.start(nursery)
+                under_way()
+                _call_hook(hooks.started)
+                nursery.start_soon(stopper)
+                await runner.wait_stopped()
+                stop.set()  # ended on its own: collect what stop() would raise
+    finally:
+        runner.remove_state_listener(hooks.state_changed)
+    return stop_error
 
 
 def _call_hook(hook: Callable[..., object], *args: object) -> None:

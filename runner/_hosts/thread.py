@@ -16,11 +16,10 @@ import trio
 from machine import State
 
 from .._handlers.batch import Batch
-from .._handlers.bridge import observing
 from .._health import Health
 from .._runner import Runner
-from ..errors import AlreadyRunning, PullwakeError, RunnerError, StopError
-from .guest import Ended, as_pullwake_error, send
+from ..errors import AlreadyRunning, PullwakeError, RunnerError
+from .guest import Ended, GuestHooks, as_pullwake_error, hosted_run, send
 
 log = structlog.get_logger("pullwake.hosts")
 
@@ -247,28 +246,16 @@ class BackgroundRunner:
             run.stop_event = stop_event = trio.Event()
             if run.stop_requested:
                 return  # a stop won the race against this start
-        self.runner.add_state_listener(self._refresh_on_state)
-        try:
-            with observing(_Refresher(self)):
-                async with trio.open_nursery() as nursery:
-                    await self.runner.start(nursery)
-                    self._refresh()
-                    run.under_way.set()
-                    nursery.start_soon(self._stopper, run, stop_event)
-                    nursery.start_soon(self._keep_fresh)
-                    await self.runner.wait_stopped()
-                    stop_event.set()  # ended on its own: collect what stop() would raise
-                    nursery.cancel_scope.cancel()  # the refresher; the stopper is shielded
-        finally:
-            self.runner.remove_state_listener(self._refresh_on_state)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_fresh)
+            run.stop_error = await hosted_run(
+                self.runner, _Refresher(self._refresh), stop_event, under_way=partial(self._under_way, run)
+            )
+            nursery.cancel_scope.cancel()
 
-    async def _stopper(self, run: _Run, stop_event: trio.Event) -> None:
-        await stop_event.wait()
-        try:
-            with trio.CancelScope(shield=True):
-                await self.runner.stop()
-        except StopError as error:
-            run.stop_error = error
+    def _under_way(self, run: _Run) -> None:
+        self._refresh()
+        run.under_way.set()
 
     async def _keep_fresh(self) -> None:
         while True:
@@ -277,9 +264,6 @@ class BackgroundRunner:
 
     def _refresh(self) -> None:
         self._snapshot = self.runner.health()
-
-    def _refresh_on_state(self, state: State) -> None:
-        self._refresh()
 
     def _at_exit(self) -> None:
         if self.running:
@@ -290,17 +274,20 @@ class BackgroundRunner:
                 log.warning("background_run.exit_stop_failed", error=str(error))
 
 
-class _Refresher:
-    """Keeps the snapshot fresh around handler calls, so `abort()` sees claims in flight."""
+class _Refresher(GuestHooks):
+    """Keeps the snapshot fresh on each state change and around handler calls, so `abort()` sees claims in flight."""
 
-    def __init__(self, host: BackgroundRunner) -> None:
-        self.host = host
+    def __init__(self, refresh: Callable[[], None]) -> None:
+        self.refresh = refresh
+
+    def state_changed(self, state: State) -> None:
+        self.refresh()
 
     def batch_started(self, batch: Batch) -> None:
-        self.host._refresh()
+        self.refresh()
 
     def batch_handled(self, batch: Batch) -> None:
-        self.host._refresh()
+        self.refresh()
 
     def batch_failed(self, batch: Batch, error: BaseException) -> None:
-        self.host._refresh()
+        self.refresh()
