@@ -8,7 +8,7 @@ Nursery layout of one run (outermost first):
 
 The machine decides *when* (machine.TABLE); this module only says *what*.
 Serving the control socket and the metrics listener is the daemon's business
-(runner/_daemon.py): a program embedding a runner pays for no HTTP server.
+(runner/_service/daemon.py): a program embedding a runner pays for no HTTP server.
 """
 
 from __future__ import annotations

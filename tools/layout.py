@@ -18,7 +18,7 @@ def part(module: str) -> str | None:
     """`runner._wire.client` -> `_wire`; `machine._lifecycle` -> `machine`; others -> None."""
     if module.startswith("machine"):
         return "machine"
-    if not module.startswith("runner.") :
+    if not module.startswith("runner."):
         return None
     return module.split(".")[1]
 

@@ -39,7 +39,7 @@ class ReplayContext(Protocol):
 
 
 class ReplayRun(Protocol):
-    """The claim attempt a replay runs in (`runner._claim.ClaimRun`): it shows what the replay is doing."""
+    """The claim attempt a replay runs in (`runner._claims.claim.ClaimRun`): it shows what the replay is doing."""
 
     subscription: str
     stream: str | None

@@ -125,7 +125,7 @@ def build_http(
     """An HTTP client sized for `concurrency` claims plus the live stream, heartbeat and control.
 
     Each claim may have two requests in flight (its first read goes out beside the claim).
-    The lean transport (runner/_transport.py) bounds every answer's size and every
+    The lean transport (runner/_wire/transport.py) bounds every answer's size and every
     request's total time (`deadline`, `max_body_bytes`); bodies come uncompressed, so
     the bound is the size that reaches memory. httpx's own transport ("httpx") bounds
     neither. Either pool is kept close to what is used.

@@ -2,7 +2,7 @@
 
 A `Connection` is h11 over one trio stream (TCP or TLS); a `Pool` keeps the idle ones of
 one origin, most recently used first, and never opens more than its slots; a `Budget`
-bounds one request in bytes and in total time. Used only by runner/_transport.py.
+bounds one request in bytes and in total time. Used only by runner/_wire/transport.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The calls the runner makes to a Durable Streams server, as a protocol, and the values they carry.
 
-`StreamsClient` (runner/_client.py) is the real implementation over HTTP; the
+`StreamsClient` (runner/_wire/client.py) is the real implementation over HTTP; the
 tests have an in-memory one, so the claim and dispatch rules can be exercised
 in virtual time. Nothing here knows about the lifecycle.
 """
