@@ -265,10 +265,11 @@ async def test_the_local_state_alerts_use_series_the_runner_serves(world: World)
     assert not problems, "\n".join(problems)
 
 
-def test_the_rules_pass_promtool() -> None:
+def promtool_check_rules(path: Path) -> str:
+    """`promtool check rules` on `path` (skips the test only where promtool cannot be had)."""
     try:
         result = subprocess.run(
-            [str(PROMTOOL), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=300
+            [str(PROMTOOL), "check", "rules", str(path)], capture_output=True, text=True, timeout=300
         )
     except OSError as exc:
         pytest.skip(f"tools/promtool.sh cannot run here: {exc}")
@@ -276,6 +277,28 @@ def test_the_rules_pass_promtool() -> None:
         pytest.skip(f"promtool cannot be had here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+    return result.stdout
+
+
+def test_the_rules_pass_promtool() -> None:
+    promtool_check_rules(RULES)
+
+
+def test_the_dashboard_queries_are_promql_that_promtool_accepts(tmp_path: Path) -> None:
+    """Each panel's query, its Grafana variables filled in, checked as a recording rule."""
+    document = json.loads(DASHBOARD.read_text())
+    filled = {"$__rate_interval": "5m", "$__interval": "1m", "$instance": ".*"}
+    records = []
+    for panel in panels(document):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for variable, value in filled.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"panel {panel['title']!r}: unknown variable in {expr}"
+            records.append({"record": f"dashboard:panel{panel['id']}:{target['refId']}", "expr": expr})
+    rules = tmp_path / "dashboard-queries.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": records}]}))
+    assert f"SUCCESS: {len(records)} rules found" in promtool_check_rules(rules)
 
 
 def test_every_alert_says_what_it_is_and_what_to_do() -> None:

@@ -44,7 +44,10 @@ fetch() {
 	mv "$target.partial.$$" "$target"  # atomic: a concurrent run sees all of it or none
 }
 
-promtool=$(find_promtool) || { fetch && promtool=$target; }
+if ! promtool=$(find_promtool); then
+	fetch || exit 3
+	promtool=$target
+fi
 if [[ ${1-} == --install-only ]]; then
 	exit 0
 fi
