@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 	$(BIN)/pullwake dev --install-only
+	@tools/promtool.sh --install-only || echo "without promtool, tests/test_ops.py skips its check of the alerting rules" >&2
 
 demo: setup
 	$(BIN)/pullwake demo
