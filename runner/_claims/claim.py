@@ -25,7 +25,6 @@ import structlog
 import trio
 
 from .._config import Settings
-from .._health import Vitals
 from .._secrets import Redactor
 from .._state.journal import Journal
 from .._wire.protocol import Ack, Claim, ReadResult, Wire, is_after
@@ -41,7 +40,7 @@ from ..errors import (
 )
 from .delivery import Delivery
 from .early_read import EarlyRead
-from .outcome import SUCCEEDED, Outcome
+from .outcome import SUCCEEDED, Outcome, Reports
 from .recovery import replay_gaps
 
 log = structlog.get_logger("pullwake.claims")
@@ -105,7 +104,7 @@ class ClaimContext:
 
     wire: Wire
     settings: Settings
-    vitals: Vitals
+    vitals: Reports
     journal: Journal
     deliver: Delivery
     recreate: Callable[[str], Awaitable[bool]]

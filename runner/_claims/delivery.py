@@ -13,11 +13,10 @@ import trio
 
 from .._config import Settings
 from .._handlers.batch import SUSPEND, AsyncHandler, Batch
-from .._health import Vitals
 from .._wire.protocol import ReadResult, Wire
 from .._wire.retrying import Backoff, retrying
 from ..errors import ClientError, PermanentFailure
-from .outcome import Outcome
+from .outcome import Outcome, Reports
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -44,7 +43,7 @@ class Delivery:
         subscription: str,
         handler: AsyncHandler,
         settings: Settings,
-        vitals: Vitals,
+        vitals: Reports,
         dead_letters: DeadLetters,
     ) -> None:
         self.subscription = subscription

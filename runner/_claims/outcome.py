@@ -1,8 +1,13 @@
-"""How a claim ended (docs/design.md §5.7): the vocabulary claims, the dispatcher and health reports share."""
+"""How a claim ended (docs/design.md §5.7), and what claims report as they go.
+
+Claims report to a `Reports` (the runner's `runner._health.Vitals` is one); they know
+nothing of health rules or metrics, so health can count claims without claims knowing it.
+"""
 
 from __future__ import annotations
 
 import enum
+from typing import Protocol
 
 
 class Outcome(enum.StrEnum):
@@ -22,3 +27,15 @@ class Outcome(enum.StrEnum):
 # Outcomes that count as the claim's work done, and as the claim's work not done.
 SUCCEEDED = frozenset({Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTERED})
 FAILED = frozenset({Outcome.FAILED, Outcome.FENCED, Outcome.ERROR, Outcome.INTERRUPTED, Outcome.ABORTED})
+
+
+class Reports(Protocol):
+    """What a claim tells the runner's records while it works."""
+
+    def error(self, error: BaseException | str) -> None: ...
+    def batch(self, outcome: str) -> None: ...
+    def handler_ran(self, seconds: float) -> None: ...
+    def events_handled(self, count: int) -> None: ...
+    def wake_latency(self, seconds: float) -> None: ...
+    def lease_renewal(self, result: str) -> None: ...
+    def gap(self, action: str) -> None: ...

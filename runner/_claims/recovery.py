@@ -13,14 +13,13 @@ from typing import Protocol
 
 import structlog
 
-from .._health import Vitals
 from .._secrets import Redactor
 from .._state.journal import Gap, Journal
 from .._wire.protocol import Wire, is_after
 from .._wire.retrying import retrying
 from ..errors import ClientError, Fenced, StreamNotFound, SubscriptionNotFound, TokenInvalid
 from .delivery import Delivery
-from .outcome import Outcome
+from .outcome import Outcome, Reports
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -33,7 +32,7 @@ class ReplayContext(Protocol):
     @property
     def journal(self) -> Journal: ...
     @property
-    def vitals(self) -> Vitals: ...
+    def vitals(self) -> Reports: ...
     @property
     def deliver(self) -> Delivery: ...
 
