@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -190,6 +191,16 @@ class Settings(BaseSettings):
         "replay", description="Events the server skipped when it re-created a subscription: replay or skip them."
     )
 
+    # A fleet (docs/design.md §8)
+    fleet: bool = Field(True, description="Know the other runners of this wake stream: one claimant per wake.")
+    fleet_stream: str | None = Field(
+        None, description="Stream the runners of one wake stream share (default __pullwake/fleet/<wake_stream>)."
+    )
+    fleet_interval: float = Field(5.0, gt=0, description="How often a runner says it is alive on the fleet stream.")
+    fleet_fallback: float = Field(
+        1.0, ge=0, description="How long the next runner in line waits for the first to take a wake."
+    )
+
     # Stopping
     drain_timeout: float = Field(30.0, ge=0, description="How long stop() lets in-flight claims finish.")
     finalizer_timeout: float = Field(5.0, gt=0, description="Bound on a cancelled claim's ack and release.")
@@ -223,7 +234,7 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("wake_stream", "dead_letter_stream", "control_stream")
+    @field_validator("wake_stream", "dead_letter_stream", "control_stream", "fleet_stream")
     @classmethod
     def _valid_stream(cls, value: str | None) -> str | None:
         return None if value is None else _stream_path(value)
@@ -265,11 +276,22 @@ class Settings(BaseSettings):
             raise ValueError(f"subscription ids must be unique: {', '.join(duplicates)}")
         if self.token is not None and self.token_file is not None:
             raise ValueError("give either token or token_file, not both")
+        if self.fleet:
+            for spec in self.subscriptions:
+                if spec.pattern and fnmatch.fnmatchcase(self.fleet_stream_path, spec.pattern):
+                    raise ValueError(
+                        f"subscription {spec.id!r}: its pattern {spec.pattern!r} matches the fleet stream "
+                        f"{self.fleet_stream_path}: set fleet_stream to a path it does not match"
+                    )
         return self
 
     @property
     def control_stream_path(self) -> str:
         return self.control_stream or f"runners/{self.runner_id}/control"
+
+    @property
+    def fleet_stream_path(self) -> str:
+        return self.fleet_stream or f"__pullwake/fleet/{self.wake_stream}"
 
     def service_token(self) -> SecretStr | None:
         """The service token: `token`, else `token_file`, else the systemd credential.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 import trio
@@ -37,6 +38,18 @@ class Wake:
     which is always worth a claim."""
     ts_ms: int | None = None
     """Server time the wake was written (ms since the epoch), for latency."""
+
+
+class Peers(Protocol):
+    """The other runners of this wake stream, as far as the dispatcher needs them (`runner._fleet`)."""
+
+    def rank(self, subscription: str) -> int:
+        """0 if this runner is first for `subscription` (or alone)."""
+        ...
+
+    async def may_claim(self, subscription: str, generation: int | None) -> bool:
+        """Wait for this runner's turn to claim this wake (None: a sweep); False if it is left to a peer."""
+        ...
 
 
 # Outcomes after which a subscription rests for `cooldown` before it is claimed again.
@@ -93,6 +106,8 @@ class _Subscription:
     """This runner's last claim of it was granted and done. Where several runners share the
     subscription and another won the last one, a read sent beside the claim is likely wasted."""
     worker: Worker | None = None
+    asked: Wake | None = None
+    """The wake the worker's next claim answers; None when it goes on by itself (`next_wake`)."""
     again: Wake | None = None
     """A wake that arrived while the worker was busy: claim again when it ends."""
 
@@ -115,6 +130,7 @@ class _Subscription:
         if again is None or not self.worth_claiming(again):
             return False
         self.announced = again.generation is not None
+        self.asked = again
         return True
 
 
@@ -122,7 +138,13 @@ class Dispatcher:
     """Decides which wakes become claims, and runs them in the work nursery."""
 
     def __init__(
-        self, contexts: Mapping[str, ClaimContext], vitals: Vitals, nursery: trio.Nursery, *, max_concurrent: int
+        self,
+        contexts: Mapping[str, ClaimContext],
+        vitals: Vitals,
+        nursery: trio.Nursery,
+        *,
+        max_concurrent: int,
+        peers: Peers | None = None,
     ) -> None:
         self._subscriptions = {
             subscription: _Subscription(subscription, context) for subscription, context in contexts.items()
@@ -133,6 +155,9 @@ class Dispatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
+        self._peers = peers
+        self._owned = set(self._subscriptions)
+        """The subscriptions this runner sweeps: all of them, until its peers say otherwise."""
         self.cleanup_errors: list[BaseException] = []
         """Finalizers of cancelled claims that could not hand their claim back."""
 
@@ -163,6 +188,7 @@ class Dispatcher:
             sub.remember(wake)
         else:
             sub.announced = wake.generation is not None
+            sub.asked = wake
             self._start(sub)
 
     def resync(self) -> None:
@@ -182,6 +208,14 @@ class Dispatcher:
         """Claim each of `subscriptions` (default: all served) once, whatever the wakes said."""
         for subscription in self.served if subscriptions is None else subscriptions:
             self.wake(Wake(subscription))
+
+    def reshare(self) -> None:
+        """The fleet changed: sweep the subscriptions that became this runner's own."""
+        if self._peers is None:
+            return
+        owned = {sub for sub in self._subscriptions if self._peers.rank(sub) == 0}
+        self.sweep(sorted(owned - self._owned))
+        self._owned = owned
 
     def abort(self, subscription: str, *, cooldown: float | None = None) -> bool:
         """Abort the subscription's in-flight claim, if any; it then rests for `cooldown`."""
@@ -237,11 +271,18 @@ class Dispatcher:
         try:
             with worker.scope:
                 while not self._closed:
+                    our_turn = False
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
                             await trio.sleep_until(sub.cooldown_until)
-                        await self._slots.acquire_on_behalf_of(worker)
+                        if our_turn := await self._our_turn(sub):
+                            await self._slots.acquire_on_behalf_of(worker)
                     if worker.waiting.cancelled_caught:
+                        break
+                    if not our_turn:
+                        if sub.take_again():
+                            worker.waiting = trio.CancelScope()
+                            continue
                         break
                     run = ClaimRun(
                         sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
@@ -259,7 +300,7 @@ class Dispatcher:
                     if not (sub.take_again() or (result.next_wake and run.batches_done)):
                         break
                     if result.next_wake:
-                        sub.announced = True
+                        sub.announced, sub.asked = True, None
                     booked = False
             if worker.scope.cancelled_caught and not booked:
                 self._ended(sub, worker, None)  # aborted or interrupted while waiting for its turn
@@ -274,6 +315,13 @@ class Dispatcher:
             self._vitals.in_flight(len(self._workers()))
             if not self._workers():
                 self._idle.set()
+
+    async def _our_turn(self, sub: _Subscription) -> bool:
+        """Is the next claim this runner's to make (now), or left to a peer?"""
+        asked, sub.asked = sub.asked, None
+        if self._peers is None or asked is None:
+            return True
+        return await self._peers.may_claim(sub.id, asked.generation)
 
     def _ended(self, sub: _Subscription, worker: Worker, result: ClaimResult | None) -> None:
         """Book a claim's end, however it ended.

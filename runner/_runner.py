@@ -32,6 +32,7 @@ from ._claims.recovery import return_held_claims
 from ._config import Settings, check_state_dir
 from ._dispatch import Dispatcher, Wake
 from ._driver import Driver, Envelope, StateContext
+from ._fleet.peers import Fleet
 from ._handlers.batch import AsyncHandler, Handler
 from ._handlers.calling import resolve_handlers
 from ._health import Health, Vitals, progressing
@@ -315,7 +316,25 @@ class Runner:
         }
         async with http, trio.open_nursery() as lifetime:
             async with trio.open_nursery() as work:
-                dispatcher = Dispatcher(contexts, self._vitals, work, max_concurrent=settings.max_concurrent_claims)
+                fleet = (
+                    Fleet(
+                        wire,
+                        settings.fleet_stream_path,
+                        settings.runner_id,
+                        interval=settings.fleet_interval,
+                        fallback=settings.fleet_fallback,
+                        hold=settings.long_poll_timeout,
+                        backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                        tally=Tally(self._vitals, f"fleet stream {settings.fleet_stream_path}"),
+                        journal=journal,
+                        on_change=lambda: dispatcher.reshare(),
+                    )
+                    if settings.fleet
+                    else None
+                )
+                dispatcher = Dispatcher(
+                    contexts, self._vitals, work, max_concurrent=settings.max_concurrent_claims, peers=fleet
+                )
                 follower = WakeFollower(
                     wire,
                     wake_stream=settings.wake_stream,
@@ -374,6 +393,8 @@ class Runner:
                             ),
                             name="control-stream",
                         )
+                    if fleet is not None:
+                        await lifetime.start(fleet.run, name="fleet")
                     lifetime.start_soon(liveness.run, name="heartbeat")
                     lifetime.start_soon(
                         partial(

@@ -106,6 +106,8 @@ class FakeWire:
         self.calls: list[Call] = []
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
         self._tokens = itertools.count(1)
+        self._appended = trio.Event()
+        """Set (and replaced) at every append: a held long-poll answers as soon as data arrives."""
 
     # -- setting the scene -----------------------------------------------------------------
 
@@ -262,6 +264,8 @@ class FakeWire:
         if path not in self.streams:
             raise StreamNotFound(f"append to {path}: 404 stream not found", status=404)
         self.streams[path].append(message)
+        self._appended.set()
+        self._appended = trio.Event()
         return self._tail(path)
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
@@ -282,8 +286,9 @@ class FakeWire:
         )
 
     async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
-        if _index(offset) >= len(self.streams.get(path, [])):
-            await trio.sleep(hold)
+        with trio.move_on_after(hold):
+            while _index(offset) >= len(self.streams.get(path, [])):
+                await self._appended.wait()
         return await self.read(path, offset)
 
     async def open_sse(self, path: str, offset: str) -> LiveRead:

@@ -143,6 +143,8 @@ FAST_TIMINGS: dict[str, float] = {
     "drain_timeout": 3.0,
     "finalizer_timeout": 2.0,
     "checkpoint_interval": 0.1,
+    "fleet_interval": 0.5,
+    "fleet_fallback": 0.5,
 }
 """Timings that make the tests against the real server quick (the server holds live reads 2 s)."""
 

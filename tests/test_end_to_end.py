@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from runner import SUSPEND, Batch, CommandHandler, Runner, Suspend
+from runner._fleet.ring import ranked
 from tests.support import Overlap, Recorder, World, captured_logs, eventually, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +53,20 @@ async def test_every_event_is_handled_once_in_order_and_acknowledged(world: Worl
 
 
 async def test_two_runners_share_the_work_and_never_overlap(world: World) -> None:
-    subscriptions = [f"{world.sub}-{i}" for i in range(3)]
+    """Each subscription's wakes go to the runner first in line for it (rendezvous hashing over the
+    runners' ids): the three subscriptions are picked so that each runner is first for one at least."""
+    ids = [f"runner-{world.uid}-a", f"runner-{world.uid}-b"]
+    candidates = (f"{world.sub}-{i}" for i in range(100))
+    subscriptions = [next(sub for sub in candidates if ranked(sub, ids)[0] == first) for first in ids]
+    subscriptions.append(next(candidates))
     specs = tuple(world.spec(sub, pattern=f"jobs-{world.uid}/{i}/*") for i, sub in enumerate(subscriptions))
     overlap = Overlap()
     recorders = [Recorder(f"r{i}", delay=0.01, overlap=overlap) for i in range(2)]
     runners = [
-        Runner(world.settings(subscriptions=specs), handlers=dict.fromkeys(subscriptions, recorder))
-        for recorder in recorders
+        Runner(
+            world.settings(subscriptions=specs, runner_id=runner_id), handlers=dict.fromkeys(subscriptions, recorder)
+        )
+        for runner_id, recorder in zip(ids, recorders, strict=True)
     ]
     streams = [f"{i}/{letter}" for i in range(3) for letter in "xy"]
     await world.create(*streams)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,8 @@ class Journal:
         self._claims: dict[str, HeldClaim] = {}
         self._acked: dict[str, dict[str, str]] = {}
         self._gaps: dict[str, list[Gap]] = {}
+        self._fresh: dict[str, dict[str, str]] = {}
+        """Offsets acknowledged by this runner since `take_fresh` last took them (for its peers)."""
         self._dirty = False
         self._urgent = False
         self._wakeup: trio.Event | None = None
@@ -108,8 +111,10 @@ class Journal:
     def acked(self, claim: Claim, acks: list[Ack]) -> None:
         """An ack was accepted: progress is the server's now, and the lease was renewed."""
         offsets = self._acked.setdefault(claim.subscription, {})
+        fresh = self._fresh.setdefault(claim.subscription, {})
         for ack in acks:
             _advance(offsets, ack.stream, ack.offset)
+            _advance(fresh, ack.stream, ack.offset)
         held = self._claims.get(claim.subscription)
         if held is not None and held.wake_id == claim.wake_id:
             self._claims[claim.subscription] = HeldClaim(
@@ -122,6 +127,22 @@ class Journal:
         held = self._claims.get(subscription)
         if held is not None and held.wake_id == wake_id:
             del self._claims[subscription]
+            self._save()
+
+    def take_fresh(self) -> dict[str, dict[str, str]]:
+        """What this runner acknowledged since the last call, per subscription and stream."""
+        fresh, self._fresh = self._fresh, {}
+        return fresh
+
+    def learn(self, subscription: str, offsets: Mapping[str, str]) -> None:
+        """A peer acknowledged these: a gap is never replayed from before them (offsets only move forward)."""
+        known = self._acked.setdefault(subscription, {})
+        changed = False
+        for stream, offset in offsets.items():
+            before = known.get(stream)
+            _advance(known, stream, offset)
+            changed = changed or known[stream] != before
+        if changed:
             self._save()
 
     def sole_stream(self, subscription: str) -> tuple[str, str] | None:

@@ -1,0 +1,232 @@
+"""One claimant per wake, and a fleet-wide memory, through a stream on the server (docs/design.md §8).
+
+Every runner of a wake stream appends to the same *fleet stream* (a stream on the same
+server that no subscription matches) and follows it:
+
+- `alive` every `interval`, and at once when a runner says `hello` (it just joined), so
+  every runner knows the live members; one not heard of for three intervals is gone;
+- `taking`: this runner claims this wake of this subscription now;
+- `acked`: the offsets this runner had acknowledged lately, so whichever runner puts back a
+  subscription the server forgot replays its gap from the newest offset anyone knew
+  (streams survive a server restart, subscriptions on the reference server do not);
+- `leaving`, on the way out, so the others take over at once.
+
+For each subscription the members agree on an order (`ring.ranked`). A wake is claimed at
+once by the first; the n-th claims only if nobody said `taking` within n times `fallback`
+seconds. So a dead, frozen or busy runner costs that delay, never lost work: the server's
+lease and fencing still decide who works. A sweep (the runner's own claim of everything)
+covers only this runner's share. A runner alone sends nothing on the path of a wake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+import trio
+
+from .._state.journal import Journal
+from .._wake.reading import Tally, paced_long_polls
+from .._wire.protocol import Wire
+from .._wire.retrying import Backoff
+from ..errors import ClientError
+from .ring import ranked
+
+log = structlog.get_logger("pullwake.fleet")
+
+# A member not heard of for this many announcement intervals is gone.
+MISSED_INTERVALS = 3
+# After its `hello`, a runner waits this long for the members to answer before it trusts what it knows.
+JOIN_WINDOW = 0.5
+# A member answers a `hello` at most this often: a runner restarting in a loop cannot flood the stream.
+ANSWER_EVERY = 1.0
+# Bound on one announcement: a slow server must not hold up leaving or the next beat.
+APPEND_TIMEOUT = 2.0
+
+
+class Fleet:
+    """This runner's view of its fleet: who is alive, who takes which wake, what was acknowledged."""
+
+    def __init__(
+        self,
+        wire: Wire,
+        path: str,
+        runner_id: str,
+        *,
+        interval: float,
+        fallback: float,
+        hold: float,
+        backoff: Backoff,
+        tally: Tally,
+        journal: Journal | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._wire = wire
+        self.path = path
+        self.runner_id = runner_id
+        self.interval = interval
+        self.fallback = fallback
+        self._hold = hold
+        self._backoff = backoff
+        self._tally = tally
+        self._journal = journal
+        self._on_change = on_change
+        self._seen: dict[str, float] = {}
+        """Peer id -> when it was last heard of (trio time)."""
+        self._members: frozenset[str] = frozenset()
+        self._taken: dict[str, int] = {}
+        """Subscription -> the newest wake generation a peer said it takes."""
+        self._news = trio.Event()
+        self._joined = trio.Event()
+        self._answered_at = -float("inf")
+        self._nursery: trio.Nursery | None = None
+
+    # -- what the dispatcher asks ---------------------------------------------------------
+
+    def peers(self) -> frozenset[str]:
+        """The other members alive now."""
+        horizon = trio.current_time() - MISSED_INTERVALS * self.interval
+        return frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
+
+    def rank(self, subscription: str) -> int:
+        """0 if this runner is first for `subscription` (or alone), else how many come before it."""
+        peers = self.peers()
+        if not peers:
+            return 0
+        return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
+
+    async def may_claim(self, subscription: str, generation: int | None) -> bool:
+        """Should this runner claim now? Waits for its turn; says `taking` when it does.
+
+        `generation` None is a sweep: only the first claims (the others' sweeps cover the rest).
+        """
+        await self._joined.wait()
+        rank = self.rank(subscription)
+        if generation is None:
+            return rank == 0
+        if rank and await self._taken_within(subscription, generation, rank * self.fallback):
+            log.debug("fleet.left_to_peer", subscription=subscription, generation=generation, rank=rank)
+            return False
+        self._say({"type": "taking", "subscription": subscription, "generation": generation})
+        return True
+
+    async def _taken_within(self, subscription: str, generation: int, seconds: float) -> bool:
+        with trio.move_on_after(seconds):
+            while self._taken.get(subscription, -1) < generation:
+                await self._news.wait()
+            return True
+        return False
+
+    # -- the fleet stream -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Join, follow and announce until cancelled; say `leaving` on the way out.
+
+        Ready at once: wakes that come before the join window is over wait for it.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._follow(nursery)
+        finally:
+            self._nursery = None
+            with trio.move_on_after(APPEND_TIMEOUT, shield=True):
+                await self._append({"type": "leaving"})
+
+    async def _follow(self, nursery: trio.Nursery) -> None:
+        offset: str | None = None
+        while True:
+            try:
+                if offset is None:
+                    created = await self._wire.create_stream(self.path)
+                    offset = await self._wire.tail(self.path)
+                    await self._append({"type": "alive", "hello": True})
+                    nursery.start_soon(self._beat)
+                    if created:
+                        self._joined.set()  # the first runner ever: nobody to wait for
+                    else:
+                        nursery.start_soon(self._join_window)
+                async with aclosing(paced_long_polls(self._wire, self.path, offset, hold=self._hold)) as results:
+                    async for result in results:
+                        self._backoff.reset()
+                        for message in result.messages:
+                            self._heard(message)
+                        offset = result.next_offset
+            except ClientError as exc:
+                delay = self._backoff.next_delay()
+                log.warning("fleet.stream_error", fleet_stream=self.path, error=str(exc), retry_in=round(delay, 2))
+                self._joined.set()  # alone for now: wakes must not wait on a fleet stream that is down
+                await trio.sleep(delay)
+
+    async def _join_window(self) -> None:
+        await trio.sleep(JOIN_WINDOW)
+        self._joined.set()
+        log.info("fleet.joined", fleet_stream=self.path, peers=sorted(self.peers()))
+        self._membership()
+
+    async def _beat(self) -> None:
+        """`alive` every interval (with what this runner acknowledged lately), and notice who went quiet."""
+        while True:
+            await trio.sleep(self.interval)
+            record: dict[str, Any] = {"type": "alive"}
+            fresh = self._journal.take_fresh() if self._journal is not None else {}
+            if fresh and self.peers():
+                record["acked"] = fresh
+            await self._append(record)
+            self._membership()
+
+    def _heard(self, message: object) -> None:
+        if not isinstance(message, dict) or not isinstance(peer := message.get("runner_id"), str):
+            self._tally.ignored("fleet record not understood", message)
+            return
+        if peer == self.runner_id:
+            return
+        kind = message.get("type")
+        if kind == "leaving":
+            self._seen.pop(peer, None)
+        else:
+            self._seen[peer] = trio.current_time()
+        if kind == "alive":
+            if message.get("hello") and trio.current_time() - self._answered_at >= ANSWER_EVERY:
+                self._answered_at = trio.current_time()
+                self._say({"type": "alive"})
+            if self._journal is not None and isinstance(acked := message.get("acked"), dict):
+                self._learn(acked)
+        elif kind == "taking":
+            subscription, generation = message.get("subscription"), message.get("generation")
+            if isinstance(subscription, str) and isinstance(generation, int):
+                self._taken[subscription] = max(generation, self._taken.get(subscription, -1))
+                self._news.set()
+                self._news = trio.Event()
+        self._membership()
+
+    def _learn(self, acked: Mapping[object, object]) -> None:
+        assert self._journal is not None
+        for subscription, offsets in acked.items():
+            if isinstance(subscription, str) and isinstance(offsets, dict):
+                clean = {s: o for s, o in offsets.items() if isinstance(s, str) and isinstance(o, str)}
+                self._journal.learn(subscription, clean)
+
+    def _membership(self) -> None:
+        """Tell the dispatcher when the members changed: the shares moved."""
+        members = self.peers()
+        if members != self._members and self._joined.is_set():
+            joined, left = sorted(members - self._members), sorted(self._members - members)
+            self._members = members
+            log.info("fleet.changed", joined=joined, left=left, members=len(members) + 1)
+            self._on_change()
+
+    def _say(self, record: dict[str, Any]) -> None:
+        """Append without waiting (nothing on the path of a wake waits for it); only with peers to hear it."""
+        if self._nursery is not None and self.peers():
+            self._nursery.start_soon(self._append, record)
+
+    async def _append(self, record: dict[str, Any]) -> None:
+        try:
+            with trio.fail_after(APPEND_TIMEOUT):
+                await self._wire.append(self.path, {**record, "runner_id": self.runner_id})
+        except (ClientError, trio.TooSlowError) as exc:
+            log.info("fleet.announce_failed", fleet_stream=self.path, record=record.get("type"), error=str(exc))

@@ -1,0 +1,232 @@
+"""A fleet on one wake stream, in virtual time: who is first for what, one claimant per wake, takeovers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from runner._claims.outcome import Outcome
+from runner._dispatch import Dispatcher, Wake
+from runner._fleet.peers import JOIN_WINDOW, MISSED_INTERVALS, Fleet
+from runner._fleet.ring import ranked
+from runner._health import Vitals
+from runner._state.journal import Journal
+from runner._wake.reading import Tally
+from runner._wire.protocol import Ack
+from runner._wire.retrying import Backoff
+from tests.claim_harness import Recorder, jobs, make_context
+from tests.fake_wire import FakeWire, offset_of
+
+PATH = "__pullwake/fleet/wake/pool"
+INTERVAL = 1.0
+FALLBACK = 0.5
+SUBSCRIPTIONS = [f"s{i}" for i in range(40)]
+
+
+def member(wire: FakeWire, runner_id: str, journal: Journal | None = None) -> Fleet:
+    return Fleet(
+        wire,
+        PATH,
+        runner_id,
+        interval=INTERVAL,
+        fallback=FALLBACK,
+        hold=2.0,
+        backoff=Backoff(0.1, 1.0),
+        tally=Tally(Vitals(runner_id), "fleet"),
+        journal=journal,
+    )
+
+
+@asynccontextmanager
+async def fleet_of(wire: FakeWire, *members: Fleet) -> AsyncIterator[trio.Nursery]:
+    with trio.fail_after(3600):
+        async with trio.open_nursery() as nursery:
+            for each in members:
+                await nursery.start(each.run)
+            await trio.sleep(JOIN_WINDOW + 0.1)
+            yield nursery
+            nursery.cancel_scope.cancel()
+
+
+def takings(wire: FakeWire) -> list[tuple[str, str, int]]:
+    return [
+        (record["runner_id"], record["subscription"], record["generation"])
+        for record in wire.streams.get(PATH, [])
+        if record.get("type") == "taking"
+    ]
+
+
+# -- the ring -------------------------------------------------------------------------------------
+
+
+def test_every_member_computes_the_same_order_whatever_order_it_learnt_the_members_in() -> None:
+    members = ["a", "b", "c", "d"]
+    for subscription in SUBSCRIPTIONS:
+        assert ranked(subscription, members) == ranked(subscription, reversed(members))
+
+
+def test_a_member_leaving_moves_only_the_subscriptions_it_was_first_for() -> None:
+    before = {sub: ranked(sub, ["a", "b", "c", "d"])[0] for sub in SUBSCRIPTIONS}
+    after = {sub: ranked(sub, ["a", "b", "c"])[0] for sub in SUBSCRIPTIONS}
+    moved = {sub for sub in SUBSCRIPTIONS if before[sub] != after[sub]}
+    assert moved == {sub for sub in SUBSCRIPTIONS if before[sub] == "d"}
+    assert 0 < len(moved) < len(SUBSCRIPTIONS) / 2, "about a quarter of them"
+
+
+# -- who claims a wake ------------------------------------------------------------------------------
+
+
+async def test_a_runner_alone_claims_at_once_and_says_nothing(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()
+    alone = member(wire, "a")
+    async with fleet_of(wire, alone):
+        started = trio.current_time()
+        assert await alone.may_claim("s1", 7)
+        assert await alone.may_claim("s1", None), "a sweep covers everything"
+        assert trio.current_time() == started
+        assert takings(wire) == []
+        assert [record["type"] for record in wire.streams[PATH]] == ["alive"], "its hello, nothing on a wake's path"
+
+
+async def test_of_two_runners_only_the_first_in_line_claims_a_wake(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        assert a.peers() == {"b"}
+        assert b.peers() == {"a"}
+        for generation, subscription in enumerate(SUBSCRIPTIONS[:10]):
+            first, second = (a, b) if ranked(subscription, ["a", "b"])[0] == "a" else (b, a)
+            assert first.rank(subscription) == 0
+            assert second.rank(subscription) == 1
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                verdicts: dict[str, bool] = {}
+
+                async def ask(fleet: Fleet) -> None:
+                    verdicts[fleet.runner_id] = await fleet.may_claim(subscription, generation)  # noqa: B023
+
+                nursery.start_soon(ask, second)
+                nursery.start_soon(ask, first)
+            assert verdicts == {first.runner_id: True, second.runner_id: False}
+            assert trio.current_time() - started < FALLBACK, "the second hears the first before its turn"
+        assert len(takings(wire)) == 10
+
+
+async def test_the_next_in_line_claims_after_the_fallback_when_the_first_says_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A frozen or busy first runner (alive, silent on this wake) costs the fallback, never the work."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        subscription = next(sub for sub in SUBSCRIPTIONS if b.rank(sub) == 1)
+        started = trio.current_time()
+        assert await b.may_claim(subscription, 3)
+        assert trio.current_time() - started == pytest.approx(FALLBACK)
+        await trio.sleep(0.01)  # the announcement goes out beside the claim
+        assert takings(wire) == [("b", subscription, 3)], "and it says so, for the runners after it"
+
+
+async def test_a_sweep_covers_only_this_runners_share(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        mine = {sub for sub in SUBSCRIPTIONS if await a.may_claim(sub, None)}
+        theirs = {sub for sub in SUBSCRIPTIONS if await b.may_claim(sub, None)}
+        assert mine
+        assert theirs
+        assert mine | theirs == set(SUBSCRIPTIONS)
+        assert not mine & theirs
+
+
+async def test_a_runner_that_leaves_hands_its_share_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with trio.open_nursery() as outer, fleet_of(wire, b):
+        scope = trio.CancelScope()
+
+        async def run_a() -> None:
+            with scope:
+                await a.run()
+
+        outer.start_soon(run_a)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        assert b.peers() == {"a"}
+        scope.cancel()
+        await trio.sleep(0.1)
+        assert b.peers() == set(), "its `leaving` was heard"
+        assert all(b.rank(sub) == 0 for sub in SUBSCRIPTIONS)
+
+
+async def test_a_runner_never_heard_of_again_is_gone_after_three_intervals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """kill -9 or SIGSTOP: no `leaving`. Its share moves once it has missed three announcements."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        assert b.peers() == {"a"}
+        silenced = FakeWire()
+        silenced.hang("append")
+        a._wire = silenced  # from now on, nothing a says reaches the server
+        await trio.sleep((MISSED_INTERVALS - 1) * INTERVAL)
+        assert b.peers() == {"a"}, "a missed announcement or two is no reason"
+        await trio.sleep(2 * INTERVAL)
+        assert b.peers() == set()
+        assert all(b.rank(sub) == 0 for sub in SUBSCRIPTIONS)
+
+
+async def test_acknowledged_offsets_travel_to_every_member(autojump_clock: trio.testing.MockClock) -> None:
+    """Whoever puts back a subscription the server forgot replays its gap from the newest offset anyone knew."""
+    wire = FakeWire()
+    journals = Journal(None, server_url="x"), Journal(None, server_url="x")
+    a, b = member(wire, "a", journals[0]), member(wire, "b", journals[1])
+    async with fleet_of(wire, a, b):
+        wire.add_stream("jobs/1", jobs(5, "jobs/1"))
+        wire.subscribe("s1", ["jobs/1"])
+        claim = await wire.claim("s1", "a")
+        journals[0].claimed(claim)
+        journals[0].acked(claim, [Ack("jobs/1", offset_of(5))])
+        await trio.sleep(INTERVAL + 0.1)
+        gaps = journals[1].linked("s1", {"jobs/1": offset_of(9)}, created=True)
+        assert [(gap.start, gap.end) for gap in gaps] == [(offset_of(5), offset_of(9))]
+
+
+# -- with the dispatcher ----------------------------------------------------------------------------
+
+
+async def test_two_dispatchers_make_one_claim_per_wake(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()
+    for sub in SUBSCRIPTIONS[:8]:
+        wire.add_stream(f"jobs/{sub}", jobs(1, f"jobs/{sub}"))
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    handlers = {"a": Recorder(), "b": Recorder()}
+    fleets = {rid: member(wire, rid) for rid in handlers}
+    vitals_of = [Vitals(rid) for rid in handlers]
+    async with fleet_of(wire, *fleets.values()), trio.open_nursery() as work:
+        dispatchers = [
+            Dispatcher(
+                {sub: make_context(wire, handlers[rid], runner_id=rid, vitals=vitals) for sub in wire.subscriptions},
+                vitals,
+                work,
+                max_concurrent=4,
+                peers=fleets[rid],
+            )
+            for rid, vitals in zip(handlers, vitals_of, strict=True)
+        ]
+        for generation, sub in enumerate(SUBSCRIPTIONS[:8]):
+            for dispatcher in dispatchers:
+                dispatcher.wake(Wake(sub, f"jobs/{sub}", generation=generation))
+        await trio.sleep(10)
+        assert len(wire.called("claim")) == 8
+        handled = {rid: len(handler.seen) for rid, handler in handlers.items()}
+        assert handled["a"] + handled["b"] == 8
+        assert handled["a"]
+        assert handled["b"]
+        assert all(Outcome.SKIPPED not in vitals.claims for vitals in vitals_of), "no lost race, no wasted claim"
+        for dispatcher in dispatchers:
+            dispatcher.interrupt_all()
