@@ -3,7 +3,7 @@
 A second, independently written pull-wake server answers differently where the protocol
 is silent (docs: README, Servers): `409 CONFIG_CONFLICT` for a subscription with another
 configuration, `404 NOT_FOUND` for a missing one, `410 SUBSCRIPTION_GONE` after a delete,
-claim tokens refreshed in ack answers. Each test runs the
+no SSE keep-alive while idle, claim tokens refreshed in ack answers. Each test runs the
 real client (and mostly a real runner) against the tests' own server (faults/hostile.py)
 answering that way.
 """
@@ -11,6 +11,7 @@ answering that way.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ import trio
 from pydantic import SecretStr
 
 from faults.hostile import (
+    OFFSETS,
     ROOT,
     STREAM,
     SUBSCRIPTION,
@@ -27,7 +29,9 @@ from faults.hostile import (
     HostileServer,
     Request,
     claim_answer,
+    head,
     reply,
+    wake_event,
 )
 from runner import Runner, SubscriptionSpec
 from runner._wire.client import StreamsClient, build_http
@@ -40,7 +44,7 @@ from runner.errors import (
     SubscriptionNotFound,
 )
 from tests.support import captured_logs, eventually, running
-from tests.test_hostile import Handled, acks, settings
+from tests.test_hostile import Handled, acks, run_for, settings
 
 OTHER = f"{ROOT}/__ds/subscriptions/t"
 
@@ -198,6 +202,57 @@ async def test_an_ack_after_the_subscription_was_deleted_ends_the_claim_as_gone(
             await eventually(lambda: server.count("POST", SUBSCRIPTION + "/claim") == 2, timeout=5, what="a claim")
     assert [entry["event"] for entry in logs if "410" in str(entry.get("reason", ""))] == ["claim.subscription_gone"]
     assert not [entry for entry in logs if "could not renew" in str(entry)]
+
+
+# -- silence while the server answers -----------------------------------------------------------
+
+
+async def wake_then_silence(request: Request, stream: trio.SocketStream) -> None:
+    """An SSE answer that delivers the wake and then nothing at all, not even a keep-alive."""
+    await stream.send_all(head(200, {"content-type": "text/event-stream"}, length=None))
+    for name, data in (("data", [wake_event()]), ("control", {"streamNextOffset": OFFSETS[1]})):
+        await stream.send_all(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+    await trio.sleep(3600)
+
+
+KEEPALIVE = 1.5
+
+
+@pytest.mark.parametrize("server", [{("GET", WAKE + "?live"): wake_then_silence}], indirect=True)
+async def test_a_live_stream_without_keep_alives_is_trusted_while_probes_find_nothing_missed(
+    server: HostileServer,
+) -> None:
+    handler = Handled()
+    with captured_logs() as logs:
+        await run_for(Runner(settings(server, keepalive_timeout=KEEPALIVE), handlers={"s": handler}), 3 * KEEPALIVE)
+    assert server.count("GET", WAKE) == 1, "the silent stream was reconnected"
+    assert len(handler.batches) == 1
+    assert not [entry for entry in logs if entry["event"] == "wake.stream_error"]
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        {
+            ("GET", WAKE + "?live"): wake_then_silence,
+            # The connect's HEAD is answered, the probes after it are not.
+            ("HEAD", WAKE): in_turn(reply(200, headers={"stream-next-offset": OFFSETS[1]}), error(503, "DOWN")),
+        }
+    ],
+    indirect=True,
+)
+async def test_a_silent_live_stream_is_dead_after_the_keepalive_timeout_when_no_probe_vouches(
+    server: HostileServer,
+) -> None:
+    # Probe failures alone would not reset it here: only the keep-alive watchdog can.
+    runner = Runner(
+        settings(server, keepalive_timeout=KEEPALIVE, heartbeat_failure_threshold=1000), handlers={"s": Handled()}
+    )
+    with captured_logs() as logs:
+        await run_for(runner, KEEPALIVE + 1.0)
+    errors = [str(entry["error"]) for entry in logs if entry["event"] == "wake.stream_error"]
+    assert len(errors) == 1
+    assert "silent for 1.5 s" in errors[0]
 
 
 # -- claim tokens that the server refreshes -------------------------------------------------------

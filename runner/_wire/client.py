@@ -19,10 +19,9 @@ from urllib.parse import quote, urlencode
 
 import httpx
 import structlog
-import trio
 from pydantic import SecretStr
 
-from ..errors import ProtocolError, RequestError, StreamSilent, TransportError
+from ..errors import ProtocolError, RequestError, TransportError
 from .answers import (
     KNOWN_CODES,
     ClaimAnswer,
@@ -186,17 +185,17 @@ class SSERead:
     async def aclose(self) -> None:
         await self._response.aclose()
 
-    async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
+    async def frames(self) -> AsyncGenerator[Frame, None]:
+        # No watchdog here: whether silence means death is the follower's call (it asks the
+        # liveness probes too), and a read cancelled mid-event could not be resumed.
         events = sse_events(self._response.aiter_bytes(), max_event_bytes=self._max_event_bytes)
         async with aclosing(events):
             while True:
-                with trio.move_on_after(keepalive) as watchdog, _translated(self._what):
+                with _translated(self._what):
                     try:
                         sse = await anext(events)
                     except StopAsyncIteration:
                         return
-                if watchdog.cancelled_caught:
-                    raise StreamSilent(f"{self._what}: silent for {keepalive:g} s (no complete event, no keep-alive)")
                 if sse.event == "data":
                     yield data_frame(sse.data, self._what)
                 elif sse.event == "control":

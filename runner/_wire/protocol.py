@@ -102,8 +102,8 @@ class LiveRead(Protocol):
     offset: str
     """Where the read started."""
 
-    def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
-        """Frames as they arrive; raises `StreamSilent` after `keepalive` seconds of silence."""
+    def frames(self) -> AsyncGenerator[Frame, None]:
+        """Frames as they arrive. Silence is the reader's to judge (the follower's keep-alive watchdog)."""
         ...
 
     async def aclose(self) -> None: ...
