@@ -33,7 +33,7 @@ from bench.core import (
 )
 from runner import Batch, Runner, SubscriptionSpec
 from runner._wire.client import StreamsClient
-from runner._wire.protocol import Claim
+from runner._wire.protocol import AckAnswer, Claim
 
 
 async def latency(bench: Bench) -> None:
@@ -86,7 +86,7 @@ async def _in_process_runner(bench: Bench, events: int, gap: float) -> dict[str,
     # when its final (done) ack returned.
     original = StreamsClient.ack
 
-    async def observed_ack(client: StreamsClient, claim: Claim, acks: Any, *, done: bool = False) -> bool:
+    async def observed_ack(client: StreamsClient, claim: Claim, acks: Any, *, done: bool = False) -> AckAnswer:
         answer = await original(client, claim, acks, done=done)
         offsets_by_wake.setdefault(claim.wake_id, []).extend(ack.offset for ack in acks)
         if done:

@@ -153,7 +153,13 @@ class Settings(BaseSettings):
     live_mode: Literal["sse", "long-poll"] = Field("sse", description="How to follow the wake stream.")
     request_timeout: float = Field(10.0, gt=0, description="Bound on every request except the live stream.")
     connect_timeout: float = Field(10.0, gt=0, description="Bound on opening the wake stream.")
-    keepalive_timeout: float = Field(75.0, gt=0, description="Silence on the live stream that counts as dead.")
+    keepalive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="Silence on the live stream that counts as dead, unless liveness probes find the server "
+        "answering with nothing missed meanwhile (servers without idle keep-alives). Keep it above the server's "
+        "keep-alive interval.",
+    )
     long_poll_timeout: float = Field(30.0, gt=0, description="How long the server holds a long-poll.")
     request_deadline: float = Field(60.0, gt=0, description="Total time one request may take, body included.")
     max_response_bytes: int = Field(

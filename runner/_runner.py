@@ -373,6 +373,7 @@ class Runner:
                     interval=settings.heartbeat_interval,
                     timeout=settings.heartbeat_timeout,
                     threshold=settings.heartbeat_failure_threshold,
+                    answered=follower.server_answered,
                 )
                 async with trio.open_nursery() as driving:
                     await driving.start(driver.run)

@@ -33,7 +33,7 @@ import trio.testing
 from pydantic import SecretStr
 
 from runner._dispatch import Wake
-from runner._wire.protocol import JSON, Ack, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
+from runner._wire.protocol import JSON, Ack, AckAnswer, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
 from runner.errors import (
     AlreadyClaimed,
     ClientError,
@@ -99,8 +99,13 @@ def _refusal(kind: type[RequestError], what: str, status: int, code: str, messag
 class FakeWire:
     """The `Wire` over a dictionary. Every call checkpoints, as a network call would."""
 
-    def __init__(self, *, chunk: int = 2) -> None:
+    def __init__(self, *, chunk: int = 2, grant_empty: bool = False, refresh_tokens: bool = False) -> None:
         self.chunk = chunk
+        self.grant_empty = grant_empty
+        """Grant a claim with nothing pending (as some servers do) instead of NO_PENDING_WORK."""
+        self.refresh_tokens = refresh_tokens
+        """Every renewal answers a new claim token, and the one before is refused from then on
+        (as servers whose claim tokens expire do)."""
         self.streams: dict[str, list[Any]] = {}
         self.subscriptions: dict[str, Subscription] = {}
         self.calls: list[Call] = []
@@ -327,7 +332,7 @@ class FakeWire:
                 holder=sub.holder.worker,
                 generation=sub.holder.generation,
             )
-        if not self._pending(sub):
+        if not self._pending(sub) and not self.grant_empty:
             raise _refusal(NoPendingWork, what, 409, "NO_PENDING_WORK", "nothing past the acked cursor")
         sub.generation += 1
         token = f"token-{next(self._tokens)}"
@@ -345,7 +350,7 @@ class FakeWire:
             token=SecretStr(token),
         )
 
-    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> bool:
+    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> AckAnswer:
         what = f"ack {claim.subscription} (generation {claim.generation})"
         await self._call("ack", tuple(acks), done)
         sub = self._subscription(claim.subscription, what)
@@ -363,9 +368,12 @@ class FakeWire:
             sub.acked[ack.stream] = ack.offset
         if not done:
             holder.expires_at = trio.current_time() + sub.lease_ttl_ms / 1000
-            return False
+            if not self.refresh_tokens:
+                return AckAnswer(False)
+            holder.token = f"token-{next(self._tokens)}"
+            return AckAnswer(False, SecretStr(holder.token))
         sub.holder = None
-        return self._pending(sub)
+        return AckAnswer(self._pending(sub))
 
     async def release(self, claim: Claim) -> None:
         what = f"release {claim.subscription} (generation {claim.generation})"

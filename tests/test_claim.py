@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import trio
@@ -10,13 +12,17 @@ import trio.testing
 
 from runner._claims.claim import ClaimContext, ClaimResult, ClaimRun
 from runner._claims.outcome import Outcome
+from runner._claims.recovery import return_held_claims
 from runner._config import SubscriptionSpec
 from runner._handlers.batch import SUSPEND, Batch, HandlerResult
 from runner._health import Vitals
+from runner._secrets import Redactor
+from runner._state.journal import Journal
 from runner._wire.protocol import Ack
-from runner.errors import InvalidOffset, PermanentFailure, RequestError, TransportError
+from runner.errors import InvalidOffset, PermanentFailure, RequestError, SubscriptionNotFound, TransportError
 from tests.claim_harness import JOBS, SUB, Recorder, forever, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, offset_of
+from tests.support import captured_logs
 
 TTL = 30.0
 
@@ -895,3 +901,89 @@ async def test_a_claim_cancelled_after_its_lease_was_lost_is_fenced_and_hands_no
         await cancel_at(12, run)  # the stop comes while the handler is still stopping
     assert run.result == ClaimResult(Outcome.FENCED, generation=1)
     assert wire.called("release") == []
+
+
+# -- what servers other than the reference answer ------------------------------------------------
+
+
+async def test_a_claim_granted_with_nothing_pending_is_released_at_once_and_skipped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 0)), Recorder()
+    wire.grant_empty = True  # the reference server answers NO_PENDING_WORK; others grant it
+    result = await claim(make_context(wire, handler))
+
+    assert result == ClaimResult(Outcome.SKIPPED, generation=1)
+    assert handler.seen == []
+    assert [call.method for call in wire.calls] == ["claim", "release"]  # no read, no ack
+    assert wire.holder(SUB) is None
+
+
+GONE = SubscriptionNotFound("ack s1: 410 SUBSCRIPTION_GONE deleted", status=410, code="SUBSCRIPTION_GONE")
+
+
+async def test_a_subscription_gone_at_a_renewal_ends_the_claim_as_gone_and_has_it_put_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire, handler = server((JOBS, 1)), Recorder(forever)
+    wire.fail("ack", GONE)
+    with captured_logs() as logs:
+        result = await claim(make_context(wire, handler))
+
+    assert result == ClaimResult(Outcome.FENCED, generation=1, restarted=True)
+    assert handler.cancelled_at == pytest.approx(TTL / 3)
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["claim.subscription_gone"]
+    assert wire.called("release") == []
+
+
+async def test_a_subscription_gone_at_the_hand_back_has_it_put_back(autojump_clock: trio.testing.MockClock) -> None:
+    wire = server((JOBS, 1))
+    wire.fail("release", GONE)
+    with captured_logs() as logs:
+        result = await claim(make_context(wire, fails_on(0, error=PermanentFailure("no"))))
+
+    assert result == ClaimResult(Outcome.FAILED, generation=1, restarted=True)
+    assert "claim.subscription_gone" in [entry["event"] for entry in logs]
+
+
+async def test_a_refreshed_claim_token_is_carried_by_every_later_ack_and_redacted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = server((JOBS, 1))
+    wire.refresh_tokens = True  # each renewal answers a new token; the one before is refused
+    quoted: list[str] = []
+
+    async def outlive_the_first_tokens(batch: Batch) -> HandlerResult:
+        await trio.sleep(TTL * 0.9)  # two renewals (at a third and two thirds), two new tokens
+        holder = wire.subscriptions[SUB].holder
+        assert holder is not None
+        assert holder.token != "token-1"
+        quoted.append(context.redactor.redact(f"error text quoting {holder.token}"))
+        return None
+
+    context = make_context(wire, Recorder(outlive_the_first_tokens))
+    result = await claim(context)
+
+    assert result == ClaimResult(Outcome.COMPLETED, generation=1)
+    assert len(wire.called("ack")) == 3  # two renewals and the done ack
+    assert wire.acked(SUB) == {JOBS: offset_of(1)}
+    assert quoted == ["error text quoting [redacted]"]
+
+
+async def test_a_restarted_runner_hands_a_claim_back_with_its_newest_token(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    wire = server((JOBS, 1))
+    wire.refresh_tokens = True
+    context = make_context(wire, Recorder(forever))
+    context = replace(context, journal=Journal(tmp_path / "journal.json", server_url=context.settings.server_url))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim, context)
+        await trio.sleep(TTL / 3 + 1)  # one renewal: the token is refreshed
+        assert len(wire.called("ack")) == 1
+
+        # The runner is killed here; the next one reads the journal it left.
+        restarted = Journal(tmp_path / "journal.json", server_url=context.settings.server_url)
+        assert await return_held_claims(wire, restarted, Redactor()) == [SUB]
+        assert wire.holder(SUB) is None
+        nursery.cancel_scope.cancel()

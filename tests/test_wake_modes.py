@@ -128,6 +128,35 @@ async def test_a_vanished_subscription_is_put_back(world: World) -> None:
     assert (await world.get_subscription(world.sub))["pattern"] == f"jobs-{world.uid}/*"
 
 
+async def test_a_subscription_deleted_under_a_claim_is_put_back_at_once_and_its_unacked_event_replayed(
+    world: World,
+) -> None:
+    await world.create("a")
+    batches: list[Batch] = []
+    deleted = trio.Event()
+
+    async def hold_the_first(batch: Batch) -> None:
+        batches.append(batch)
+        if len(batches) == 1:
+            await world.delete_subscription(world.sub)
+            deleted.set()
+            await trio.sleep_forever()  # until the lease keeper's ack finds the subscription gone
+
+    runner = Runner(world.settings(sweep_interval=3600.0), handlers={world.sub: hold_the_first})
+    with captured_logs() as logs:
+        async with running(runner):
+            await world.append("a", {"n": 1})
+            with trio.fail_after(15):
+                await deleted.wait()
+            # The server answers 404 SUBSCRIPTION_NOT_FOUND to the renewal: the claim ends as
+            # "subscription gone" (not as a lease lost), the subscription is put back, and what
+            # the server skipped is replayed.
+            await eventually(lambda: len(batches) == 2, timeout=5, what="the event handed over again")
+    assert batches[1].messages == [{"n": 1}]
+    assert batches[1].replayed
+    assert "claim.subscription_gone" in [entry["event"] for entry in logs]
+
+
 async def test_a_wake_stream_re_created_under_the_runner_misses_no_work(world: World) -> None:
     """Someone deletes and re-creates the wake stream, and work arrives before the runner is back:
     the wake written there may sit below the runner's offset, yet the work is not missed (the

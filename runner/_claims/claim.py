@@ -6,7 +6,10 @@ on the final `done` ack), and a lease keeper renews the lease while a handler
 takes its time. Before a batch is handed over, a lease that renewals could not
 keep fresh (a frozen process) is proven first. `FENCED` or a refused token
 means the claim is someone else's now: the handler is cancelled at once and
-nothing is acknowledged or released afterwards. A claim cancelled by a stop or
+nothing is acknowledged or released afterwards; a subscription found gone
+(404/410 on its URL) ends the claim the same way and has it put back at once.
+A claim granted with nothing pending is handed back at once. A refreshed claim
+token in an ack answer is carried from then on (and journaled, and redacted). A claim cancelled by a stop or
 an abort runs a shielded, time-bounded finalizer that acknowledges what was
 finished and releases the claim, so the next holder resumes exactly there.
 
@@ -19,15 +22,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 import trio
+from pydantic import SecretStr
 
 from .._config import Settings
 from .._secrets import Redactor
 from .._state.journal import Journal
-from .._wire.protocol import Ack, Claim, ReadResult, Wire, is_after
+from .._wire.protocol import Ack, AckAnswer, Claim, ReadResult, Wire, is_after
 from .._wire.retrying import retrying
 from ..errors import (
     AlreadyClaimed,
@@ -92,6 +96,10 @@ class Lease:
 
 class LeaseLost(Exception):
     """The claim is not ours anymore (fenced, token refused, or expired locally)."""
+
+
+class SubscriptionGone(LeaseLost):
+    """The server no longer has the subscription (deleted, or forgotten by its restart)."""
 
 
 class ClaimAbandoned(Exception):
@@ -195,7 +203,6 @@ class ClaimRun:
             subscription=self.subscription, wake_id=claim.wake_id, generation=claim.generation
         )
         with bound, self.context.redactor.holding(claim.token):
-            log.info("claim.started", streams=[s.path for s in claim.streams if s.has_pending])
             try:
                 outcome, next_wake = await held.work()
             except Exception:
@@ -207,7 +214,9 @@ class ClaimRun:
                 if trio.current_effective_deadline() == -math.inf:
                     self.result = await held.finalize_cancelled()
                 raise
-        self.result = ClaimResult(outcome, claim.generation, next_wake)
+            finally:
+                held.forget_refreshed_tokens()
+        self.result = ClaimResult(outcome, claim.generation, next_wake, restarted=held.gone)
         return self.result
 
     async def _obtain(self) -> tuple[Claim, Lease] | ClaimResult:
@@ -276,9 +285,20 @@ class _Held:
         self.progress = Progress(claim)
         self.ack_lock = trio.Lock()
         self.lost: LeaseLost | None = None
+        self.gone = False
+        """The subscription was found gone: the dispatcher has it put back, and claims again, at once."""
         self.dead_lettered = 0
+        self.refreshed: list[SecretStr] = []
+        """Claim tokens the server refreshed in ack answers, redacted while the claim is held."""
 
     async def work(self) -> tuple[Outcome, bool]:
+        if not any(stream.has_pending for stream in self.claim.streams):
+            # Granted with nothing pending (the reference server answers NO_PENDING_WORK instead,
+            # others grant it): no batch, no lease to keep, just the release.
+            log.debug("claim.skipped", reason="granted with nothing pending: handed back at once")
+            await self.hand_back()
+            return Outcome.SKIPPED, False
+        log.info("claim.started", streams=[s.path for s in self.claim.streams if s.has_pending])
         outcome = Outcome.ERROR
         try:
             async with trio.open_nursery() as nursery:
@@ -292,13 +312,13 @@ class _Held:
             self.vitals.error(group.exceptions[0])
             outcome = Outcome.ERROR
         if self.lost is not None:
-            log.warning("claim.lease_lost", reason=str(self.lost))
+            self._report_lost(self.lost)
             return Outcome.FENCED, False
         if outcome in SUCCEEDED:
             try:
                 next_wake = await self._ack(done=True)
             except LeaseLost as exc:
-                log.warning("claim.lease_lost", reason=str(exc))
+                self._report_lost(exc)
                 return Outcome.FENCED, False
             return outcome, next_wake
         await self.hand_back()
@@ -313,6 +333,26 @@ class _Held:
                 await self._ack()
             except LeaseLost as exc:
                 await self._lose(exc, work)
+
+    def _report_lost(self, lost: LeaseLost) -> None:
+        if isinstance(lost, SubscriptionGone):
+            log.warning("claim.subscription_gone", reason=str(lost), action="put back")
+        else:
+            log.warning("claim.lease_lost", reason=str(lost))
+
+    def _adopt(self, token: SecretStr | None) -> None:
+        """Carry a refreshed claim token from now on: the next ack or release, and the journal."""
+        if token is None or token.get_secret_value() == self.claim.token.get_secret_value():
+            return
+        self.context.redactor.add(token)  # before anything could show it
+        self.refreshed.append(token)
+        self.claim = replace(self.claim, token=token)
+        self.run.claim = self.claim
+
+    def forget_refreshed_tokens(self) -> None:
+        for token in self.refreshed:
+            self.context.redactor.forget(token)
+        self.refreshed.clear()
 
     async def _lose(self, lost: LeaseLost, work: trio.CancelScope) -> None:
         """The claim is someone else's: stop the handler at once, and touch nothing more."""
@@ -383,35 +423,40 @@ class _Held:
 
     async def _ack(self, *, done: bool = False) -> bool:
         """Acknowledge progress (renewing the lease); retried until the local lease deadline."""
-        claim, progress, wire = self.claim, self.progress, self.context.wire
+        progress, wire = self.progress, self.context.wire
         async with self.ack_lock:
+            claim = self.claim  # under the lock: with the newest token
             acks = progress.unacked()
             sent_at = trio.current_time()
 
-            async def ack() -> bool:
+            async def ack() -> AckAnswer:
                 nonlocal sent_at
                 sent_at = trio.current_time()
                 return await wire.ack(claim, acks, done=done)
 
             try:
-                next_wake = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
+                answer = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
                 self.vitals.lease_renewal("lost")
                 self.context.journal.ended(claim.subscription, claim.wake_id)
+                if isinstance(exc, SubscriptionNotFound):
+                    self.gone = True
+                    raise SubscriptionGone(str(exc)) from exc
                 raise LeaseLost(str(exc)) from exc
             except InvalidOffset as exc:
                 raise ClaimAbandoned(f"the server refused our acks: {exc}") from exc
             except ClientError as exc:
                 self.vitals.lease_renewal("lost")
                 raise LeaseLost(f"could not renew the lease before it ran out: {exc}") from exc
+            self._adopt(answer.token)
             progress.acknowledged(acks)
             self.lease.renewed(sent_at)
-            self.context.journal.acked(claim, acks)
+            self.context.journal.acked(self.claim, acks)
             if done:
                 self.context.journal.ended(claim.subscription, claim.wake_id)
             else:
                 self.vitals.lease_renewal("ok")
-            return next_wake
+            return answer.next_wake
 
     async def hand_back(self) -> ClientError | None:
         """Keep what was finished and let the next holder start right away.
@@ -425,16 +470,20 @@ class _Held:
         try:
             if acks := progress.unacked():
                 try:
-                    await wire.ack(claim, acks)
+                    answer = await wire.ack(claim, acks)
                 except (Fenced, TokenInvalid, SubscriptionNotFound):
                     raise
                 except ClientError as exc:
                     error = exc
                 else:
+                    self._adopt(answer.token)
                     progress.acknowledged(acks)
-                    journal.acked(claim, acks)
-            await wire.release(claim)
-        except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
+                    journal.acked(self.claim, acks)
+            await wire.release(self.claim)
+        except SubscriptionNotFound as exc:
+            self.gone = True
+            log.warning("claim.subscription_gone", reason=str(exc), action="put back")
+        except (Fenced, TokenInvalid) as exc:
             log.info("claim.already_gone", reason=str(exc))  # someone else holds it: nothing to hand back
         except ClientError as exc:
             error = error or exc
@@ -451,7 +500,7 @@ class _Held:
         """The shielded, bounded cleanup of a claim cancelled by a stop or an abort."""
         generation = self.claim.generation
         if self.lost is not None:
-            return ClaimResult(Outcome.FENCED, generation)
+            return ClaimResult(Outcome.FENCED, generation, restarted=self.gone)
         error: BaseException | None = None
         timeout = self.settings.finalizer_timeout
         with trio.move_on_after(timeout, shield=True) as bound:
@@ -459,4 +508,4 @@ class _Held:
         if bound.cancelled_caught:
             error = TimeoutError(f"handing back {self.run.subscription} took over {timeout:g} s")
             log.warning("claim.finalizer_timeout", seconds=timeout)
-        return ClaimResult(None, generation, cleanup_error=error)
+        return ClaimResult(None, generation, restarted=self.gone, cleanup_error=error)

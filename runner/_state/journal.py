@@ -116,11 +116,16 @@ class Journal:
             _advance(offsets, ack.stream, ack.offset)
             _advance(fresh, ack.stream, ack.offset)
         held = self._claims.get(claim.subscription)
+        refreshed = False
         if held is not None and held.wake_id == claim.wake_id:
+            # The token too: a server may refresh it in the ack answer, and a restarted
+            # runner hands the claim back with the newest (so that write is not put off).
+            token = claim.token.get_secret_value()
+            refreshed = token != held.token
             self._claims[claim.subscription] = HeldClaim(
-                held.subscription, held.wake_id, held.generation, held.token, time.time()
+                held.subscription, held.wake_id, held.generation, token, time.time()
             )
-        self._save()
+        self._save(urgent=refreshed)
 
     def ended(self, subscription: str, wake_id: str) -> None:
         """The server no longer counts this runner as the holder (done, released, or lost)."""

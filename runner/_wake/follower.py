@@ -5,6 +5,11 @@ resume from, and opens the live read; it hands the open read over with
 CONNECTED. `consume` turns wake events into WAKE, advances the wake offset, and
 reports how the live read ended: STREAM_END (clean), STREAM_ERROR, or
 STREAM_CLOSED (the wake stream reached EOF: fatal).
+
+The keep-alive watchdog ends a live read that stays silent past `keepalive_timeout`.
+Silence alone is not death, though: some servers send no keep-alive while idle, so a
+liveness probe that finds the server answering with nothing missed on the wake stream
+(`server_answered`) counts as hearing from it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..errors import (
     SSERefused,
     StreamNotFound,
     StreamRewound,
+    StreamSilent,
     TransportError,
     WakeStreamClosed,
 )
@@ -57,8 +63,9 @@ class LongPollRead:
     async def aclose(self) -> None:
         pass
 
-    async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
-        # Each request is bounded by the hold time plus the request deadline: that is the watchdog.
+    async def frames(self) -> AsyncGenerator[Frame, None]:
+        # Each request is bounded by the hold time plus the request deadline, and each answer
+        # (204 included) is a frame: the keep-alive watchdog never waits on a silent one.
         async for result in paced_long_polls(self._wire, self._path, self.offset, hold=self._hold):
             if not result.is_json:
                 raise ProtocolError(f"wake stream {self._path} is not a JSON stream ({result.content_type})")
@@ -93,6 +100,8 @@ class WakeFollower:
         self._hold = long_poll_timeout
         self._tally = Tally(vitals, f"wake stream {wake_stream}")
         self._missing = False
+        self._watchdog: trio.CancelScope | None = None
+        """The live read being watched for silence, while there is one."""
 
     async def connect(self, context: StateContext) -> None:
         try:
@@ -177,11 +186,33 @@ class WakeFollower:
             log.info("wake.stream_ended", wake_stream=self._path, delivered=delivered)
             await context.emit(Event.STREAM_END)
 
+    def server_answered(self) -> None:
+        """A liveness probe found the server answering, with nothing missed on the wake stream.
+
+        A silent live read is then trusted for another `keepalive_timeout`: its silence is an
+        idle server that sends no keep-alive, not a dead connection.
+        """
+        if self._watchdog is not None:
+            self._watchdog.deadline = max(self._watchdog.deadline, trio.current_time() + self._keepalive)
+
     async def _follow(self, connection: LiveRead, context: StateContext) -> tuple[int, bool]:
-        """Relay wakes until the live read ends; returns (messages delivered, stream closed)."""
+        """Relay wakes until the live read ends or stays silent too long; returns (delivered, stream closed)."""
+        with trio.CancelScope(deadline=trio.current_time() + self._keepalive) as watchdog:
+            self._watchdog = watchdog
+            try:
+                return await self._relay(connection, context, watchdog)
+            finally:
+                self._watchdog = None
+        raise StreamSilent(
+            f"wake stream {self._path}: silent for {self._keepalive:g} s "
+            "(no event, no keep-alive, and no liveness probe vouched for the server)"
+        )
+
+    async def _relay(self, connection: LiveRead, context: StateContext, watchdog: trio.CancelScope) -> tuple[int, bool]:
         delivered, since_data = 0, False
-        async with aclosing(connection.frames(self._keepalive)) as frames:
+        async with aclosing(connection.frames()) as frames:
             async for frame in frames:
+                watchdog.deadline = max(watchdog.deadline, trio.current_time() + self._keepalive)
                 delivered += len(frame.messages)
                 since_data = since_data or bool(frame.messages) or frame.unusable is not None
                 if frame.unusable is not None:

@@ -9,6 +9,10 @@ ahead of what the runner received, on two probes in a row with nothing arriving
 in between, is a stalled stream: STREAM_RESET as well. A probe that gets an answer after one that did not says so
 (PROBE_OK): while reconnecting, that ends the backoff at once, so recovery follows
 the end of a fault rather than a timer.
+
+While streaming, a probe that finds the tail where the stream left us says so
+(`answered`): the keep-alive watchdog then trusts a silent stream, since some
+servers send no keep-alive while idle.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Liveness:
         interval: float,
         timeout: float,
         threshold: int,
+        answered: Callable[[], None] | None = None,
     ) -> None:
         self._probe = probe
         self._driver = driver
@@ -68,6 +73,8 @@ class Liveness:
         self.last_beat_at: float | None = None
         self._answered = True
         self._last: _Observation | None = None
+        self._vouch = answered
+        """Told after each probe that, while streaming, found nothing missed on the wake stream."""
 
     async def run(self) -> None:
         # Fixed ticks: a slow probe does not push the next one back, so a dead server is
@@ -107,6 +114,8 @@ class Liveness:
         received, items = self._position.offset, self._vitals.events_received
         behind = received is not None and is_after(tail, received)
         last, self._last = self._last, _Observation(epoch, received, items, behind)
+        if not behind and self._vouch is not None:
+            self._vouch()
         if (
             behind
             and last is not None

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from ..errors import (
     AlreadyClaimed,
@@ -133,9 +142,16 @@ _CODES: Mapping[str, type[RequestError]] = {
     "TOKEN_INVALID": TokenInvalid,
     "TOKEN_EXPIRED": TokenInvalid,
 }
+KNOWN_CODES = frozenset({*_CODES, "ALREADY_CLAIMED"})
+"""The codes the reference server answers; other servers answer others (docs: README, Servers)."""
+
+Route = Literal["stream", "subscription-create", "subscription"]
+"""What a request addresses: a stream, a subscription being created or confirmed (PUT), or an
+existing subscription (claim, ack, release, GET). The protocol fixes few error codes, and servers
+choose their own: the status and the route say what an answer means."""
 
 
-def raise_for_status(response: httpx.Response, *, what: str) -> None:
+def raise_for_status(response: httpx.Response, *, what: str, route: Route = "stream") -> None:
     """A protocol error answer as the matching exception of our hierarchy."""
     status = response.status_code
     if 200 <= status < 300:
@@ -154,6 +170,14 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
     text = f"{what}: {status} {code or ''} {message}".replace("  ", " ").strip()
     if status >= 500:
         raise ServerError(text, status=status, retry_after=retry_after(response))
+    # By meaning, whatever the code: a create that conflicts is another configuration under this
+    # id (reference: SUBSCRIPTION_ALREADY_EXISTS, others: CONFIG_CONFLICT), and a subscription's
+    # own URL that is not found or gone means the subscription is (reference:
+    # SUBSCRIPTION_NOT_FOUND, others: NOT_FOUND, or 410 SUBSCRIPTION_GONE after a delete).
+    if route == "subscription-create" and status == 409:
+        raise SubscriptionConflict(text, status=status, code=code)
+    if route == "subscription" and status in (404, 410):
+        raise SubscriptionNotFound(text, status=status, code=code)
     if status in (401, 403) and code not in _CODES:
         raise TokenRefused(f"{text} (the server refused the service token: check token / token_file)", status=status)
     if code == "ALREADY_CLAIMED":
@@ -173,11 +197,29 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
         raise lagging
     if code is not None and code in _CODES:
         raise _CODES[code](text, status=status, code=code)
-    if status == 404:
+    if route != "subscription" and status == 404:
         raise StreamNotFound(text, status=status, code=code)
-    if status == 409:
+    if route != "subscription" and status == 409:
         raise StreamConflict(text, status=status, code=code)
     raise RequestError(text, status=status, code=code)
+
+
+_TOKEN: TypeAdapter[str] = TypeAdapter(Token)
+
+
+def refreshed_token(answer: object) -> SecretStr | None:
+    """The new claim token an ack answer may carry (servers whose tokens expire refresh them so).
+
+    One that is not a token is ignored rather than refused: the ack itself was applied,
+    and the token held so far stays good until the server says otherwise.
+    """
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if token is None:
+        return None
+    try:
+        return SecretStr(_TOKEN.validate_python(token, strict=True))
+    except ValidationError:
+        return None
 
 
 def retry_after(response: httpx.Response) -> float | None:

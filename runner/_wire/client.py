@@ -18,12 +18,14 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import httpx
-import trio
+import structlog
 from pydantic import SecretStr
 
-from ..errors import ProtocolError, StreamSilent, TransportError
+from ..errors import ProtocolError, RequestError, TransportError
 from .answers import (
+    KNOWN_CODES,
     ClaimAnswer,
+    Route,
     check_sse_answer,
     control_frame,
     data_frame,
@@ -33,10 +35,16 @@ from .answers import (
     parse,
     raise_for_status,
     read_result,
+    refreshed_token,
 )
-from .protocol import JSON, Ack, Claim, ClaimedStream, Frame, Links, ReadResult
+from .protocol import JSON, Ack, AckAnswer, Claim, ClaimedStream, Frame, Links, ReadResult
 from .sse import OVERSIZE, sse_events
 from .transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
+
+log = structlog.get_logger("pullwake.wire")
+
+# Distinct unknown error codes reported, at most: a server inventing codes cannot flood the log.
+_MAX_UNKNOWN_CODES = 64
 
 # Characters left alone in stream paths: the server keys streams by the raw path.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
@@ -177,17 +185,17 @@ class SSERead:
     async def aclose(self) -> None:
         await self._response.aclose()
 
-    async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
+    async def frames(self) -> AsyncGenerator[Frame, None]:
+        # No watchdog here: whether silence means death is the follower's call (it asks the
+        # liveness probes too), and a read cancelled mid-event could not be resumed.
         events = sse_events(self._response.aiter_bytes(), max_event_bytes=self._max_event_bytes)
         async with aclosing(events):
             while True:
-                with trio.move_on_after(keepalive) as watchdog, _translated(self._what):
+                with _translated(self._what):
                     try:
                         sse = await anext(events)
                     except StopAsyncIteration:
                         return
-                if watchdog.cancelled_caught:
-                    raise StreamSilent(f"{self._what}: silent for {keepalive:g} s (no complete event, no keep-alive)")
                 if sse.event == "data":
                     yield data_frame(sse.data, self._what)
                 elif sse.event == "control":
@@ -216,6 +224,7 @@ class StreamsClient:
         self.timeout = timeout
         self._deadline = deadline
         self._max_event_bytes = max_event_bytes
+        self._unknown_codes: set[tuple[str, int, str]] = set()
 
     def __repr__(self) -> str:
         return f"StreamsClient({str(self._http.base_url)!r}, stream_root={self._root!r})"
@@ -247,6 +256,7 @@ class StreamsClient:
         claim_token: SecretStr | None = None,
         timeout: float | None = None,
         hold: float = 0.0,
+        route: Route = "stream",
     ) -> httpx.Response:
         """Send one request and return its answer, which must be a 2xx.
 
@@ -270,8 +280,30 @@ class StreamsClient:
                 timeout=timeout if timeout is not None else self.timeout,
                 extensions={TOTAL_TIMEOUT: self._deadline + hold},
             )
-        raise_for_status(response, what=what)
+        try:
+            raise_for_status(response, what=what, route=route)
+        except RequestError as exc:
+            self._note_unknown_code(route, exc)
+            raise
         return response
+
+    def _note_unknown_code(self, route: Route, error: RequestError) -> None:
+        """Say once per (route, status, code) that the server answered a code of its own, and what it counts as."""
+        if error.code is None or error.code in KNOWN_CODES:
+            return
+        key = (route, error.status, error.code)
+        if key in self._unknown_codes or len(self._unknown_codes) >= _MAX_UNKNOWN_CODES:
+            return
+        self._unknown_codes.add(key)
+        log.warning(
+            "answer.unknown_code",
+            route=route,
+            status=error.status,
+            code=error.code[:80],
+            treated_as=type(error).__name__,
+            detail="a code the reference server does not answer: classified by its status and route "
+            "(said once per code)",
+        )
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -355,13 +387,18 @@ class StreamsClient:
             self.subscription_url(subscription_id),
             what=f"ensure subscription {subscription_id}",
             json_body=body,
+            route="subscription-create",
         )
         return Links(response.status_code == 201, linked_streams(response))
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"
         response = await self._request(
-            "POST", self.subscription_url(subscription_id, "claim"), what=what, json_body={"worker": worker}
+            "POST",
+            self.subscription_url(subscription_id, "claim"),
+            what=what,
+            json_body={"worker": worker},
+            route="subscription",
         )
         answer: ClaimAnswer = parse(ClaimAnswer, json_of(response, what=what), what=what)
         return Claim(
@@ -376,7 +413,7 @@ class StreamsClient:
             token=SecretStr(answer.token),
         )
 
-    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> bool:
+    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> AckAnswer:
         what = f"ack {claim.subscription} (generation {claim.generation})"
         body: dict[str, Any] = {
             "wake_id": claim.wake_id,
@@ -386,10 +423,17 @@ class StreamsClient:
         if done:
             body["done"] = True
         response = await self._request(
-            "POST", self.subscription_url(claim.subscription, "ack"), what=what, json_body=body, claim_token=claim.token
+            "POST",
+            self.subscription_url(claim.subscription, "ack"),
+            what=what,
+            json_body=body,
+            claim_token=claim.token,
+            route="subscription",
         )
         answer = json_of(response, what=what)
-        return bool(answer.get("next_wake")) if isinstance(answer, dict) else False
+        if not isinstance(answer, dict):
+            return AckAnswer(False)
+        return AckAnswer(bool(answer.get("next_wake")), refreshed_token(answer))
 
     async def release(self, claim: Claim) -> None:
         await self._request(
@@ -398,4 +442,5 @@ class StreamsClient:
             what=f"release {claim.subscription} (generation {claim.generation})",
             json_body={"wake_id": claim.wake_id, "generation": claim.generation},
             claim_token=claim.token,
+            route="subscription",
         )

@@ -76,6 +76,17 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class AckAnswer:
+    """The server's answer to an ack."""
+
+    next_wake: bool
+    """Work is still pending (meaningful after a `done` ack)."""
+    token: SecretStr | None = field(default=None, repr=False)
+    """A refreshed claim token, if the server sent one (where claim tokens expire): the next
+    ack or release must carry it."""
+
+
+@dataclass(frozen=True)
 class Links:
     """The answer to creating or confirming a subscription."""
 
@@ -91,8 +102,8 @@ class LiveRead(Protocol):
     offset: str
     """Where the read started."""
 
-    def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
-        """Frames as they arrive; raises `StreamSilent` after `keepalive` seconds of silence."""
+    def frames(self) -> AsyncGenerator[Frame, None]:
+        """Frames as they arrive. Silence is the reader's to judge (the follower's keep-alive watchdog)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -140,8 +151,8 @@ class Wire(Protocol):
 
     async def claim(self, subscription_id: str, worker: str) -> Claim: ...
 
-    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> bool:
-        """Apply acks; without `done` this also renews the lease. Returns `next_wake`."""
+    async def ack(self, claim: Claim, acks: Sequence[Ack], *, done: bool = False) -> AckAnswer:
+        """Apply acks; without `done` this also renews the lease."""
         ...
 
     async def release(self, claim: Claim) -> None: ...
