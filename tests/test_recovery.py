@@ -49,7 +49,7 @@ async def test_a_runner_killed_mid_claim_and_restarted_resumes_at_once_not_after
         await eventually(lambda: bool(started_by(record_file, first.pid)), what="the first runner's batch to start")
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.wait(timeout=30)
     assert not handled(record_file), "the killed runner finished nothing"
     restarted = trio.current_time()
     second = start_runner_process(config, log)
