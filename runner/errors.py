@@ -2,6 +2,7 @@
 
 PullwakeError
 ├── ConfigError                 the configuration is invalid
+│   └── StateDirInUse           another runner holds the state_dir
 ├── ClientError                 talking to the Durable Streams server failed
 │   ├── TransportError          no usable answer: refused, reset, timed out, cut off
 │   │   ├── StreamSilent        the live stream went quiet past the keep-alive timeout
@@ -38,6 +39,13 @@ class PullwakeError(Exception):
 
 class ConfigError(PullwakeError):
     """The configuration is invalid; the CLI exits with 78 (EX_CONFIG)."""
+
+
+class StateDirInUse(ConfigError):
+    """Another runner (the pid is in the message) holds the `state_dir`: give each runner its own.
+
+    Raised by `Runner.run()` before anything in the directory is read; `pullwake run` exits 78.
+    """
 
 
 class ClientError(PullwakeError):
