@@ -305,6 +305,7 @@ class Runner:
             Path(settings.state_dir) / "journal.json" if settings.state_dir is not None else None,
             server_url=settings.server_url,
             stream_root=settings.stream_root,
+            on_write=partial(self._vitals.state_written, "journal"),
         )
         keeper = SubscriptionKeeper(
             wire,
@@ -401,7 +402,13 @@ class Runner:
                     )
                     if checkpoint is not None:
                         lifetime.start_soon(
-                            partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
+                            partial(
+                                keep_checkpoint,
+                                checkpoint,
+                                position,
+                                interval=settings.checkpoint_interval,
+                                on_write=partial(self._vitals.state_written, "wake checkpoint"),
+                            ),
                             name="checkpoint",
                         )
                     lifetime.start_soon(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")

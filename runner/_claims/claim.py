@@ -44,7 +44,7 @@ from .delivery import Delivery
 from .early_read import EarlyRead
 from .lease import Lease
 from .outcome import SUCCEEDED, Outcome
-from .recovery import replay_gaps
+from .recovery import ReplayPacing, replay_gaps
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -72,6 +72,8 @@ class ClaimContext:
     """Put a subscription the server has forgotten back; True if it is there now."""
     redactor: Redactor
     """Knows the claim tokens held, so no log line or error text shows them."""
+    replays: ReplayPacing = field(default_factory=ReplayPacing)
+    """Paces gap replays that failed for now (one per subscription, for the runner's life)."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +61,38 @@ class Checkpoint:
         write_atomically(self.path, json.dumps({**self._identity, "offset": offset}).encode(), sync=True)
 
 
-async def keep_checkpoint(checkpoint: Checkpoint, position: WakePosition, *, interval: float) -> None:
-    """Write the position at most once per `interval`, and once more when cancelled."""
+async def keep_checkpoint(
+    checkpoint: Checkpoint,
+    position: WakePosition,
+    *,
+    interval: float,
+    on_write: Callable[[bool], None] = lambda ok: None,
+) -> None:
+    """Write the position at most once per `interval`, and once more when cancelled.
+
+    `on_write` is told how each write ended (a failed one is a degraded runner).
+    """
     try:
         while True:
             await position.changed.wait()
             position.changed = trio.Event()
             # The fsync takes milliseconds: a worker thread waits for it, not the event loop.
-            await trio.to_thread.run_sync(_save, checkpoint, position)
+            if (ok := await trio.to_thread.run_sync(_save, checkpoint, position)) is not None:
+                on_write(ok)
             await trio.sleep(interval)
     finally:
         _save(checkpoint, position)  # the last one, also when cancelled: quick enough to do here
 
 
-def _save(checkpoint: Checkpoint, position: WakePosition) -> None:
+def _save(checkpoint: Checkpoint, position: WakePosition) -> bool | None:
+    """True or False: how the write ended; None: nothing to write."""
     offset = position.offset
     if offset is None or offset == position.saved:
-        return
+        return None
     try:
         checkpoint.save(offset)
         position.saved = offset
     except OSError as exc:
         log.error("checkpoint.write_failed", path=str(checkpoint.path), error=str(exc))
+        return False
+    return True

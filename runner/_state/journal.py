@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,17 @@ class Gap:
 class Journal:
     """The runner's memory: current in memory at once, on disk as `keep` writes it (else at once)."""
 
-    def __init__(self, path: Path | None, *, server_url: str, stream_root: str = "/v1/stream") -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        server_url: str,
+        stream_root: str = "/v1/stream",
+        on_write: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
         self.path = path
+        self._on_write = on_write
+        """Told how every write ended: a failed one is a degraded runner (health, metrics)."""
         self._server_url = server_url
         self._stream_root = stream_root
         self._claims: dict[str, HeldClaim] = {}
@@ -204,7 +214,7 @@ class Journal:
         """Write what is in memory now, on this thread."""
         assert self.path is not None
         self._dirty = False
-        _write(self.path, self._encoded())
+        self._on_write(_write(self.path, self._encoded()))
 
     def _encoded(self) -> bytes:
         return json.dumps(self._document(), separators=(",", ":")).encode()
@@ -225,7 +235,7 @@ class Journal:
                 self._wakeup = trio.Event()
                 self._dirty = self._urgent = False
                 # Encoded here (a consistent snapshot), written there (the slow part).
-                await trio.to_thread.run_sync(_write, path, self._encoded())
+                self._on_write(await trio.to_thread.run_sync(_write, path, self._encoded()))
                 written_at = trio.current_time()
                 if self._dirty:
                     self._wakeup.set()
@@ -292,11 +302,14 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
     return exactly(value, dict, what)  # type: ignore[no-any-return]
 
 
-def _write(path: Path, document: bytes) -> None:
+def _write(path: Path, document: bytes) -> bool:
+    """Write the journal; False (and an error line) if the disk refused: the run goes on."""
     try:
         write_atomically(path, document, sync=False)
     except OSError as exc:
         log.error("journal.write_failed", path=str(path), error=str(exc))
+        return False
+    return True
 
 
 def _advance(offsets: dict[str, str], stream: str, offset: str) -> None:
