@@ -16,7 +16,8 @@ class Proxy:
     - `thaw()`: move bytes again everywhere.
     - `cut()`: close every open connection at once.
     - `refuse()`: cut every open connection and answer every new request with 503, as an
-      overloaded load balancer would; `thaw()` ends it.
+      overloaded load balancer would; `thaw()` ends it. `refuse(401)`: a gateway that refuses
+      the token for a while (a rotation gone wrong).
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -27,6 +28,7 @@ class Proxy:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._new_connections_frozen = False
         self._refusing = False
+        self._status = b"503 Service Unavailable"
         self.refused = 0
         self._ids = 0
 
@@ -47,7 +49,8 @@ class Proxy:
                 self._gates[ident] = trio.Event()
         self._new_connections_frozen = not existing_only
 
-    def refuse(self) -> None:
+    def refuse(self, status: int = 503) -> None:
+        self._status = {503: b"503 Service Unavailable", 401: b"401 Unauthorized"}[status]
         self._refusing = True
         self.cut()
 
@@ -98,7 +101,7 @@ class Proxy:
                     request += data
                 self.refused += 1
                 await client.send_all(
-                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    b"HTTP/1.1 " + self._status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                 )
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

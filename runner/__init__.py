@@ -52,6 +52,7 @@ __all__ = [
     "RunnerError",
     "Settings",
     "State",
+    "StateDirInUse",
     "StopError",
     "SubscriptionSpec",
     "Suspend",

@@ -15,8 +15,18 @@ from typing import Any
 
 from machine import State
 
-from ._claims.outcome import FAILED, SUCCEEDED, Outcome
+from ._claims.outcome import FAILED, GAP_REPLAY_FAILED, HANDLER_FAILING, SUCCEEDED, Outcome
 from ._metrics import Metrics
+
+# Why a runner that follows its wake stream can still be degraded: a small fixed set (a metric label).
+# Claims report the two of theirs (runner/_claims/outcome.py); the state directory's is health's own.
+STATE_WRITE_FAILED = "state_write_failed"
+PROBLEMS = (STATE_WRITE_FAILED, HANDLER_FAILING, GAP_REPLAY_FAILED)
+_DESCRIBED = {
+    STATE_WRITE_FAILED: "state writes failing",
+    HANDLER_FAILING: "handler failing every attempt, no dead-letter stream",
+    GAP_REPLAY_FAILED: "gap replay failing",
+}
 
 # A transition that takes longer than this means the driver is wedged: cancelled
 # activities finish their (bounded) cleanup within a couple of seconds.
@@ -41,7 +51,7 @@ class Health:
     state: str
     state_since: float | None
     status: str
-    """`ok`, `degraded` (running but not following the wake stream right now), or `stopped`."""
+    """`ok`, `degraded` (not following the wake stream right now, or `problems`), or `stopped`."""
     reason: str | None
     offset: str | None
     started_at: float | None
@@ -67,18 +77,29 @@ class Health:
     in_flight: list[InFlightClaim] = field(default_factory=list)
     cooldowns: dict[str, float] = field(default_factory=dict)
     """Subscriptions resting after a failure or an abort, and until when."""
+    problems: dict[str, list[str]] = field(default_factory=dict)
+    """Why the runner is degraded although it follows its wake stream: reason -> what is
+    affected (a subscription, or the state file). Each clears when its cause is gone."""
+    state_for: float | None = None
+    """Seconds since `state_since`, on a monotonic clock (a wall-clock step cannot fake a stall)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def verdict(self, *, stuck_after: float, now: float | None = None) -> tuple[bool, str]:
-        """Is the runner working? Degraded for less than `stuck_after` seconds still counts."""
+    def verdict(self, *, stuck_after: float) -> tuple[bool, str]:
+        """Is the runner working? Degraded for less than `stuck_after` seconds still counts.
+
+        Problems (`problems`) alone do not fail it: the runner follows its wake stream and
+        serves the rest, and a restart would not cure a full disk or a failing handler. They
+        show as `status` "degraded" with the reason, and in the `pullwake_degraded` metric.
+        """
         if self.status == "ok":
             return True, "following the wake stream"
         if self.status == "stopped":
             return False, "stopped"
-        since = self.state_since if self.state_since is not None else self.started_at
-        stalled_for = (now if now is not None else time.time()) - (since or 0.0)
+        if self.problems and self.state == "streaming" and not self.heartbeat_failures:
+            return True, f"degraded: {self.reason}"
+        stalled_for = self.state_for or 0.0
         if self.state != "stopping" and stalled_for >= stuck_after:
             return False, f"stuck for {stalled_for:.0f} s: {self.reason}"
         return True, f"recovering: {self.reason}"
@@ -96,6 +117,7 @@ class Vitals:
     def reset(self) -> None:
         """Called at every start: counters describe the current run."""
         self.state_since: float | None = None
+        self._state_since_monotonic: float | None = None
         self._in_outage = False
         self.started_at: float | None = None
         self.connected_since: float | None = None
@@ -112,6 +134,9 @@ class Vitals:
         self.events_received = 0
         self.claims: Counter[Outcome] = Counter()
         self.batches: Counter[str] = Counter()
+        self.problems: dict[str, set[str]] = {reason: set() for reason in PROBLEMS}
+        for reason in PROBLEMS:
+            self.metrics.degraded.labels(reason).set(0)
 
     # -- reports ---------------------------------------------------------------------------
 
@@ -133,6 +158,7 @@ class Vitals:
         following = state in (State.STREAMING, State.STOPPED)
         if following or not self._in_outage:
             self.state_since = time.time()
+            self._state_since_monotonic = time.monotonic()
         self._in_outage = not following
 
     def error(self, error: BaseException | str) -> None:
@@ -192,6 +218,27 @@ class Vitals:
     def in_flight(self, count: int) -> None:
         self.metrics.in_flight.set(count)
 
+    def problem(self, reason: str, subject: str) -> None:
+        """`subject` (a subscription, a state file) is degraded for `reason` until `resolved`."""
+        if subject not in self.problems[reason]:
+            self.problems[reason].add(subject)
+            self.metrics.degraded.labels(reason).set(1)
+
+    def resolved(self, reason: str, subject: str) -> None:
+        affected = self.problems[reason]
+        if subject in affected:
+            affected.discard(subject)
+            if not affected:
+                self.metrics.degraded.labels(reason).set(0)
+
+    def state_written(self, file: str, ok: bool) -> None:
+        """A write of a state file (journal, checkpoint) ended; a failed one costs the fast resume."""
+        if ok:
+            self.resolved(STATE_WRITE_FAILED, file)
+        else:
+            self.metrics.state_write_failures.inc()
+            self.problem(STATE_WRITE_FAILED, file)
+
     # -- snapshot --------------------------------------------------------------------------
 
     def snapshot(
@@ -231,6 +278,8 @@ class Vitals:
             batches=dict(self.batches),
             in_flight=in_flight,
             cooldowns=dict(cooldowns or {}),
+            problems={reason: sorted(affected) for reason, affected in self.problems.items() if affected},
+            state_for=time.monotonic() - self._state_since_monotonic if self._state_since_monotonic else None,
         )
 
 
@@ -248,6 +297,8 @@ def status_of(state: State, vitals: Vitals) -> tuple[str, str | None]:
         return "degraded", f"{vitals.heartbeat_failures} liveness probe(s) failed in a row{last_error}"
     if state is not State.STREAMING:
         return "degraded", f"{state.value}: not following the wake stream{last_error}"
+    if problems := [f"{_DESCRIBED[r]} ({', '.join(sorted(a))})" for r, a in vitals.problems.items() if a]:
+        return "degraded", "; ".join(problems)
     return "ok", None
 
 
@@ -264,8 +315,8 @@ def progressing(
         return False, f"the lifecycle driver is stuck in one transition for {busy_for:.0f} s"
     if silent_for > beat_limit:
         return False, f"the liveness heartbeat has not completed a beat for {silent_for:.0f} s"
-    if health.state == State.STOPPING.value and health.state_since is not None:
-        stopping = time.time() - health.state_since
+    if health.state == State.STOPPING.value and health.state_for is not None:
+        stopping = health.state_for
         if stopping > stop_deadline:
             return False, f"stopping for {stopping:.0f} s, past its {stop_deadline:.0f} s deadline"
     return True, health.state

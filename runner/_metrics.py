@@ -55,6 +55,17 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.state_write_failures = Counter(
+            "pullwake_state_write_failures",
+            "Writes of the journal or the wake checkpoint that failed (disk full, read-only, ...)",
+            registry=r,
+        )
+        self.degraded = Gauge(
+            "pullwake_degraded",
+            "1 while the runner is degraded for this reason (state_write_failed, handler_failing, gap_replay_failed)",
+            ["reason"],
+            registry=r,
+        )
         self.info = Gauge("pullwake_runner_info", "Constant 1, labelled with the runner id", ["runner_id"], registry=r)
         self.info.labels(**labels).set(1)
         for state in State:

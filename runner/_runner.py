@@ -39,6 +39,7 @@ from ._health import Health, Vitals, progressing
 from ._secrets import Redactor
 from ._state.checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._state.journal import Journal
+from ._state.lock import StateDirLock
 from ._wake.control_stream import follow_control_stream
 from ._wake.follower import WakeFollower
 from ._wake.liveness import Liveness
@@ -228,7 +229,8 @@ class Runner:
     # -- the run ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until stopped. Raises `WakeStreamClosed` if the wake stream reached its end."""
+        """Run until stopped. Raises `WakeStreamClosed` if the wake stream reached its end, and
+        `StateDirInUse` (a `ConfigError`) at once if another runner holds the `state_dir`."""
         if self._active is not None or not self._run_done.is_set():
             raise AlreadyRunning(f"runner {self.settings.runner_id!r} is already running")
         handlers = self._resolved_handlers()
@@ -237,10 +239,16 @@ class Runner:
         self._stop_requested = False
         self._stop_errors, self._fatal = [], None
         self._vitals.started()
+        # Before anything in the state dir is read: one owner per state dir (runner/_state/lock.py).
+        lock = StateDirLock(Path(settings.state_dir)) if settings.state_dir is not None else None
         try:
+            if lock is not None:
+                lock.acquire()
             with structlog.contextvars.bound_contextvars(runner_id=settings.runner_id):
                 await self._run(settings, handlers, task_status)
         finally:
+            if lock is not None:
+                lock.release()
             self._active = None
             self._vitals.entered(State.STOPPED)
             self._run_done.set()
@@ -280,7 +288,12 @@ class Runner:
             max_event_bytes=settings.max_event_bytes,
         )
         checkpoint = (
-            Checkpoint(Path(settings.state_dir), server_url=settings.server_url, wake_stream=settings.wake_stream)
+            Checkpoint(
+                Path(settings.state_dir),
+                server_url=settings.server_url,
+                stream_root=settings.stream_root,
+                wake_stream=settings.wake_stream,
+            )
             if settings.state_dir is not None
             else None
         )
@@ -292,6 +305,8 @@ class Runner:
         journal = Journal(
             Path(settings.state_dir) / "journal.json" if settings.state_dir is not None else None,
             server_url=settings.server_url,
+            stream_root=settings.stream_root,
+            on_write=partial(self._vitals.state_written, "journal"),
         )
         keeper = SubscriptionKeeper(
             wire,
@@ -409,7 +424,13 @@ class Runner:
                     )
                     if checkpoint is not None:
                         lifetime.start_soon(
-                            partial(keep_checkpoint, checkpoint, position, interval=settings.checkpoint_interval),
+                            partial(
+                                keep_checkpoint,
+                                checkpoint,
+                                position,
+                                interval=settings.checkpoint_interval,
+                                on_write=partial(self._vitals.state_written, "wake checkpoint"),
+                            ),
                             name="checkpoint",
                         )
                     lifetime.start_soon(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")

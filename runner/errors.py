@@ -5,6 +5,7 @@ logs, `Health.last_error` and `StopError.errors`, and are never raised to your c
 
 PullwakeError                   the base: catch this to catch anything of ours
 ├── ConfigError                 the configuration is invalid: fix the setting named (the CLI exits 78)
+│   └── StateDirInUse           another runner holds the state_dir: give each runner its own (README)
 ├── ClientError                 talking to the server failed: the runner retries; see `Health.last_error`
 │   ├── TransportError          (handled) no usable answer: refused, reset, timed out, cut off
 │   │   ├── StreamSilent        (handled) the live stream went quiet past `keepalive_timeout`
@@ -41,6 +42,13 @@ class PullwakeError(Exception):
 
 class ConfigError(PullwakeError):
     """The configuration is invalid; the CLI exits with 78 (EX_CONFIG)."""
+
+
+class StateDirInUse(ConfigError):
+    """Another runner (the pid is in the message) holds the `state_dir`: give each runner its own.
+
+    Raised by `Runner.run()` before anything in the directory is read; `pullwake run` exits 78.
+    """
 
 
 class ClientError(PullwakeError):

@@ -297,7 +297,7 @@ async def test_a_killed_runner_resumes_from_its_checkpoint_and_loses_nothing(
         await eventually(lambda: len(lines(record_file)) >= 10, what="the first runner to get going")
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.wait(timeout=30)
     handled_before = len(lines(record_file))
     for n in range(60, 100):
         await world.append("ab"[n % 2], {"n": n})

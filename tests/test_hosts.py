@@ -30,6 +30,7 @@ from runner import (
     WakeStreamClosed,
 )
 from runner._service.devserver import DevServer
+from tests.children import Lines, child
 from tests.test_hosts_asyncio import fast_settings, footprint
 
 pytestmark = pytest.mark.server
@@ -273,18 +274,16 @@ def test_the_interpreter_exit_drains_a_running_background_runner(
     root = Path(__file__).resolve().parent.parent
     with (
         httpx.Client(base_url=shared_server.url, timeout=10) as http,
-        subprocess.Popen(
+        child(
             [sys.executable, str(script), shared_server.url, uid, str(record), "drain" if drain else "no"],
             cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            text=True,
         ) as app,
     ):
-        assert app.stdout is not None
         assert app.stdin is not None
-        assert app.stdout.readline().strip() == "started"
+        assert Lines(app.stdout).next() == "started"
         http.put(f"/v1/stream/jobs-{uid}/a", headers={"content-type": "application/json"}).raise_for_status()
         http.post(f"/v1/stream/jobs-{uid}/a", json={"n": 0}).raise_for_status()
         wait_for(lambda: "started" in record.read_text(), what="the handler at work")

@@ -34,6 +34,7 @@ from examples.qt_app import JobsWindow
 from runner import Batch, ConfigError, Ended, PullwakeError, Runner, State
 from runner._service.devserver import DevServer
 from runner.qt import QtHost
+from tests.children import Lines, child
 from tests.test_hosts_asyncio import budget, fast_settings, footprint
 
 pytestmark = pytest.mark.server
@@ -332,7 +333,10 @@ def test_qt_host_slots_never_raise_and_quitting_the_app_drains(
 
 
 CTRL_C_APP = """
-import os, sys
+import os, signal, sys
+# The test is about Ctrl-C: a suite run with SIGINT ignored (`make test &`) passes that on to its
+# children, and Python then leaves it ignored. Put back what Python installs otherwise.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ["QT_QPA_PLATFORM"] = "offscreen"
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
@@ -365,22 +369,21 @@ def test_ctrl_c_interrupts_a_qt_hosted_run_and_quits_the_app(shared_server: DevS
     root = Path(__file__).resolve().parent.parent
     with (
         httpx.Client(base_url=shared_server.url, timeout=10) as http,
-        subprocess.Popen(
+        child(
             [sys.executable, str(script), shared_server.url, uid],
             cwd=root,
             env={**os.environ, "PYTHONPATH": str(root)},
             stdout=subprocess.PIPE,
-            text=True,
         ) as app,
     ):
-        assert app.stdout is not None
-        assert app.stdout.readline().strip() == "streaming"
+        lines = Lines(app.stdout)
+        assert lines.next() == "streaming"
         http.put(f"/v1/stream/jobs-{uid}/a", headers={"content-type": "application/json"}).raise_for_status()
         http.post(f"/v1/stream/jobs-{uid}/a", json={"n": 0}).raise_for_status()
-        assert app.stdout.readline().strip() == "at work"
+        assert lines.next() == "at work"
         app.send_signal(signal.SIGINT)
         assert app.wait(15) == 0, "the app quit"
-        assert app.stdout.read().split() == ["ended", "False", "RunnerError"]
+        assert " ".join(lines.rest()).split() == ["ended", "False", "RunnerError"]
         # Released, not left to its 5 s lease: another worker can claim the pending event now.
         probe = http.post(f"/v1/stream/__ds/subscriptions/sub-{uid}/claim", json={"worker": "probe"})
     assert probe.status_code == 200, probe.text

@@ -37,9 +37,9 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     written: list[dict[str, Any]] = []
     original = runner._state.journal._write
 
-    def recording(path: Path, document: bytes) -> None:
+    def recording(path: Path, document: bytes) -> bool:
         written.append(json.loads(document))
-        original(path, document)
+        return original(path, document)
 
     async def inline(function: Callable[..., Any], *args: Any) -> Any:
         await trio.lowlevel.checkpoint()

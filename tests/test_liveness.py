@@ -13,7 +13,7 @@ from runner._driver import Driver, StateContext
 from runner._health import Vitals
 from runner._state.checkpoint import WakePosition
 from runner._wake.liveness import Liveness
-from runner.errors import TransportError
+from runner.errors import TokenRefused, TransportError
 from tests.driver_harness import Fakes, drive_to, settle
 
 INTERVAL, TIMEOUT, THRESHOLD = 5.0, 2.0, 2
@@ -33,6 +33,8 @@ class Probe:
             await trio.sleep_forever()
         if answer == "fail":
             raise TransportError("connection refused")
+        if answer == "401":
+            raise TokenRefused("the server refused the service token", status=401)
         return answer
 
 
@@ -195,4 +197,23 @@ async def test_only_an_answer_after_a_failure_ends_a_backoff(autojump_clock: tri
         await settle()
         await trio.sleep(INTERVAL * 4)
         assert State(driver.state) is State.RECONNECTING, "a server answering all along gets the backoff's pace"
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_good_probe_after_a_refused_token_ends_a_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A 401 storm: the server answers, but refuses the service token; the runner cannot work.
+    fakes = Fakes()
+    driver = fakes.driver()
+    probe = Probe(lambda n: "401" if n <= 3 else "0000_0001")
+    liveness = liveness_for(driver, probe)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.RECONNECTING)
+        nursery.start_soon(liveness.run)
+        await trio.sleep(INTERVAL * 3 + 1)
+        assert driver.state is State.RECONNECTING, "a refused token ends nothing"
+        await trio.sleep(INTERVAL)
+        assert State(driver.state) is State.CONNECTING, "the token accepted again ends the wait at the next probe"
         nursery.cancel_scope.cancel()

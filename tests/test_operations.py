@@ -307,6 +307,7 @@ def test_systemd_analyze_verifies_both_units(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         check=False,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", f"systemd-analyze complained:\n{result.stderr}"
@@ -335,14 +336,17 @@ async def test_pullwake_status_shows_the_state_and_the_claims_in_flight(world: W
     async with serving(runner):
         await world.append("a", {"n": 1})
         await busy.wait()
-        table = await trio.run_process(
-            [sys.executable, "-m", "runner", "status", "--socket", str(socket_path)], capture_stdout=True, check=False
-        )
-        snapshot = await trio.run_process(
-            [sys.executable, "-m", "runner", "status", "--json", "--socket", str(socket_path)],
-            capture_stdout=True,
-            check=False,
-        )
+        with trio.fail_after(60):
+            table = await trio.run_process(
+                [sys.executable, "-m", "runner", "status", "--socket", str(socket_path)],
+                capture_stdout=True,
+                check=False,
+            )
+            snapshot = await trio.run_process(
+                [sys.executable, "-m", "runner", "status", "--json", "--socket", str(socket_path)],
+                capture_stdout=True,
+                check=False,
+            )
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path))) as control:
             health = await control.get("http://runner/health")
     text = table.stdout.decode()

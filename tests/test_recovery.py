@@ -49,7 +49,7 @@ async def test_a_runner_killed_mid_claim_and_restarted_resumes_at_once_not_after
         await eventually(lambda: bool(started_by(record_file, first.pid)), what="the first runner's batch to start")
     finally:
         first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.wait(timeout=30)
     assert not handled(record_file), "the killed runner finished nothing"
     restarted = trio.current_time()
     second = start_runner_process(config, log)
@@ -167,3 +167,29 @@ async def test_the_end_of_a_503_storm_ends_the_reconnect_wait(world: World, nurs
     # The backoff in force when the storm ended was 8 s: anything near it means it was slept out.
     assert recovered < 3.0, f"all handled {recovered:.2f} s after the storm ended"
     print(f"503 storm: all handled {recovered:.2f} s after it ended (backoff then 8 s)")
+
+
+async def test_a_token_accepted_again_ends_the_reconnect_wait(world: World, nursery: trio.Nursery) -> None:
+    """Every request answers 401 for a while, then the token is accepted again: the next liveness
+    probe ends the wait, as after a 503 storm (a 401 used to count as an answer: the backoff ran out)."""
+    await world.create("a")
+    proxy = Proxy(world.server.port)
+    await nursery.start(proxy.run)
+    recorder = Recorder()
+    settings = world.settings(server_url=proxy.url, backoff_initial=4.0, backoff_max=30.0, backoff_jitter=0.0)
+    runner = Runner(settings, handlers={world.sub: recorder})
+    async with running(runner):
+        await world.append("a", {"n": 0})
+        await eventually(lambda: recorder.count == 1)
+        proxy.refuse(401)
+        await eventually(lambda: runner.health().reconnect_count >= 2, timeout=15, what="a second failed attempt")
+        for n in range(1, 11):
+            await world.append("a", {"n": n})
+        assert runner.state is State.RECONNECTING
+        proxy.thaw()
+        ended = trio.current_time()
+        await eventually(lambda: recorder.count == 11, timeout=20, what="everything after the 401s")
+        recovered = trio.current_time() - ended
+    assert proxy.refused >= 2
+    assert recovered < 3.0, f"all handled {recovered:.2f} s after the token was accepted again"
+    print(f"401 storm: all handled {recovered:.2f} s after it ended (backoff then 8 s)")

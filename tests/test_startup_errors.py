@@ -247,13 +247,14 @@ async def test_status_on_a_socket_that_is_not_a_runner_says_so_in_one_line(tmp_p
     with listener:
         async with trio.open_nursery() as nursery:
             await nursery.start(not_a_runner)
-            result = await trio.run_process(
-                [sys.executable, "-m", "runner", "status", "--socket", str(control), "--timeout", "5"],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
+            with trio.fail_after(60):
+                result = await trio.run_process(
+                    [sys.executable, "-m", "runner", "status", "--socket", str(control), "--timeout", "5"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
+                )
             nursery.cancel_scope.cancel()
     stderr = result.stderr.decode()
     assert result.returncode == 1

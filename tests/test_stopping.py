@@ -124,11 +124,12 @@ async def test_abort_by_control_api_and_by_control_stream(world: World, tmp_path
         await world.append("a", {"n": 1})
         await eventually(lambda: len(blocked) == 1, what="the stubborn claim to start")
 
-        result = await trio.run_process(
-            [sys.executable, "-m", "runner", "abort", world.sub, "--socket", str(socket)],
-            capture_stderr=True,
-            check=False,
-        )
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [sys.executable, "-m", "runner", "abort", world.sub, "--socket", str(socket)],
+                capture_stderr=True,
+                check=False,
+            )
         assert result.returncode == 0, result.stderr
         await eventually(lambda: runner.health().claims["aborted"] == 1, what="the abort over the socket")
         # Handed back at once: another worker can claim it now, long before the 5 s lease would end.
@@ -144,11 +145,12 @@ async def test_abort_by_control_api_and_by_control_stream(world: World, tmp_path
 
         await world.append("b", {"n": 3})
         await eventually(lambda: others.count == 2, what="the other subscription, still served")
-        nothing = await trio.run_process(
-            [sys.executable, "-m", "runner", "abort", "nobody", "--socket", str(socket)],
-            capture_stderr=True,
-            check=False,
-        )
+        with trio.fail_after(60):
+            nothing = await trio.run_process(
+                [sys.executable, "-m", "runner", "abort", "nobody", "--socket", str(socket)],
+                capture_stderr=True,
+                check=False,
+            )
         assert nothing.returncode == 1, "aborting nothing is an error the operator sees"
         assert b"no claim" in nothing.stderr
     assert (await world.acked_offsets())[world.stream("a")] == "0000000000000000_0000000000000000"

@@ -567,6 +567,7 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
         ],
         check=True,
         capture_output=True,
+        timeout=60,
     )
     return cert, key
 

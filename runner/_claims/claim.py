@@ -45,7 +45,7 @@ from ..errors import (
 from .delivery import Delivery
 from .early_read import EarlyRead
 from .outcome import SUCCEEDED, Outcome, Reports
-from .recovery import replay_gaps
+from .recovery import ReplayPacing, replay_gaps
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -119,6 +119,8 @@ class ClaimContext:
     """Put a subscription the server has forgotten back; True if it is there now."""
     redactor: Redactor
     """Knows the claim tokens held, so no log line or error text shows them."""
+    replays: ReplayPacing = field(default_factory=ReplayPacing)
+    """Paces gap replays that failed for now (one per subscription, for the runner's life)."""
 
 
 @dataclass(frozen=True)

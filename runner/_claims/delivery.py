@@ -16,7 +16,7 @@ from .._handlers.batch import SUSPEND, AsyncHandler, Batch
 from .._wire.protocol import ReadResult, Wire
 from .._wire.retrying import Backoff, retrying
 from ..errors import ClientError, PermanentFailure
-from .outcome import Outcome, Reports
+from .outcome import HANDLER_FAILING, Outcome, Reports
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -105,6 +105,7 @@ class Delivery:
                 self.vitals.handler_ran(took)
                 self.vitals.events_handled(len(batch.messages))
                 self.vitals.batch("suspended" if result is SUSPEND else "ok")
+                self.vitals.resolved(HANDLER_FAILING, self.subscription)
                 log.debug("batch.done", stream=batch.stream, size=len(batch.messages), took=round(took, 6))
                 return Outcome.SUSPENDED if result is SUSPEND else Outcome.COMPLETED
         assert error is not None
@@ -115,6 +116,8 @@ class Delivery:
         stream = (spec.dead_letter_stream if spec else None) or self.settings.dead_letter_stream
         if stream is None:
             self.vitals.batch("failed")
+            # Blocked (as documented) until a batch succeeds: visible in health and metrics.
+            self.vitals.problem(HANDLER_FAILING, self.subscription)
             return Outcome.FAILED
         letter: dict[str, object] = {
             "type": "dead_letter",
@@ -127,7 +130,9 @@ class Delivery:
         except ClientError as exc:
             log.error("batch.dead_letter_failed", dead_letter_stream=stream, error=str(exc))
             self.vitals.batch("failed")
+            self.vitals.problem(HANDLER_FAILING, self.subscription)
             return Outcome.FAILED
         log.warning("batch.dead_lettered", stream=batch.stream, dead_letter_stream=stream, error=letter["error"])
         self.vitals.batch("dead_lettered")
+        self.vitals.resolved(HANDLER_FAILING, self.subscription)
         return Outcome.DEAD_LETTERED

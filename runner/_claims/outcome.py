@@ -29,6 +29,13 @@ SUCCEEDED = frozenset({Outcome.COMPLETED, Outcome.SUSPENDED, Outcome.DEAD_LETTER
 FAILED = frozenset({Outcome.FAILED, Outcome.FENCED, Outcome.ERROR, Outcome.INTERRUPTED, Outcome.ABORTED})
 
 
+# Why a claim leaves its subscription degraded (`Reports.problem`), until `resolved`.
+HANDLER_FAILING = "handler_failing"
+"""The handler failed every attempt at a batch and there is no dead-letter stream: the subscription is stuck."""
+GAP_REPLAY_FAILED = "gap_replay_failed"
+"""A gap the server skipped could not be replayed (it is retried with backoff, new events go on)."""
+
+
 class Reports(Protocol):
     """What a claim tells the runner's records while it works."""
 
@@ -39,3 +46,5 @@ class Reports(Protocol):
     def wake_latency(self, seconds: float) -> None: ...
     def lease_renewal(self, result: str) -> None: ...
     def gap(self, action: str) -> None: ...
+    def problem(self, reason: str, subject: str) -> None: ...
+    def resolved(self, reason: str, subject: str) -> None: ...

@@ -4,6 +4,8 @@ Around the runner's own work, the daemon serves the control socket and the
 metrics listener (the only users of the HTTP server stack), speaks sd_notify
 and keeps the systemd watchdog fed while the runner makes progress, and turns
 SIGTERM/SIGINT into a drain (a second signal skips the wait, never the finalizers).
+SIGHUP (a closed terminal, `systemctl kill -s HUP`, a reload habit) is logged and
+otherwise ignored: its default action would kill the daemon with no drain.
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ def _notify_state(notifier: Notifier, runner: Runner, state: State) -> None:
 async def _watch_signals(
     runner: Runner, nursery: trio.Nursery, problems: list[BaseException], notifier: Notifier
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         stopping = False
         async for signum in signals:
             name = signal.Signals(signum).name
-            if not stopping:
+            if signum == signal.SIGHUP:
+                log.info("signal.ignored", signal=name, detail="SIGHUP does not stop the runner (no reload yet)")
+            elif not stopping:
                 stopping = True
                 log.info("signal.stop", signal=name, detail="draining in-flight claims")
                 notifier.send("STOPPING=1")

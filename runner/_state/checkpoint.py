@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 import trio
 
 from .files import write_atomically
+from .loading import Unusable, check_identity, exactly, read_document, set_aside
 
 log = structlog.get_logger("pullwake.checkpoint")
 
@@ -30,51 +33,66 @@ class WakePosition:
 class Checkpoint:
     """A small JSON file replaced atomically: the wake offset of one server and wake stream.
 
-    A checkpoint written for another server or wake stream is ignored, so pointing a
-    runner somewhere new never resumes from an offset that means nothing there.
+    A checkpoint written for another server, stream root or wake stream is set aside, so
+    pointing a runner somewhere new never resumes from an offset that means nothing there.
     """
 
-    def __init__(self, state_dir: Path, *, server_url: str, wake_stream: str) -> None:
+    def __init__(self, state_dir: Path, *, server_url: str, wake_stream: str, stream_root: str = "/v1/stream") -> None:
         self.path = state_dir / "wake-checkpoint.json"
-        self._identity = {"server_url": server_url, "wake_stream": wake_stream}
+        self._identity = {"server_url": server_url, "stream_root": stream_root, "wake_stream": wake_stream}
 
     def load(self) -> str | None:
+        """The offset an earlier run reached, or None; a file that cannot be used is set aside."""
         try:
-            document = json.loads(self.path.read_text())
-        except FileNotFoundError:
+            document = read_document(self.path)
+            return None if document is None else self._parse(document)
+        except Unusable as exc:
+            set_aside(self.path, str(exc), lost="the wake stream position (the runner starts at its tail and sweeps)")
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("checkpoint.unreadable", path=str(self.path), error=str(exc))
-            return None
-        if not isinstance(document, dict) or any(document.get(k) != v for k, v in self._identity.items()):
-            log.warning("checkpoint.other_stream", path=str(self.path), found=document)
-            return None
-        offset = document.get("offset")
-        return offset if isinstance(offset, str) and offset else None
+
+    def _parse(self, document: dict[str, Any]) -> str:
+        check_identity(document, self._identity)
+        offset: str = exactly(document.get("offset"), str, "offset")
+        if not offset:
+            raise Unusable("an empty offset")
+        return offset
 
     def save(self, offset: str) -> None:
         write_atomically(self.path, json.dumps({**self._identity, "offset": offset}).encode(), sync=True)
 
 
-async def keep_checkpoint(checkpoint: Checkpoint, position: WakePosition, *, interval: float) -> None:
-    """Write the position at most once per `interval`, and once more when cancelled."""
+async def keep_checkpoint(
+    checkpoint: Checkpoint,
+    position: WakePosition,
+    *,
+    interval: float,
+    on_write: Callable[[bool], None] = lambda ok: None,
+) -> None:
+    """Write the position at most once per `interval`, and once more when cancelled.
+
+    `on_write` is told how each write ended (a failed one is a degraded runner).
+    """
     try:
         while True:
             await position.changed.wait()
             position.changed = trio.Event()
             # The fsync takes milliseconds: a worker thread waits for it, not the event loop.
-            await trio.to_thread.run_sync(_save, checkpoint, position)
+            if (ok := await trio.to_thread.run_sync(_save, checkpoint, position)) is not None:
+                on_write(ok)
             await trio.sleep(interval)
     finally:
         _save(checkpoint, position)  # the last one, also when cancelled: quick enough to do here
 
 
-def _save(checkpoint: Checkpoint, position: WakePosition) -> None:
+def _save(checkpoint: Checkpoint, position: WakePosition) -> bool | None:
+    """True or False: how the write ended; None: nothing to write."""
     offset = position.offset
     if offset is None or offset == position.saved:
-        return
+        return None
     try:
         checkpoint.save(offset)
         position.saved = offset
     except OSError as exc:
         log.error("checkpoint.write_failed", path=str(checkpoint.path), error=str(exc))
+        return False
+    return True

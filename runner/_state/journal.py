@@ -12,7 +12,8 @@ The journal keeps, per served subscription:
 - the gaps still to replay.
 
 With a `state_dir` it lives in `journal.json` there (owner-only, replaced
-atomically, bounded in size); without one it lives in memory, which still covers
+atomically, bounded in size; one written for another server or stream root, or
+that cannot be used, is set aside at start: see `loading`); without one it lives in memory, which still covers
 a server restart while the runner runs. While the runner runs, `keep` writes it
 from a worker thread: at once after a change a restart depends on (a claim
 taken, gaps found or replayed), at most once per interval after acks and ended
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from pydantic import SecretStr
 
 from .._wire.protocol import Ack, Claim, is_after
 from .files import write_atomically
+from .loading import Unusable, check_identity, exactly, read_document, set_aside
 
 log = structlog.get_logger("pullwake.journal")
 
@@ -76,9 +78,19 @@ class Gap:
 class Journal:
     """The runner's memory: current in memory at once, on disk as `keep` writes it (else at once)."""
 
-    def __init__(self, path: Path | None, *, server_url: str) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        server_url: str,
+        stream_root: str = "/v1/stream",
+        on_write: Callable[[bool], None] = lambda ok: None,
+    ) -> None:
         self.path = path
+        self._on_write = on_write
+        """Told how every write ended: a failed one is a degraded runner (health, metrics)."""
         self._server_url = server_url
+        self._stream_root = stream_root
         self._claims: dict[str, HeldClaim] = {}
         self._acked: dict[str, dict[str, str]] = {}
         self._gaps: dict[str, list[Gap]] = {}
@@ -207,6 +219,7 @@ class Journal:
         return {
             "version": VERSION,
             "server_url": self._server_url,
+            "stream_root": self._stream_root,
             "claims": {sub: asdict(held) for sub, held in self._claims.items()},
             "acked": self._acked,
             "gaps": {sub: [asdict(gap) for gap in gaps] for sub, gaps in self._gaps.items()},
@@ -226,7 +239,7 @@ class Journal:
         """Write what is in memory now, on this thread."""
         assert self.path is not None
         self._dirty = False
-        _write(self.path, self._encoded())
+        self._on_write(_write(self.path, self._encoded()))
 
     def _encoded(self) -> bytes:
         return json.dumps(self._document(), separators=(",", ":")).encode()
@@ -247,7 +260,7 @@ class Journal:
                 self._wakeup = trio.Event()
                 self._dirty = self._urgent = False
                 # Encoded here (a consistent snapshot), written there (the slow part).
-                await trio.to_thread.run_sync(_write, path, self._encoded())
+                self._on_write(await trio.to_thread.run_sync(_write, path, self._encoded()))
                 written_at = trio.current_time()
                 if self._dirty:
                     self._wakeup.set()
@@ -257,35 +270,71 @@ class Journal:
                 self._write()
 
     def _load(self) -> None:
+        """Read what an earlier run left; anything unusable is set aside (see `loading`)."""
         if self.path is None:
             return
         try:
-            document = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("journal.unreadable", path=str(self.path), error=str(exc))
-            return
-        if not isinstance(document, dict) or document.get("version") != VERSION:
-            log.warning("journal.unknown_version", path=str(self.path))
-            return
-        if document.get("server_url") != self._server_url:
-            log.warning("journal.other_server", path=str(self.path), found=document.get("server_url"))
-            return
-        try:
-            self._claims = {sub: HeldClaim(**held) for sub, held in document["claims"].items()}
-            self._acked = {sub: dict(offsets) for sub, offsets in document["acked"].items()}
-            self._gaps = {sub: [Gap(**gap) for gap in gaps] for sub, gaps in document["gaps"].items()}
-        except (KeyError, TypeError, AttributeError) as exc:
-            log.warning("journal.unreadable", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
-            self._claims, self._acked, self._gaps = {}, {}, {}
+            document = read_document(self.path)
+            if document is None:
+                return
+            self._claims, self._acked, self._gaps = self._parse(document)
+        except Unusable as exc:
+            set_aside(
+                self.path,
+                str(exc),
+                lost="the fast resume of claims an earlier run held (they wait out their leases) "
+                "and the offsets of gaps still to replay",
+            )
+
+    def _parse(
+        self, document: dict[str, Any]
+    ) -> tuple[dict[str, HeldClaim], dict[str, dict[str, str]], dict[str, list[Gap]]]:
+        """The journal's content, every field checked for its exact type; `Unusable` if anything is off."""
+        if document.get("version") != VERSION:
+            raise Unusable(f"unknown version {str(document.get('version'))[:40]!r}")
+        check_identity(document, {"server_url": self._server_url, "stream_root": self._stream_root})
+        claims: dict[str, HeldClaim] = {}
+        for sub, held in _mapping(document.get("claims"), "claims").items():
+            held = _mapping(held, f"claims.{sub}")
+            claims[sub] = HeldClaim(
+                exactly(held.get("subscription"), str, "claim subscription"),
+                exactly(held.get("wake_id"), str, "claim wake_id"),
+                exactly(held.get("generation"), int, "claim generation"),
+                exactly(held.get("token"), str, "claim token"),
+                float(exactly(held.get("renewed_at"), (int, float), "claim renewed_at")),
+            )
+        acked: dict[str, dict[str, str]] = {}
+        for sub, offsets in _mapping(document.get("acked"), "acked").items():
+            acked[sub] = {
+                stream: exactly(offset, str, f"acked offset of {sub}")
+                for stream, offset in _mapping(offsets, f"acked.{sub}").items()
+            }
+        gaps: dict[str, list[Gap]] = {}
+        for sub, listed in _mapping(document.get("gaps"), "gaps").items():
+            gaps[sub] = []
+            for gap in exactly(listed, list, f"gaps.{sub}"):
+                gap = _mapping(gap, f"a gap of {sub}")
+                gaps[sub].append(
+                    Gap(
+                        *(exactly(gap.get(field), str, f"gap {field} of {sub}") for field in ("stream", "start", "end"))
+                    )
+                )
+        return claims, acked, gaps
 
 
-def _write(path: Path, document: bytes) -> None:
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    """A JSON object (its keys are strings by JSON's rules), else `Unusable`."""
+    return exactly(value, dict, what)  # type: ignore[no-any-return]
+
+
+def _write(path: Path, document: bytes) -> bool:
+    """Write the journal; False (and an error line) if the disk refused: the run goes on."""
     try:
         write_atomically(path, document, sync=False)
     except OSError as exc:
         log.error("journal.write_failed", path=str(path), error=str(exc))
+        return False
+    return True
 
 
 def _advance(offsets: dict[str, str], stream: str, offset: str) -> None:

@@ -13,6 +13,9 @@ the end of a fault rather than a timer.
 While streaming, a probe that finds the tail where the stream left us says so
 (`answered`): the keep-alive watchdog then trusts a silent stream, since some
 servers send no keep-alive while idle.
+
+A probe whose service token was refused (401/403) counts as not answered: a token
+accepted again ends the fault like a server back up.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .._driver import Driver
 from .._health import Vitals
 from .._state.checkpoint import WakePosition
 from .._wire.protocol import is_after
-from ..errors import ClientError, RequestError
+from ..errors import ClientError, RequestError, TokenRefused
 
 log = structlog.get_logger("pullwake.liveness")
 
@@ -98,7 +101,9 @@ class Liveness:
         if error is not None:
             log.warning("heartbeat.failed", error=str(error))
         state, epoch = self._driver.state, self._driver.epoch
-        answered = tail is not None or isinstance(error, RequestError)
+        # A refusal of the request is an answer (the server is up), but a refused service token
+        # is a fault like an outage: the first good probe after it must end the wait as well.
+        answered = tail is not None or (isinstance(error, RequestError) and not isinstance(error, TokenRefused))
         if answered and not self._answered:
             # The server answers again after it did not: the fault is over, so is any wait for it.
             # (Only then: a server that answers all along gets the backoff's pace.)
