@@ -52,7 +52,6 @@ __all__ = [
     "RunnerError",
     "Settings",
     "State",
-    "StateDirInUse",
     "StopError",
     "SubscriptionSpec",
     "Suspend",
