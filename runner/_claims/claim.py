@@ -28,6 +28,7 @@ from .._config import Settings
 from .._health import Vitals
 from .._secrets import Redactor
 from .._state.journal import Journal
+from .._tracing import OFF, Span, Tracing
 from .._wire.protocol import Ack, Claim, ReadResult, Wire, is_after
 from .._wire.retrying import retrying
 from ..errors import (
@@ -112,6 +113,8 @@ class ClaimContext:
     """Put a subscription the server has forgotten back; True if it is there now."""
     redactor: Redactor
     """Knows the claim tokens held, so no log line or error text shows them."""
+    tracing: Tracing = OFF
+    """The claim's `receive` span and its settlements' (runner._tracing); the batches' are the delivery's."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +165,33 @@ class ClaimRun:
     claim: Claim | None = None
     stream: str | None = None
     batches_done: int = 0
+    messages_read: int = 0
     result: ClaimResult | None = field(default=None, init=False)
     """Set however the claim ends, cancellation included."""
 
     async def run(self) -> ClaimResult:
+        tracing = self.context.tracing
+        with tracing.receive(self.subscription) as span:
+            try:
+                return await self._run()
+            finally:
+                if tracing.on:
+                    self._traced(span)
+
+    def _traced(self, span: Span) -> None:
+        """What the receive span says of how the claim went (never its token)."""
+        if self.claim is not None:
+            span.set_attribute("pullwake.claim.generation", self.claim.generation)
+            span.set_attribute("pullwake.wake_id", self.claim.wake_id)
+            span.set_attribute("pullwake.claim.pending_streams", sum(s.has_pending for s in self.claim.streams))
+        span.set_attribute("messaging.batch.message_count", self.messages_read)
+        span.set_attribute("pullwake.claim.batches", self.batches_done)
+        outcome = self.result.outcome if self.result is not None else None
+        span.set_attribute("pullwake.claim.outcome", outcome.value if outcome is not None else "cancelled")
+        if outcome in (Outcome.ERROR, Outcome.FENCED):
+            self.context.tracing.failed(span, outcome.value)
+
+    async def _run(self) -> ClaimResult:
         if self.context.journal.gaps(self.subscription):
             replayed = await replay_gaps(self)
             if replayed is not None:
@@ -328,6 +354,7 @@ class _Held:
             offset = stream.acked_offset
             while is_after(stream.tail_offset, offset):
                 result = await self._read(stream.path, offset)
+                self.run.messages_read += len(result.messages)
                 if not result.messages:
                     break
                 if not is_after(result.next_offset, offset):
@@ -395,7 +422,8 @@ class _Held:
                 return await wire.ack(claim, acks, done=done)
 
             try:
-                next_wake = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
+                with self.context.tracing.settle(claim.subscription, "ack", [a.stream for a in acks], done=done):
+                    next_wake = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
                 self.vitals.lease_renewal("lost")
                 self.context.journal.ended(claim.subscription, claim.wake_id)
@@ -426,7 +454,8 @@ class _Held:
         try:
             if acks := progress.unacked():
                 try:
-                    await wire.ack(claim, acks)
+                    with self.context.tracing.settle(claim.subscription, "ack", [a.stream for a in acks]):
+                        await wire.ack(claim, acks)
                 except (Fenced, TokenInvalid, SubscriptionNotFound):
                     raise
                 except ClientError as exc:
@@ -434,7 +463,8 @@ class _Held:
                 else:
                     progress.acknowledged(acks)
                     journal.acked(claim, acks)
-            await wire.release(claim)
+            with self.context.tracing.settle(claim.subscription, "release"):
+                await wire.release(claim)
         except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
             log.info("claim.already_gone", reason=str(exc))  # someone else holds it: nothing to hand back
         except ClientError as exc:
