@@ -315,6 +315,8 @@ class Runner:
             replay=settings.on_subscription_lost == "replay",
         )
         dead_letters = DeadLetters(wire)
+        for subscription in handlers:
+            self._vitals.pending(subscription, 0)
         contexts = {
             subscription: ClaimContext(
                 wire,

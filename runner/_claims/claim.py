@@ -258,9 +258,11 @@ class ClaimRun:
                     "the server frees it when its lease runs out",
                 )
             else:
+                context.vitals.claim_race_lost()
                 log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return ClaimResult(Outcome.SKIPPED)
         except NoPendingWork as exc:
+            context.vitals.pending(subscription, 0)
             log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return ClaimResult(Outcome.SKIPPED)
         except SubscriptionNotFound:
@@ -285,6 +287,7 @@ class ClaimRun:
             log.warning("claim.failed", subscription=subscription, error=str(exc))
             return ClaimResult(Outcome.ERROR)
         context.journal.claimed(granted)
+        context.vitals.pending(subscription, sum(stream.has_pending for stream in granted.streams))
         # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
         return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at)
 
@@ -438,6 +441,8 @@ class _Held:
             self.context.journal.acked(claim, acks)
             if done:
                 self.context.journal.ended(claim.subscription, claim.wake_id)
+                if not next_wake:
+                    self.vitals.pending(claim.subscription, 0)
             else:
                 self.vitals.lease_renewal("ok")
             return next_wake
