@@ -3,13 +3,15 @@
 Starts the pinned reference server on loopback and measures, in one run:
 wake-to-handler latency and CPU per event (bench/latency.py), throughput with 1/10/200
 subscriptions (bench/throughput.py), recovery from faults (bench/recovery.py), idle and
-peak footprint, start() and stop() times (bench/footprint.py). Latency, CPU and throughput
-are also measured for a bare-httpx baseline (bench/baseline.py) and printed as ratios,
-with issue 15's goals. Writes a table to stdout and JSON to bench/results/latest.json.
+peak footprint, start() and stop() times (bench/footprint.py), what traces cost
+(bench/tracing.py). Latency, CPU and throughput are also measured for a bare-httpx baseline
+(bench/baseline.py) and printed as ratios, with issue 15's goals.
+Writes a table to stdout and JSON to bench/results/latest.json.
 
     python -m bench                      # everything (several minutes)
     python -m bench --smoke              # a tiny configuration, to check the bench runs
     python -m bench --only recovery      # some sections (comma-separated)
+    python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from bench.latency import latency
 from bench.recovery import recovery
 from bench.report import machine_info, render
 from bench.throughput import throughput
+from bench.tracing import render as render_tracing
+from bench.tracing import tracing
 from runner._service.devserver import DevServer
 from runner._wire.client import StreamsClient, build_http
 
@@ -43,6 +47,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "footprint": footprint,
     "start": start,
     "stop": stop,
+    "tracing": tracing,
 }
 
 
@@ -92,7 +97,7 @@ def cli() -> None:
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))
-    print(render(results), end="")
+    print(render(results) + render_tracing(results), end="")
     print(f"(JSON: {options.out})", file=sys.stderr)
 
 

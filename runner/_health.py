@@ -28,6 +28,11 @@ _DESCRIBED = {
     GAP_REPLAY_FAILED: "gap replay failing",
 }
 
+BATCH_OUTCOMES = ("ok", "suspended", "retried", "failed", "dead_lettered")
+LEASE_RENEWAL_RESULTS = ("ok", "lost")
+GAP_ACTIONS = ("replayed", "skipped")
+"""The label values `batch`, `lease_renewal` and `gap` are given (the metrics are pre-set with them)."""
+
 # A transition that takes longer than this means the driver is wedged: cancelled
 # activities finish their (bounded) cleanup within a couple of seconds.
 WEDGED_AFTER = 10.0
@@ -112,7 +117,20 @@ class Vitals:
         self.runner_id = runner_id
         self._redact = redact
         self.metrics = Metrics(runner_id)
+        self._preset()
         self.reset()
+
+    def _preset(self) -> None:
+        """Every known label value of the labelled counters starts at 0, so `increase()` sees a first event."""
+        metrics = self.metrics
+        for outcome in Outcome:
+            metrics.claims.labels(outcome.value)
+        for batch in BATCH_OUTCOMES:
+            metrics.batches.labels(batch)
+        for result in LEASE_RENEWAL_RESULTS:
+            metrics.lease_renewals.labels(result)
+        for action in GAP_ACTIONS:
+            metrics.gaps.labels(action)
 
     def reset(self) -> None:
         """Called at every start: counters describe the current run."""
@@ -192,6 +210,13 @@ class Vitals:
         self.last_claim_at = time.time()
         self.last_claim_result = outcome
         self.metrics.claims.labels(outcome.value).inc()
+
+    def claim_race_lost(self) -> None:
+        self.metrics.claim_races_lost.inc()
+
+    def pending(self, subscription: str, streams: int) -> None:
+        """How many streams of `subscription` have pending work, as the server last said."""
+        self.metrics.pending_streams.labels(subscription).set(streams)
 
     def batch(self, outcome: str) -> None:
         self.batches[outcome] += 1

@@ -20,6 +20,18 @@ class Metrics:
         self.state = Gauge("pullwake_state", "1 for the lifecycle state the runner is in", ["state"], registry=r)
         self.wake_events = Counter("pullwake_wake_events", "Events read from the wake stream", registry=r)
         self.claims = Counter("pullwake_claims", "Claims by how they ended", ["result"], registry=r)
+        self.claim_races_lost = Counter(
+            "pullwake_claim_races_lost",
+            "Claims refused with ALREADY_CLAIMED: another runner won the race (counted as skipped claims too)",
+            registry=r,
+        )
+        self.pending_streams = Gauge(
+            "pullwake_pending_streams",
+            "Streams with pending work in the subscription's last claim answer (0 after a done ack that said "
+            "nothing more is pending, or a NO_PENDING_WORK answer)",
+            ["subscription"],
+            registry=r,
+        )
         self.batches = Counter("pullwake_batches", "Batches by how they ended", ["outcome"], registry=r)
         self.events_handled = Counter(
             "pullwake_events_handled", "Events in batches that handlers finished (ok or suspended)", registry=r

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -40,6 +41,7 @@ from ._secrets import Redactor
 from ._state.checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._state.journal import Journal
 from ._state.lock import StateDirLock
+from ._tracing import Tracing
 from ._wake.control_stream import follow_control_stream
 from ._wake.follower import WakeFollower
 from ._wake.liveness import Liveness
@@ -49,6 +51,9 @@ from ._wake.subscriptions import SubscriptionKeeper
 from ._wire.client import StreamsClient, build_http, tls_context
 from ._wire.retrying import Backoff
 from .errors import AlreadyRunning, ConfigError, RunnerError, StopError, WakeStreamClosed
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = structlog.get_logger("pullwake.runner")
 
@@ -81,8 +86,17 @@ class Runner:
     counters and a fresh HTTP client (the TLS context is built once, for the runner's life).
     """
 
-    def __init__(self, settings: Settings | None = None, *, handlers: Mapping[str, Handler] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        handlers: Mapping[str, Handler] | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        """`tracer_provider`: where the spans of claims, batches and acks go (runner._tracing), with the
+        `otel` extra installed; None: OpenTelemetry's global provider (a no-op until the app sets an SDK up)."""
         self.settings = settings if settings is not None else Settings()
+        self._tracing = Tracing(tracer_provider)
         self._handlers: dict[str, Handler] = dict(handlers or {})
         self.redactor = Redactor()
         """The secrets this runner knows (service token, claim tokens held): redact them from any text."""
@@ -317,15 +331,18 @@ class Runner:
             replay=settings.on_subscription_lost == "replay",
         )
         dead_letters = DeadLetters(wire)
+        for subscription in handlers:
+            self._vitals.pending(subscription, 0)
         contexts = {
             subscription: ClaimContext(
                 wire,
                 settings,
                 self._vitals,
                 journal,
-                Delivery(subscription, handler, settings, self._vitals, dead_letters),
+                Delivery(subscription, handler, settings, self._vitals, dead_letters, self._tracing),
                 keeper.ensure,
                 self.redactor,
+                tracing=self._tracing,
             )
             for subscription, handler in handlers.items()
         }

@@ -14,6 +14,7 @@ from runner._handlers.batch import Batch, HandlerResult
 from runner._health import Vitals
 from runner._secrets import Redactor
 from runner._state.journal import Journal
+from runner._tracing import OFF, Tracing
 from tests.fake_wire import FakeWire
 
 SUB = "s1"
@@ -81,6 +82,7 @@ def make_context(
     *,
     vitals: Vitals | None = None,
     recreate: Callable[[str], Awaitable[bool]] | None = None,
+    tracing: Tracing = OFF,
     **overrides: Any,
 ) -> ClaimContext:
     async def ensure(subscription: str) -> bool:
@@ -94,9 +96,10 @@ def make_context(
         settings=chosen,
         vitals=recorder,
         journal=Journal(None, server_url=chosen.server_url),
-        deliver=Delivery(SUB, handler, chosen, recorder, DeadLetters(wire)),
+        deliver=Delivery(SUB, handler, chosen, recorder, DeadLetters(wire), tracing),
         recreate=recreate if recreate is not None else ensure,
         redactor=Redactor(),
+        tracing=tracing,
     )
 
 

@@ -31,6 +31,7 @@ from pydantic import SecretStr
 from .._config import Settings
 from .._secrets import Redactor
 from .._state.journal import Journal
+from .._tracing import OFF, Span, Tracing
 from .._wire.protocol import Ack, AckAnswer, Claim, ReadResult, Wire, is_after
 from .._wire.retrying import retrying
 from ..errors import (
@@ -121,6 +122,8 @@ class ClaimContext:
     """Knows the claim tokens held, so no log line or error text shows them."""
     replays: ReplayPacing = field(default_factory=ReplayPacing)
     """Paces gap replays that failed for now (one per subscription, for the runner's life)."""
+    tracing: Tracing = OFF
+    """The claim's `receive` span and its settlements' (runner._tracing); the batches' are the delivery's."""
 
 
 @dataclass(frozen=True)
@@ -171,10 +174,33 @@ class ClaimRun:
     claim: Claim | None = None
     stream: str | None = None
     batches_done: int = 0
+    messages_read: int = 0
     result: ClaimResult | None = field(default=None, init=False)
     """Set however the claim ends, cancellation included."""
 
     async def run(self) -> ClaimResult:
+        tracing = self.context.tracing
+        with tracing.receive(self.subscription) as span:
+            try:
+                return await self._run()
+            finally:
+                if tracing.on:
+                    self._traced(span)
+
+    def _traced(self, span: Span) -> None:
+        """What the receive span says of how the claim went (never its token)."""
+        if self.claim is not None:
+            span.set_attribute("pullwake.claim.generation", self.claim.generation)
+            span.set_attribute("pullwake.wake_id", self.claim.wake_id)
+            span.set_attribute("pullwake.claim.pending_streams", sum(s.has_pending for s in self.claim.streams))
+        span.set_attribute("messaging.batch.message_count", self.messages_read)
+        span.set_attribute("pullwake.claim.batches", self.batches_done)
+        outcome = self.result.outcome if self.result is not None else None
+        span.set_attribute("pullwake.claim.outcome", outcome.value if outcome is not None else "cancelled")
+        if outcome in (Outcome.ERROR, Outcome.FENCED):
+            self.context.tracing.failed(span, outcome.value)
+
+    async def _run(self) -> ClaimResult:
         if self.context.journal.gaps(self.subscription):
             replayed = await replay_gaps(self)
             if replayed is not None:
@@ -242,9 +268,11 @@ class ClaimRun:
                     "the server frees it when its lease runs out",
                 )
             else:
+                context.vitals.claim_race_lost()
                 log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return ClaimResult(Outcome.SKIPPED)
         except NoPendingWork as exc:
+            context.vitals.pending(subscription, 0)
             log.debug("claim.skipped", subscription=subscription, reason=exc.code)
             return ClaimResult(Outcome.SKIPPED)
         except SubscriptionNotFound:
@@ -269,6 +297,7 @@ class ClaimRun:
             log.warning("claim.failed", subscription=subscription, error=str(exc))
             return ClaimResult(Outcome.ERROR)
         context.journal.claimed(granted)
+        context.vitals.pending(subscription, sum(stream.has_pending for stream in granted.streams))
         # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
         return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at)
 
@@ -369,6 +398,7 @@ class _Held:
             offset = stream.acked_offset
             while is_after(stream.tail_offset, offset):
                 result = await self._read(stream.path, offset)
+                self.run.messages_read += len(result.messages)
                 if not result.messages:
                     break
                 if not is_after(result.next_offset, offset):
@@ -437,7 +467,8 @@ class _Held:
                 return await wire.ack(claim, acks, done=done)
 
             try:
-                answer = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
+                with self.context.tracing.settle(claim.subscription, "ack", [a.stream for a in acks], done=done):
+                    answer = await retrying(ack, what="ack", deadline=self.lease.deadline, report=self.vitals.error)
             except (Fenced, TokenInvalid, SubscriptionNotFound) as exc:
                 self.vitals.lease_renewal("lost")
                 self.context.journal.ended(claim.subscription, claim.wake_id)
@@ -456,6 +487,8 @@ class _Held:
             self.context.journal.acked(self.claim, acks)
             if done:
                 self.context.journal.ended(claim.subscription, claim.wake_id)
+                if not answer.next_wake:
+                    self.vitals.pending(claim.subscription, 0)
             else:
                 self.vitals.lease_renewal("ok")
             return answer.next_wake
@@ -472,7 +505,8 @@ class _Held:
         try:
             if acks := progress.unacked():
                 try:
-                    answer = await wire.ack(claim, acks)
+                    with self.context.tracing.settle(claim.subscription, "ack", [a.stream for a in acks]):
+                        answer = await wire.ack(claim, acks)
                 except (Fenced, TokenInvalid, SubscriptionNotFound):
                     raise
                 except ClientError as exc:
@@ -481,7 +515,8 @@ class _Held:
                     self._adopt(answer.token)
                     progress.acknowledged(acks)
                     journal.acked(self.claim, acks)
-            await wire.release(self.claim)
+            with self.context.tracing.settle(claim.subscription, "release"):
+                await wire.release(self.claim)
         except SubscriptionNotFound as exc:
             self.gone = True
             log.warning("claim.subscription_gone", reason=str(exc), action="put back")

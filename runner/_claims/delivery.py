@@ -13,6 +13,7 @@ import trio
 
 from .._config import Settings
 from .._handlers.batch import SUSPEND, AsyncHandler, Batch
+from .._tracing import OFF, Tracing
 from .._wire.protocol import ReadResult, Wire
 from .._wire.retrying import Backoff, retrying
 from ..errors import ClientError, PermanentFailure
@@ -45,12 +46,14 @@ class Delivery:
         settings: Settings,
         vitals: Reports,
         dead_letters: DeadLetters,
+        tracing: Tracing = OFF,
     ) -> None:
         self.subscription = subscription
         self.handler = handler
         self.settings = settings
         self.vitals = vitals
         self.dead_letters = dead_letters
+        self.tracing = tracing
 
     async def __call__(
         self, stream: str, start: str, read: ReadResult, *, wake_id: str, generation: int, replayed: bool = False
@@ -80,11 +83,14 @@ class Delivery:
             batch = first if attempt == 1 else replace(first, attempt=attempt)
             started = trio.current_time()
             try:
-                if settings.handler_timeout is None:
-                    result = await self.handler(batch)
-                else:
-                    with trio.fail_after(settings.handler_timeout):
+                with self.tracing.process(
+                    self.subscription, stream, len(batch.messages), attempt=attempt, replayed=replayed
+                ):
+                    if settings.handler_timeout is None:
                         result = await self.handler(batch)
+                    else:
+                        with trio.fail_after(settings.handler_timeout):
+                            result = await self.handler(batch)
             except PermanentFailure as exc:
                 self.vitals.handler_ran(trio.current_time() - started)
                 error = exc
