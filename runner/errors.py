@@ -22,6 +22,8 @@ PullwakeError                   the base: catch this to catch anything of ours
 │       ├── AlreadyClaimed      (handled) another runner holds the subscription: a lost race
 │       ├── NoPendingWork       (handled) nothing to claim: a lost race, or a sweep
 │       ├── Fenced              (handled) the claim is someone else's now: the handler is cancelled
+│       │   └── ProducerFenced  (handled) a newer producer epoch wrote to the stream (403): this writer lost its claim
+│       ├── ProducerSequenceGap an idempotent producer skipped a sequence number (409): a bug in the writer
 │       ├── InvalidOffset       (handled) the server refused an ack's offset: the claim is handed back
 │       └── TokenInvalid        (handled) the claim token was refused: the lease is lost
 ├── HandlerError                raised by a handler to give a verdict on its batch
@@ -135,6 +137,18 @@ class NoPendingWork(RequestError):
 
 class Fenced(RequestError):
     """The wake or generation is stale: someone else owns the subscription now."""
+
+
+class ProducerFenced(Fenced):
+    """An append with an idempotent producer's epoch lower than the newest the stream has seen (403).
+
+    A durable run writes its journal with the claim's generation as the epoch, so this
+    means a newer claim holder has written: this one lost its lease and must record nothing.
+    """
+
+
+class ProducerSequenceGap(RequestError):
+    """An idempotent producer's sequence number skipped ahead of what the server expected (409)."""
 
 
 class InvalidOffset(RequestError):

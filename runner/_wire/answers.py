@@ -21,6 +21,8 @@ from ..errors import (
     Fenced,
     InvalidOffset,
     NoPendingWork,
+    ProducerFenced,
+    ProducerSequenceGap,
     ProtocolError,
     RequestError,
     ServerError,
@@ -37,6 +39,8 @@ from .protocol import JSON, Frame, ReadResult
 NEXT_OFFSET = "Stream-Next-Offset"
 UP_TO_DATE = "Stream-Up-To-Date"
 CLOSED = "Stream-Closed"
+PRODUCER_EPOCH = "Producer-Epoch"
+PRODUCER_EXPECTED_SEQ = "Producer-Expected-Seq"
 # Statuses with which a server or proxy says "no SSE here": fall back to long-poll.
 _SSE_REFUSED = {400, 405, 406, 415, 501}
 
@@ -154,6 +158,14 @@ def raise_for_status(response: httpx.Response, *, what: str) -> None:
     text = f"{what}: {status} {code or ''} {message}".replace("  ", " ").strip()
     if status >= 500:
         raise ServerError(text, status=status, retry_after=retry_after(response))
+    # Idempotent producers (PROTOCOL.md §5.2.1) answer with producer headers: a stale epoch is
+    # fencing, not a refused token, and a sequence gap is no stream conflict.
+    if status == 403 and PRODUCER_EPOCH in response.headers:
+        raise ProducerFenced(f"{text} (a newer producer epoch has written)", status=status, code=code)
+    if status == 409 and PRODUCER_EXPECTED_SEQ in response.headers:
+        raise ProducerSequenceGap(
+            f"{text} (expected seq {response.headers[PRODUCER_EXPECTED_SEQ]})", status=status, code=code
+        )
     if status in (401, 403) and code not in _CODES:
         raise TokenRefused(f"{text} (the server refused the service token: check token / token_file)", status=status)
     if code == "ALREADY_CLAIMED":
