@@ -22,6 +22,7 @@ from ._hosts.asyncio_host import AsyncioHost
 from ._hosts.guest import Ended
 from ._hosts.thread import BackgroundRunner
 from ._runner import Runner
+from ._runs.run import Run
 from .errors import (
     AlreadyRunning,
     ConfigError,
@@ -48,6 +49,7 @@ __all__ = [
     "Outcome",
     "PermanentFailure",
     "PullwakeError",
+    "Run",
     "Runner",
     "RunnerError",
     "Settings",

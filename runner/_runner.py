@@ -33,8 +33,11 @@ from ._config import Settings, check_state_dir
 from ._dispatch import Dispatcher, Wake
 from ._driver import Driver, Envelope, StateContext
 from ._handlers.batch import AsyncHandler, Handler
-from ._handlers.calling import resolve_handlers
+from ._handlers.calling import resolve, resolve_handlers
 from ._health import Health, Vitals, progressing
+from ._runs.journal import check_journal_outside
+from ._runs.listing import list_runs
+from ._runs.workflow import Workflow, WorkflowHandler
 from ._secrets import Redactor
 from ._state.checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._state.journal import Journal
@@ -82,6 +85,7 @@ class Runner:
     def __init__(self, settings: Settings | None = None, *, handlers: Mapping[str, Handler] | None = None) -> None:
         self.settings = settings if settings is not None else Settings()
         self._handlers: dict[str, Handler] = dict(handlers or {})
+        self._workflows: dict[str, Workflow] = {}
         self.redactor = Redactor()
         """The secrets this runner knows (service token, claim tokens held): redact them from any text."""
         self._vitals = Vitals(self.settings.runner_id, redact=self.redactor.redact)
@@ -115,6 +119,24 @@ class Runner:
             raise ConfigError(f"subscription {subscription_id!r} already has a handler")
         self._handlers[subscription_id] = handler
 
+    def workflow(self, subscription_id: str) -> Callable[[Workflow], Workflow]:
+        """Register the workflow of one subscription (decorator): each of its streams is a durable run."""
+
+        def register(function: Workflow) -> Workflow:
+            self.add_workflow(subscription_id, function)
+            return function
+
+        return register
+
+    def add_workflow(self, subscription_id: str, workflow: Workflow) -> None:
+        if subscription_id in self._handlers or subscription_id in self._workflows:
+            raise ConfigError(f"subscription {subscription_id!r} already has a handler")
+        self._workflows[subscription_id] = workflow
+
+    async def runs(self) -> list[dict[str, object]]:
+        """Every run of this runner's workflow subscriptions, read from the server (docs/design.md §9)."""
+        return await list_runs(self.settings, sorted(self._workflow_handlers()))
+
     def check(self) -> None:
         """Raise `ConfigError` for what can be found wrong without the server.
 
@@ -125,8 +147,26 @@ class Runner:
         if (state_dir := self.settings.state_dir) is not None:
             check_state_dir(Path(state_dir))
 
-    def _resolved_handlers(self) -> dict[str, AsyncHandler]:
-        return resolve_handlers(self.settings, self._handlers)
+    def _workflow_handlers(self) -> dict[str, WorkflowHandler]:
+        """Workflows from code and from the configuration, each made a handler; ConfigError on a clash."""
+        workflows: dict[str, WorkflowHandler] = {}
+        for spec in self.settings.subscriptions:
+            if spec.workflow:
+                if spec.id in self._workflows or spec.id in self._handlers:
+                    raise ConfigError(
+                        f"subscription {spec.id!r} has a workflow in the configuration and a handler in code"
+                    )
+                workflows[spec.id] = WorkflowHandler(spec.id, resolve(spec.workflow))  # type: ignore[arg-type]
+        for subscription, function in self._workflows.items():
+            workflows[subscription] = WorkflowHandler(subscription, function)
+        for subscription in workflows:
+            if (served := self.settings.subscription(subscription)) is not None:
+                check_journal_outside(subscription, served.pattern, served.streams)
+        return workflows
+
+    def _resolved_handlers(self, workflows: Mapping[str, WorkflowHandler] | None = None) -> dict[str, AsyncHandler]:
+        workflows = self._workflow_handlers() if workflows is None else workflows
+        return resolve_handlers(self.settings, {**self._handlers, **workflows})
 
     # -- observation -----------------------------------------------------------------------
 
@@ -230,7 +270,8 @@ class Runner:
         """Run until stopped. Raises `WakeStreamClosed` if the wake stream reached its end."""
         if self._active is not None or not self._run_done.is_set():
             raise AlreadyRunning(f"runner {self.settings.runner_id!r} is already running")
-        handlers = self._resolved_handlers()
+        workflows = self._workflow_handlers()
+        handlers = self._resolved_handlers(workflows)
         settings = self.settings
         self._run_done = trio.Event()
         self._stop_requested = False
@@ -238,7 +279,7 @@ class Runner:
         self._vitals.started()
         try:
             with structlog.contextvars.bound_contextvars(runner_id=settings.runner_id):
-                await self._run(settings, handlers, task_status)
+                await self._run(settings, handlers, workflows, task_status)
         finally:
             self._active = None
             self._vitals.entered(State.STOPPED)
@@ -257,7 +298,11 @@ class Runner:
         return self._tls
 
     async def _run(
-        self, settings: Settings, handlers: dict[str, AsyncHandler], task_status: trio.TaskStatus[None]
+        self,
+        settings: Settings,
+        handlers: dict[str, AsyncHandler],
+        workflows: Mapping[str, WorkflowHandler],
+        task_status: trio.TaskStatus[None],
     ) -> None:
         http = build_http(
             settings.server_url,
@@ -278,6 +323,8 @@ class Runner:
             deadline=settings.request_deadline,
             max_event_bytes=settings.max_event_bytes,
         )
+        for workflow in workflows.values():
+            workflow.bind(wire)
         checkpoint = (
             Checkpoint(Path(settings.state_dir), server_url=settings.server_url, wake_stream=settings.wake_stream)
             if settings.state_dir is not None

@@ -28,6 +28,9 @@ PullwakeError                   the base: catch this to catch anything of ours
 │       └── TokenInvalid        (handled) the claim token was refused: the lease is lost
 ├── HandlerError                raised by a handler to give a verdict on its batch
 │   └── PermanentFailure        raise it: this batch will never succeed, skip the retries
+├── RunError                    a durable run cannot go on: it ends `failed`, with this error journaled
+│   ├── StepFailed              a step raised (after its attempts); replays raise it again, without running it
+│   └── NondeterministicRun     a replay asked for another step than the journal holds: make the code deterministic
 └── RunnerError                 the runner cannot do what was asked
     ├── AlreadyRunning          `start()` on a running runner: stop it first, or use another `Runner`
     ├── WakeStreamClosed        the wake stream was closed for good (EOF): the runner stopped itself
@@ -165,6 +168,27 @@ class HandlerError(PullwakeError):
 
 class PermanentFailure(HandlerError):
     """This batch will never succeed: skip the remaining retries."""
+
+
+class RunError(PullwakeError):
+    """A durable run cannot go on; the run ends `failed` with this error in its journal."""
+
+
+class StepFailed(RunError):
+    """A step raised; its error is journaled, and every replay raises it again at that step."""
+
+    def __init__(self, step: str, error: str) -> None:
+        super().__init__(f"step {step!r} failed: {error}")
+        self.step = step
+        self.error = error
+
+
+class NondeterministicRun(RunError):
+    """A replay asked for a different step than the journal holds at that position.
+
+    The code between steps must take the same path on every replay: anything that varies
+    (time, randomness, I/O) belongs inside a step, whose result is journaled.
+    """
 
 
 class RunnerError(PullwakeError):
