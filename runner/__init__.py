@@ -17,11 +17,13 @@ from ._config import Settings, SubscriptionSpec, load_settings
 from ._handlers.batch import SUSPEND, Batch, Handler, Suspend
 from ._handlers.bridge import asyncio_handler
 from ._handlers.command import CommandHandler
-from ._health import Health, InFlightClaim
+from ._health import Health
+from ._health import InFlightClaim as InFlightClaim  # importable, not in __all__ (the items of Health.in_flight)
 from ._hosts.asyncio_host import AsyncioHost
 from ._hosts.guest import Ended
 from ._hosts.thread import BackgroundRunner
 from ._runner import Runner
+from ._runs.run import Run
 from .errors import (
     AlreadyRunning,
     ConfigError,
@@ -44,10 +46,10 @@ __all__ = [
     "Ended",
     "Handler",
     "Health",
-    "InFlightClaim",
     "Outcome",
     "PermanentFailure",
     "PullwakeError",
+    "Run",
     "Runner",
     "RunnerError",
     "Settings",

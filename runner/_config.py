@@ -90,6 +90,9 @@ class SubscriptionSpec(BaseModel):
     lease_ttl_ms: int = Field(30_000, ge=1_000, le=600_000, description="Lease length the server grants a claim.")
     description: str | None = None
     handler: str | None = Field(None, description="Python handler as 'module:function'.")
+    workflow: str | None = Field(
+        None, description="Durable-run workflow as 'module:function': each stream is a run (docs/design.md §9)."
+    )
     command: tuple[str, ...] | None = Field(None, description="External command handler: argv list.")
     command_env_passthrough: bool = Field(
         False,
@@ -122,8 +125,8 @@ class SubscriptionSpec(BaseModel):
     def _coherent(self) -> SubscriptionSpec:
         if self.manage and not self.pattern and not self.streams:
             raise ValueError("a managed subscription needs 'pattern' or 'streams'")
-        if self.handler and self.command:
-            raise ValueError("give either 'handler' or 'command', not both")
+        if sum(1 for kind in (self.handler, self.command, self.workflow) if kind) > 1:
+            raise ValueError("give one of 'handler', 'command' or 'workflow'")
         return self
 
 

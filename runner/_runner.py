@@ -35,8 +35,11 @@ from ._dispatch import Dispatcher, Wake
 from ._driver import Driver, Envelope, StateContext
 from ._fleet.peers import Fleet
 from ._handlers.batch import AsyncHandler, Handler
-from ._handlers.calling import resolve_handlers
+from ._handlers.calling import resolve, resolve_handlers
 from ._health import Health, Vitals, progressing
+from ._runs.journal import check_journal_outside
+from ._runs.listing import list_runs
+from ._runs.workflow import Workflow, WorkflowHandler
 from ._secrets import Redactor
 from ._state.checkpoint import Checkpoint, WakePosition, keep_checkpoint
 from ._state.journal import Journal
@@ -98,6 +101,7 @@ class Runner:
         self.settings = settings if settings is not None else Settings()
         self._tracing = Tracing(tracer_provider)
         self._handlers: dict[str, Handler] = dict(handlers or {})
+        self._workflows: dict[str, Workflow] = {}
         self.redactor = Redactor()
         """The secrets this runner knows (service token, claim tokens held): redact them from any text."""
         self._vitals = Vitals(self.settings.runner_id, redact=self.redactor.redact)
@@ -131,6 +135,24 @@ class Runner:
             raise ConfigError(f"subscription {subscription_id!r} already has a handler")
         self._handlers[subscription_id] = handler
 
+    def workflow(self, subscription_id: str) -> Callable[[Workflow], Workflow]:
+        """Register the workflow of one subscription (decorator): each of its streams is a durable run."""
+
+        def register(function: Workflow) -> Workflow:
+            self.add_workflow(subscription_id, function)
+            return function
+
+        return register
+
+    def add_workflow(self, subscription_id: str, workflow: Workflow) -> None:
+        if subscription_id in self._handlers or subscription_id in self._workflows:
+            raise ConfigError(f"subscription {subscription_id!r} already has a handler")
+        self._workflows[subscription_id] = workflow
+
+    async def runs(self) -> list[dict[str, object]]:
+        """Every run of this runner's workflow subscriptions, read from the server (docs/design.md §9)."""
+        return await list_runs(self.settings, sorted(self._workflow_handlers()))
+
     def check(self) -> None:
         """Raise `ConfigError` for what can be found wrong without the server.
 
@@ -141,8 +163,26 @@ class Runner:
         if (state_dir := self.settings.state_dir) is not None:
             check_state_dir(Path(state_dir))
 
-    def _resolved_handlers(self) -> dict[str, AsyncHandler]:
-        return resolve_handlers(self.settings, self._handlers)
+    def _workflow_handlers(self) -> dict[str, WorkflowHandler]:
+        """Workflows from code and from the configuration, each made a handler; ConfigError on a clash."""
+        workflows: dict[str, WorkflowHandler] = {}
+        for spec in self.settings.subscriptions:
+            if spec.workflow:
+                if spec.id in self._workflows or spec.id in self._handlers:
+                    raise ConfigError(
+                        f"subscription {spec.id!r} has a workflow in the configuration and a handler in code"
+                    )
+                workflows[spec.id] = WorkflowHandler(spec.id, resolve(spec.workflow))  # type: ignore[arg-type]
+        for subscription, function in self._workflows.items():
+            workflows[subscription] = WorkflowHandler(subscription, function)
+        for subscription in workflows:
+            if (served := self.settings.subscription(subscription)) is not None:
+                check_journal_outside(subscription, served.pattern, served.streams)
+        return workflows
+
+    def _resolved_handlers(self, workflows: Mapping[str, WorkflowHandler] | None = None) -> dict[str, AsyncHandler]:
+        workflows = self._workflow_handlers() if workflows is None else workflows
+        return resolve_handlers(self.settings, {**self._handlers, **workflows})
 
     # -- observation -----------------------------------------------------------------------
 
@@ -247,7 +287,8 @@ class Runner:
         `StateDirInUse` (a `ConfigError`) at once if another runner holds the `state_dir`."""
         if self._active is not None or not self._run_done.is_set():
             raise AlreadyRunning(f"runner {self.settings.runner_id!r} is already running")
-        handlers = self._resolved_handlers()
+        workflows = self._workflow_handlers()
+        handlers = self._resolved_handlers(workflows)
         settings = self.settings
         self._run_done = trio.Event()
         self._stop_requested = False
@@ -259,7 +300,7 @@ class Runner:
             if lock is not None:
                 lock.acquire()
             with structlog.contextvars.bound_contextvars(runner_id=settings.runner_id):
-                await self._run(settings, handlers, task_status)
+                await self._run(settings, handlers, workflows, task_status)
         finally:
             if lock is not None:
                 lock.release()
@@ -280,7 +321,11 @@ class Runner:
         return self._tls
 
     async def _run(
-        self, settings: Settings, handlers: dict[str, AsyncHandler], task_status: trio.TaskStatus[None]
+        self,
+        settings: Settings,
+        handlers: dict[str, AsyncHandler],
+        workflows: Mapping[str, WorkflowHandler],
+        task_status: trio.TaskStatus[None],
     ) -> None:
         http = build_http(
             settings.server_url,
@@ -301,6 +346,8 @@ class Runner:
             deadline=settings.request_deadline,
             max_event_bytes=settings.max_event_bytes,
         )
+        for workflow in workflows.values():
+            workflow.bind(wire)
         checkpoint = (
             Checkpoint(
                 Path(settings.state_dir),

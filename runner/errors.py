@@ -23,10 +23,15 @@ PullwakeError                   the base: catch this to catch anything of ours
 │       ├── AlreadyClaimed      (handled) another runner holds the subscription: a lost race
 │       ├── NoPendingWork       (handled) nothing to claim: a lost race, or a sweep
 │       ├── Fenced              (handled) the claim is someone else's now: the handler is cancelled
+│       │   └── ProducerFenced  (handled) a newer producer epoch wrote to the stream (403): this writer lost its claim
+│       ├── ProducerSequenceGap an idempotent producer skipped a sequence number (409): a bug in the writer
 │       ├── InvalidOffset       (handled) the server refused an ack's offset: the claim is handed back
 │       └── TokenInvalid        (handled) the claim token was refused: the lease is lost
 ├── HandlerError                raised by a handler to give a verdict on its batch
 │   └── PermanentFailure        raise it: this batch will never succeed, skip the retries
+├── RunError                    a durable run cannot go on: it ends `failed`, with this error journaled
+│   ├── StepFailed              a step raised (after its attempts); replays raise it again, without running it
+│   └── NondeterministicRun     a replay asked for another step than the journal holds: make the code deterministic
 └── RunnerError                 the runner cannot do what was asked
     ├── AlreadyRunning          `start()` on a running runner: stop it first, or use another `Runner`
     ├── WakeStreamClosed        the wake stream was closed for good (EOF): the runner stopped itself
@@ -145,6 +150,18 @@ class Fenced(RequestError):
     """The wake or generation is stale: someone else owns the subscription now."""
 
 
+class ProducerFenced(Fenced):
+    """An append with an idempotent producer's epoch lower than the newest the stream has seen (403).
+
+    A durable run writes its journal with the claim's generation as the epoch, so this
+    means a newer claim holder has written: this one lost its lease and must record nothing.
+    """
+
+
+class ProducerSequenceGap(RequestError):
+    """An idempotent producer's sequence number skipped ahead of what the server expected (409)."""
+
+
 class InvalidOffset(RequestError):
     """An ack regressed, went beyond the tail, named an unknown stream, or used -1."""
 
@@ -159,6 +176,27 @@ class HandlerError(PullwakeError):
 
 class PermanentFailure(HandlerError):
     """This batch will never succeed: skip the remaining retries."""
+
+
+class RunError(PullwakeError):
+    """A durable run cannot go on; the run ends `failed` with this error in its journal."""
+
+
+class StepFailed(RunError):
+    """A step raised; its error is journaled, and every replay raises it again at that step."""
+
+    def __init__(self, step: str, error: str) -> None:
+        super().__init__(f"step {step!r} failed: {error}")
+        self.step = step
+        self.error = error
+
+
+class NondeterministicRun(RunError):
+    """A replay asked for a different step than the journal holds at that position.
+
+    The code between steps must take the same path on every replay: anything that varies
+    (time, randomness, I/O) belongs inside a step, whose result is journaled.
+    """
 
 
 class RunnerError(PullwakeError):

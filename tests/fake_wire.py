@@ -33,13 +33,27 @@ import trio.testing
 from pydantic import SecretStr
 
 from runner._dispatch import Wake
-from runner._wire.protocol import JSON, Ack, AckAnswer, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
+from runner._wire.protocol import (
+    ALREADY_APPENDED,
+    JSON,
+    Ack,
+    AckAnswer,
+    Claim,
+    ClaimedStream,
+    Links,
+    LiveRead,
+    Producer,
+    ReadResult,
+    is_after,
+)
 from runner.errors import (
     AlreadyClaimed,
     ClientError,
     Fenced,
     InvalidOffset,
     NoPendingWork,
+    ProducerFenced,
+    ProducerSequenceGap,
     RequestError,
     ServerError,
     SSERefused,
@@ -113,6 +127,8 @@ class FakeWire:
         self._tokens = itertools.count(1)
         self._appended = trio.Event()
         """Set (and replaced) at every append: a held long-poll answers as soon as data arrives."""
+        self.producers: dict[tuple[str, str], tuple[int, int]] = {}
+        """(stream, producer id) -> (newest epoch, last seq), as the reference server keeps them."""
 
     # -- setting the scene -----------------------------------------------------------------
 
@@ -264,14 +280,33 @@ class FakeWire:
         self.streams[path] = []
         return True
 
-    async def append(self, path: str, message: object) -> str:
+    async def append(self, path: str, message: object, *, producer: Producer | None = None) -> str:
         await self._call("append", path, message)
         if path not in self.streams:
             raise StreamNotFound(f"append to {path}: 404 stream not found", status=404)
+        if producer is not None and not self._producer_admits(path, producer):
+            return ALREADY_APPENDED
         self.streams[path].append(message)
         self._appended.set()
         self._appended = trio.Event()
         return self._tail(path)
+
+    def _producer_admits(self, path: str, producer: Producer) -> bool:
+        """The reference server's rules (tests/test_producers.py checks them against it)."""
+        what = f"append to {path}"
+        epoch, last = self.producers.get((path, producer.id), (-1, -1))
+        if producer.epoch < epoch:
+            raise ProducerFenced(f"{what}: 403 Stale producer epoch", status=403)
+        if producer.epoch > epoch:
+            if producer.seq != 0:
+                raise RequestError(f"{what}: 400 New epoch must start with sequence 0", status=400)
+            last = -1
+        if producer.seq <= last:
+            return False
+        if producer.seq != last + 1:
+            raise ProducerSequenceGap(f"{what}: 409 Producer sequence gap", status=409)
+        self.producers[(path, producer.id)] = (producer.epoch, producer.seq)
+        return True
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
         await self._call("tail", path)
@@ -319,6 +354,10 @@ class FakeWire:
             subscription_id, lease_ttl_ms, acked={path: self._tail(path) for path in linked}
         )
         return Links(True, dict(self.subscriptions[subscription_id].acked))
+
+    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
+        await self._call("linked_streams", subscription_id)
+        return dict(self._subscription(subscription_id, f"read subscription {subscription_id}").acked)
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"

@@ -420,9 +420,14 @@ class _Held:
                 if self.run.woken_at is not None:
                     self.vitals.wake_latency(time.time() - self.run.woken_at)
                     self.run.woken_at = None
-                verdict = await self.context.deliver(
-                    stream.path, offset, result, wake_id=self.claim.wake_id, generation=self.claim.generation
-                )
+                try:
+                    verdict = await self.context.deliver(
+                        stream.path, offset, result, wake_id=self.claim.wake_id, generation=self.claim.generation
+                    )
+                except Fenced as exc:
+                    await self._lose(LeaseLost(f"the handler was fenced: {exc}"), work)
+                    raise  # not reached: _lose raises Cancelled
+
                 if verdict is Outcome.FAILED:
                     return Outcome.FAILED
                 if verdict is Outcome.DEAD_LETTERED:

@@ -16,7 +16,7 @@ from .._handlers.batch import SUSPEND, AsyncHandler, Batch
 from .._tracing import OFF, Tracing
 from .._wire.protocol import ReadResult, Wire
 from .._wire.retrying import Backoff, retrying
-from ..errors import ClientError, PermanentFailure
+from ..errors import ClientError, Fenced, PermanentFailure
 from .outcome import HANDLER_FAILING, Outcome, Reports
 
 log = structlog.get_logger("pullwake.claims")
@@ -91,6 +91,11 @@ class Delivery:
                     else:
                         with trio.fail_after(settings.handler_timeout):
                             result = await self.handler(batch)
+            except Fenced:
+                # The handler found the claim is someone else's (a durable run's journal refused
+                # our producer epoch): no retry, no dead letter; the claim decides.
+                self.vitals.handler_ran(trio.current_time() - started)
+                raise
             except PermanentFailure as exc:
                 self.vitals.handler_ran(trio.current_time() - started)
                 error = exc

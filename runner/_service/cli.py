@@ -280,3 +280,68 @@ def config_check(config: Path | None) -> None:
         if document.get(key) is not None:
             document[key] = "**********"
     click.echo(json.dumps(document, indent=2))
+
+
+@main.group("runs", invoke_without_command=True)
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of runs.")
+@click.pass_context
+def runs_group(context: click.Context, config: Path | None, as_json: bool) -> None:
+    """List every run of the configured workflow subscriptions, read from the server."""
+    if context.invoked_subcommand is not None:
+        return
+    from .._runs.listing import list_runs, workflow_subscriptions
+
+    settings = _settings(config)
+    found = trio.run(list_runs, settings, workflow_subscriptions(settings))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for run in found:
+        waiting = run["waiting_for"]
+        detail = f" waiting for {waiting['type']} {waiting.get('key') or ''}".rstrip() if waiting else ""
+        click.echo(f"{run['id']:<32} {run['status']:<10} steps {len(run['steps']):<4}{detail}")
+
+
+@runs_group.command("start")
+@click.argument("subscription")
+@click.argument("run_path")
+@click.option("--input", "run_input", required=True, help="The run's input, as JSON.")
+@config_option
+def runs_start(subscription: str, run_path: str, run_input: str, config: Path | None) -> None:
+    """Start a run: create RUN_PATH with the input as its first message."""
+    from .._runs.listing import start_run
+
+    try:
+        trio.run(start_run, _settings(config), subscription, run_path, _json_option("--input", run_input))
+    except ConfigError as error:
+        _fail_config(error)
+    click.echo(f"started {run_path}")
+
+
+@runs_group.command("send")
+@click.argument("run_path")
+@click.argument("event_type", metavar="TYPE")
+@click.option("--key", help="The event's key (what a wait_for(type, key=...) matches).")
+@click.option("--data", default="{}", help="More fields of the event, as a JSON object.")
+@config_option
+def runs_send(run_path: str, event_type: str, key: str | None, data: str, config: Path | None) -> None:
+    """Send a run an event: {"type": TYPE, "key": KEY, ...DATA}."""
+    from .._runs.listing import send_event
+
+    fields = _json_option("--data", data)
+    if not isinstance(fields, dict):
+        _fail_config(ConfigError("--data must be a JSON object"))
+    event = {**fields, "type": event_type, **({"key": key} if key is not None else {})}
+    try:
+        trio.run(send_event, _settings(config), run_path, event)
+    except ConfigError as error:
+        _fail_config(error)
+    click.echo(f"sent {event_type} to {run_path}")
+
+
+def _json_option(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        _fail_config(ConfigError(f"{name} is not JSON: {error}"))

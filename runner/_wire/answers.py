@@ -30,6 +30,8 @@ from ..errors import (
     Fenced,
     InvalidOffset,
     NoPendingWork,
+    ProducerFenced,
+    ProducerSequenceGap,
     ProtocolError,
     RequestError,
     ServerError,
@@ -46,6 +48,8 @@ from .protocol import JSON, Frame, ReadResult
 NEXT_OFFSET = "Stream-Next-Offset"
 UP_TO_DATE = "Stream-Up-To-Date"
 CLOSED = "Stream-Closed"
+PRODUCER_EPOCH = "Producer-Epoch"
+PRODUCER_EXPECTED_SEQ = "Producer-Expected-Seq"
 # Statuses with which a server or proxy says "no SSE here": fall back to long-poll.
 _SSE_REFUSED = {400, 405, 406, 415, 501}
 
@@ -170,6 +174,14 @@ def raise_for_status(response: httpx.Response, *, what: str, route: Route = "str
     text = f"{what}: {status} {code or ''} {message}".replace("  ", " ").strip()
     if status >= 500:
         raise ServerError(text, status=status, retry_after=retry_after(response))
+    # Idempotent producers (PROTOCOL.md §5.2.1) answer with producer headers: a stale epoch is
+    # fencing, not a refused token, and a sequence gap is no stream conflict.
+    if status == 403 and PRODUCER_EPOCH in response.headers:
+        raise ProducerFenced(f"{text} (a newer producer epoch has written)", status=status, code=code)
+    if status == 409 and PRODUCER_EXPECTED_SEQ in response.headers:
+        raise ProducerSequenceGap(
+            f"{text} (expected seq {response.headers[PRODUCER_EXPECTED_SEQ]})", status=status, code=code
+        )
     # By meaning, whatever the code: a create that conflicts is another configuration under this
     # id (reference: SUBSCRIPTION_ALREADY_EXISTS, others: CONFIG_CONFLICT), and a subscription's
     # own URL that is not found or gone means the subscription is (reference:

@@ -37,7 +37,7 @@ from .answers import (
     read_result,
     refreshed_token,
 )
-from .protocol import JSON, Ack, AckAnswer, Claim, ClaimedStream, Frame, Links, ReadResult
+from .protocol import ALREADY_APPENDED, JSON, Ack, AckAnswer, Claim, ClaimedStream, Frame, Links, Producer, ReadResult
 from .sse import OVERSIZE, sse_events
 from .transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
 
@@ -313,9 +313,12 @@ class StreamsClient:
         )
         return response.status_code == 201
 
-    async def append(self, path: str, message: object) -> str:
+    async def append(self, path: str, message: object, *, producer: Producer | None = None) -> str:
         what = f"append to {path}"
-        response = await self._request("POST", self.stream_url(path), what=what, json_body=message)
+        headers = producer.headers() if producer is not None else None
+        response = await self._request("POST", self.stream_url(path), what=what, json_body=message, headers=headers)
+        if producer is not None and response.status_code == 204:
+            return ALREADY_APPENDED  # a repeat: the reference server answers 204 without an offset
         return next_offset_of(response, what=what)
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
@@ -390,6 +393,11 @@ class StreamsClient:
             route="subscription-create",
         )
         return Links(response.status_code == 201, linked_streams(response))
+
+    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
+        what = f"read subscription {subscription_id}"
+        response = await self._request("GET", self.subscription_url(subscription_id), what=what)
+        return linked_streams(response)
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"

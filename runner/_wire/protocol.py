@@ -50,6 +50,26 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class Producer:
+    """An idempotent producer's headers for one append (PROTOCOL.md §5.2.1).
+
+    The server appends once per (stream, id, epoch, seq): a repeat answers 204 and appends
+    nothing; a higher epoch starts again at seq 0; a lower epoch is refused (`ProducerFenced`).
+    """
+
+    id: str
+    epoch: int
+    seq: int
+
+    def headers(self) -> dict[str, str]:
+        return {"Producer-Id": self.id, "Producer-Epoch": str(self.epoch), "Producer-Seq": str(self.seq)}
+
+
+ALREADY_APPENDED = ""
+"""What `append` returns for a producer's repeat: the server has it already and names no offset."""
+
+
+@dataclass(frozen=True)
 class ClaimedStream:
     path: str
     acked_offset: str
@@ -116,8 +136,12 @@ class Wire(Protocol):
         """Create the stream if needed; True if it was created now."""
         ...
 
-    async def append(self, path: str, message: object) -> str:
-        """Append one JSON message; returns the new tail."""
+    async def append(self, path: str, message: object, *, producer: Producer | None = None) -> str:
+        """Append one JSON message; returns the new tail.
+
+        With `producer`, exactly once per (producer id, epoch, seq): a repeat returns
+        `ALREADY_APPENDED`; a stale epoch raises `ProducerFenced`.
+        """
         ...
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
@@ -147,6 +171,10 @@ class Wire(Protocol):
         description: str | None = None,
     ) -> Links:
         """Create or confirm a pull-wake subscription."""
+        ...
+
+    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
+        """The streams a subscription links, with their acknowledged offsets (GET, changes nothing)."""
         ...
 
     async def claim(self, subscription_id: str, worker: str) -> Claim: ...
