@@ -23,6 +23,7 @@ import trio
 from ._claims.claim import ClaimContext, ClaimResult, ClaimRun
 from ._claims.outcome import SUCCEEDED, Outcome
 from ._health import InFlightClaim, Vitals
+from ._wire.retrying import Backoff
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -105,6 +106,8 @@ class _Subscription:
     won_last: bool = False
     """This runner's last claim of it was granted and done. Where several runners share the
     subscription and another won the last one, a read sent beside the claim is likely wasted."""
+    retry: Backoff | None = None
+    """Paces claims that got no answer (the server down or failing): soon, then less often."""
     worker: Worker | None = None
     asked: Wake | None = None
     """The wake the worker's next claim answers; None when it goes on by itself (`next_wake`)."""
@@ -340,9 +343,19 @@ class Dispatcher:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
+        if result.unanswered:
+            # Not the server's verdict on this subscription: its work must not wait out a cooldown.
+            settings = sub.context.settings
+            sub.retry = sub.retry or Backoff(
+                settings.backoff_initial, max(settings.backoff_max, settings.backoff_initial)
+            )
+            sub.cooldown_until = trio.current_time() + sub.retry.next_delay()
+            sub.remember(Wake(sub.id))
+        elif result.outcome is not None:
+            sub.retry = None
         if outcome in SUCCEEDED and result.generation is not None:
             sub.handled = max(sub.handled, result.generation)
-        if outcome in COOLS_DOWN:
+        if outcome in COOLS_DOWN and not result.unanswered:
             rest = worker.rest if worker.rest is not None else sub.context.settings.cooldown
             sub.cooldown_until = trio.current_time() + rest
         self._vitals.claim_ended(outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from runner._claims.outcome import Outcome
 from runner._dispatch import Dispatcher, Wake
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import InFlightClaim, Vitals
-from runner.errors import TransportError
+from runner.errors import RequestError, TransportError
 from tests.claim_harness import Recorder, forever, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, offset_of
 
@@ -299,8 +300,25 @@ async def test_more_work_at_the_done_ack_is_claimed_again_at_once(autojump_clock
 # -- cooldown and the concurrency limit -----------------------------------------------------------
 
 
+async def test_a_claim_that_got_no_answer_is_tried_again_soon_not_cooled_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server restarting under load: the claim's retries all fail to connect. That is no verdict
+    on the subscription, so its events wait for the server, not for a 30 s cooldown."""
+    async with dispatching(server(messages=1), backoff_initial=1.0, backoff_max=8.0) as scene:
+        scene.wire.fail_transport("claim", times=5 * 3)  # three claims' worth of retries
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(COOLDOWN)
+        assert len(scene.handler.seen) == 1, "handled once the server answers, well within a cooldown"
+        assert scene.outcomes == {Outcome.ERROR: 3, Outcome.COMPLETED: 1}
+        starts = scene.claims_at()[::5]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+        assert all(gap < COOLDOWN / 3 for gap in gaps), gaps
+
+
 async def ends_with_an_error(scene: Scene) -> None:
-    scene.wire.fail_transport("claim", times=5)
+    """The server refuses the claim (a 4xx it does not explain): its verdict, so the subscription rests."""
+    scene.wire.fail("claim", RequestError("claim s1: 400 INVALID_REQUEST", status=400, code="INVALID_REQUEST"))
 
 
 @pytest.mark.parametrize(("outcome", "arrange"), [(Outcome.FAILED, None), (Outcome.ERROR, ends_with_an_error)])

@@ -140,6 +140,9 @@ class ClaimResult:
     server skipped is replayed by the next claim, at once."""
     cleanup_error: BaseException | None = None
     """The finalizer of a cancelled claim could not hand the claim back."""
+    unanswered: bool = False
+    """The claim itself got no usable answer (the server was unreachable or failing): it is
+    tried again soon, not cooled down like a claim the server refused."""
 
 
 class Progress:
@@ -294,8 +297,8 @@ class ClaimRun:
             return ClaimResult(Outcome.ERROR, restarted=True)
         except ClientError as exc:
             context.vitals.error(exc)
-            log.warning("claim.failed", subscription=subscription, error=str(exc))
-            return ClaimResult(Outcome.ERROR)
+            log.warning("claim.failed", subscription=subscription, error=str(exc), retried_soon=exc.retryable)
+            return ClaimResult(Outcome.ERROR, unanswered=exc.retryable)
         context.journal.claimed(granted)
         context.vitals.pending(subscription, sum(stream.has_pending for stream in granted.streams))
         # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
