@@ -420,6 +420,7 @@ class Runner:
                     position=position,
                     vitals=self._vitals,
                     keeper=keeper,
+                    share=fleet.owns if fleet is not None else None,
                     live_mode=settings.live_mode,
                     connect_timeout=settings.connect_timeout,
                     keepalive_timeout=settings.keepalive_timeout,

@@ -256,7 +256,6 @@ async def test_every_series_and_label_the_dashboard_and_alerts_use_is_served(wor
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="series added by issue 21")
 async def test_the_local_state_alerts_use_series_the_runner_serves(world: World) -> None:
     served = Exposition.parse(await scrape_after_some_work(world))
     refs = rule_references(group=LOCAL_STATE_GROUP)

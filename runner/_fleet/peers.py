@@ -38,7 +38,9 @@ log = structlog.get_logger("pullwake.fleet")
 
 # A member not heard of for this many announcement intervals is gone.
 MISSED_INTERVALS = 3
-# After its `hello`, a runner waits this long for the members to answer before it trusts what it knows.
+# After its `hello`, a runner waits for the members to answer before it trusts what it knows: a
+# few round trips (as long as the hello took), at least JOIN_FLOOR, at most JOIN_WINDOW seconds.
+JOIN_FLOOR = 0.1
 JOIN_WINDOW = 0.5
 # A member answers a `hello` at most this often: a runner restarting in a loop cannot flood the stream.
 ANSWER_EVERY = 1.0
@@ -97,6 +99,11 @@ class Fleet:
             return 0
         return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
 
+    async def owns(self, subscription: str) -> bool:
+        """Is `subscription` this runner's to look after (confirm, sweep)? Waits until it has joined."""
+        await self._joined.wait()
+        return self.rank(subscription) == 0
+
     async def may_claim(self, subscription: str, generation: int | None) -> bool:
         """Should this runner claim now? Waits for its turn; says `taking` when it does.
 
@@ -143,12 +150,14 @@ class Fleet:
                 if offset is None:
                     created = await self._wire.create_stream(self.path)
                     offset = await self._wire.tail(self.path)
+                    sent_at = trio.current_time()
                     await self._append({"type": "alive", "hello": True})
+                    round_trip = trio.current_time() - sent_at
                     nursery.start_soon(self._beat)
                     if created:
                         self._joined.set()  # the first runner ever: nobody to wait for
                     else:
-                        nursery.start_soon(self._join_window)
+                        nursery.start_soon(self._join_window, min(JOIN_WINDOW, JOIN_FLOOR + 4 * round_trip))
                 async with aclosing(paced_long_polls(self._wire, self.path, offset, hold=self._hold)) as results:
                     async for result in results:
                         self._backoff.reset()
@@ -161,8 +170,8 @@ class Fleet:
                 self._joined.set()  # alone for now: wakes must not wait on a fleet stream that is down
                 await trio.sleep(delay)
 
-    async def _join_window(self) -> None:
-        await trio.sleep(JOIN_WINDOW)
+    async def _join_window(self, seconds: float) -> None:
+        await trio.sleep(seconds)
         self._joined.set()
         log.info("fleet.joined", fleet_stream=self.path, peers=sorted(self.peers()))
         self._membership()

@@ -79,9 +79,12 @@ async def _serve_bound(runner: Runner) -> int:
             async with trio.open_nursery() as nursery:
                 await runner.start(nursery)
                 async with trio.open_nursery() as helpers:
+                    helpers.start_soon(_watch_signals, runner, nursery, problems, notifier)
+                    # READY=1 once it follows its wake stream, or once its first attempt failed (STATUS
+                    # says why): `systemctl start` then returns to a runner that is really at work.
+                    await runner.wait_until(State.STREAMING, State.RECONNECTING, State.STOPPING, State.STOPPED)
                     notifier.send("READY=1", f"STATUS={_status_line(runner, runner.state)}", f"MAINPID={os.getpid()}")
                     runner.add_state_listener(partial(_notify_state, notifier, runner))
-                    helpers.start_soon(_watch_signals, runner, nursery, problems, notifier)
                     if (interval := watchdog_interval()) is not None:
                         helpers.start_soon(keep_watchdog, notifier, runner.progressing, interval)
                     await runner.wait_stopped()

@@ -14,7 +14,7 @@ liveness probe that finds the server answering with nothing missed on the wake s
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import cast
 
@@ -84,6 +84,7 @@ class WakeFollower:
         position: WakePosition,
         vitals: Vitals,
         keeper: SubscriptionKeeper,
+        share: Callable[[str], Awaitable[bool]] | None = None,
         live_mode: str = "sse",
         connect_timeout: float = 10.0,
         keepalive_timeout: float = 75.0,
@@ -94,6 +95,9 @@ class WakeFollower:
         self._position = position
         self._vitals = vitals
         self._keeper = keeper
+        self._share = share
+        self._confirmed = False
+        """The subscriptions were created or confirmed in this run (at its first connect)."""
         self.mode = live_mode
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive_timeout
@@ -105,8 +109,17 @@ class WakeFollower:
 
     async def connect(self, context: StateContext) -> None:
         try:
-            await self._keeper.ensure_all()
+            await self._keeper.ensure_wake_stream()
             connection = await self._open()
+            if not self._confirmed:
+                # Opened first: a wake the server writes meanwhile is after our offset, not lost.
+                try:
+                    await self._keeper.ensure_all(self._share)
+                except BaseException:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await connection.aclose()
+                    raise
+                self._confirmed = True
         except ClientError as exc:
             self._vitals.error(exc)
             log.warning("wake.connect_failed", wake_stream=self._path, error=str(exc))

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
+import trio
 
 from .._config import SubscriptionSpec
 from .._health import Vitals
 from .._state.journal import Journal
 from .._wire.protocol import Wire
-from ..errors import StreamConflict, SubscriptionConflict
+from ..errors import ClientError, StreamConflict, SubscriptionConflict
 
 log = structlog.get_logger("pullwake.subscriptions")
+
+# Subscriptions created or confirmed at the same time: a start costs M requests, not M round trips.
+CONFIRMING_AT_ONCE = 16
 
 
 class SubscriptionKeeper:
     """Ensures the wake stream and every managed subscription exist (idempotent PUTs).
 
-    Called on every successful connect and whenever a claim finds its
-    subscription gone. A subscription that exists with another configuration is
+    The wake stream is ensured at every connect, before it is opened; the subscriptions at
+    the first connect of a run (concurrently, and with a fleet only this runner's share),
+    and then whenever a claim finds one gone (after a server restart, the sweep of the new
+    connection finds them all). A subscription that exists with another configuration is
     reported and left alone: the operator decides which one is right. When one
     the journal knew had to be created again, the server forgot it and linked its
     streams past events nobody handled: those ranges go to the journal as gaps
@@ -48,15 +54,39 @@ class SubscriptionKeeper:
     def managed(self) -> bool:
         return bool(self._specs)
 
-    async def ensure_all(self) -> None:
+    async def ensure_wake_stream(self) -> None:
+        """Create the wake stream if the runner manages subscriptions (they need it to write to)."""
         if not self._specs:
             return
         try:
             await self._wire.create_stream(self._wake_stream)
         except StreamConflict as exc:
             log.error("wake_stream.conflict", wake_stream=self._wake_stream, error=str(exc))
-        for spec in self._specs.values():
-            await self.ensure(spec.id)
+
+    async def ensure_all(self, share: Callable[[str], Awaitable[bool]] | None = None) -> None:
+        """Create or confirm every managed subscription `share` says is this runner's, some at a time.
+
+        Raises the first `ClientError` (the rest are cancelled): the caller tries the pass again.
+        """
+        limiter = trio.CapacityLimiter(CONFIRMING_AT_ONCE)
+        failure: ClientError | None = None
+
+        async def one(subscription: str, scope: trio.CancelScope) -> None:
+            nonlocal failure
+            if share is not None and not await share(subscription):
+                return
+            async with limiter:
+                try:
+                    await self.ensure(subscription)
+                except ClientError as exc:
+                    failure = failure or exc
+                    scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for subscription in self._specs:
+                nursery.start_soon(one, subscription, nursery.cancel_scope)
+        if failure is not None:
+            raise failure
 
     async def ensure(self, subscription_id: str) -> bool:
         """Create or confirm one managed subscription; True if it is there now as configured.
