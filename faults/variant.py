@@ -41,7 +41,8 @@ import json
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -307,17 +308,20 @@ class VariantServer:
             )
             with trio.move_on_after(self.sse_cycle if self.quiet_sse else math.inf):
                 previous: str | None = None
-                async for name, lines in _events(response):
-                    closed = name == "control" and any('"streamClosed":true' in line.replace(" ", "") for line in lines)
-                    if not self.quiet_sse or name != "control" or previous == "data" or closed:
-                        await stream.send_all(connection.send(h11.Data(data="".join(lines).encode())) or b"")
-                    previous = name
+                async with aclosing(_events(response)) as events:  # closed here, not by the garbage collector
+                    async for name, lines in events:
+                        closed = name == "control" and any(
+                            '"streamClosed":true' in line.replace(" ", "") for line in lines
+                        )
+                        if not self.quiet_sse or name != "control" or previous == "data" or closed:
+                            await stream.send_all(connection.send(h11.Data(data="".join(lines).encode())) or b"")
+                        previous = name
             await stream.send_all(connection.send(h11.EndOfMessage()) or b"")
         finally:
             await response.aclose()
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[tuple[str | None, list[str]]]:
+async def _events(response: httpx.Response) -> AsyncGenerator[tuple[str | None, list[str]]]:
     """SSE events as (event name, their lines including the blank line that ends them)."""
     lines: list[str] = []
     async for line in response.aiter_lines():
