@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import trio.testing
 from pydantic import SecretStr
 
 from runner._dispatch import Wake
-from runner._wire.protocol import JSON, Ack, Claim, ClaimedStream, Links, LiveRead, ReadResult, is_after
+from runner._wire.protocol import JSON, Ack, Claim, ClaimedStream, Frame, Links, LiveRead, ReadResult, is_after
 from runner.errors import (
     AlreadyClaimed,
     ClientError,
@@ -96,6 +96,32 @@ def _refusal(kind: type[RequestError], what: str, status: int, code: str, messag
     return kind(f"{what}: {status} {code} {message}", status=status, code=code)
 
 
+class ScriptedRead:
+    """An open SSE read that plays a script, then ends cleanly: a `Frame` is delivered,
+    a number is a pause of that many seconds, an exception is raised."""
+
+    def __init__(self, *script: Frame | float | BaseException) -> None:
+        self.script = script
+        self.offset = ""
+        self.keepalive: float | None = None
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def frames(self, keepalive: float) -> AsyncGenerator[Frame, None]:
+        self.keepalive = keepalive
+        for step in self.script:
+            if isinstance(step, BaseException):
+                await trio.lowlevel.checkpoint()
+                raise step
+            if isinstance(step, Frame):
+                await trio.lowlevel.checkpoint()
+                yield step
+            else:
+                await trio.sleep(step)
+
+
 class FakeWire:
     """The `Wire` over a dictionary. Every call checkpoints, as a network call would."""
 
@@ -106,6 +132,10 @@ class FakeWire:
         self.calls: list[Call] = []
         self._faults: dict[str, deque[Fault]] = defaultdict(deque)
         self._tokens = itertools.count(1)
+        self.sse_reads: deque[ScriptedRead] = deque()
+        """Answers to the next `open_sse` calls, in order; without one, SSE is refused."""
+        self.closed: set[str] = set()
+        """Streams their owner closed: a read that reaches their tail says so."""
 
     # -- setting the scene -----------------------------------------------------------------
 
@@ -277,8 +307,12 @@ class FakeWire:
             raise StreamNotFound(f"read {path} from {offset}: 404 stream not found", status=404)
         start = _index(offset)
         end = min(len(messages), start + self.chunk)
+        at_tail = end >= len(messages)
         return ReadResult(
-            list(messages[start:end]), offset_of(max(end, start)), up_to_date=end >= len(messages), closed=False
+            list(messages[start:end]),
+            offset_of(max(end, start)),
+            up_to_date=at_tail,
+            closed=at_tail and path in self.closed,
         )
 
     async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
@@ -288,6 +322,10 @@ class FakeWire:
 
     async def open_sse(self, path: str, offset: str) -> LiveRead:
         await self._call("open_sse", path, offset)
+        if self.sse_reads:
+            read = self.sse_reads.popleft()
+            read.offset = offset
+            return read
         raise SSERefused(f"SSE {path} from {offset}: answered 501", status=501)
 
     async def ensure_subscription(
