@@ -295,7 +295,7 @@ class FakeWire:
         return self._tail(path)
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
-        await self._call("tail", path)
+        await self._call("tail", path, timeout)
         if path not in self.streams:
             raise StreamNotFound(f"HEAD {path}: 404 stream not found", status=404)
         return self._tail(path)

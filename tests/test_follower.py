@@ -231,7 +231,7 @@ async def test_the_tail_is_a_head_of_the_wake_stream(autojump_clock: trio.testin
     wire.add_stream(WAKES, [wake_event()] * 3)
     wake, _, _ = follower(wire)
     assert await wake.tail(timeout=1.0) == offset_of(3)
-    assert [call.args for call in wire.called("tail")] == [(WAKES,)]
+    assert [call.args for call in wire.called("tail")] == [(WAKES, 1.0)]
 
 
 # -- consume ---------------------------------------------------------------------------------
@@ -351,7 +351,9 @@ async def test_a_read_that_ends_at_once_is_an_error_so_the_backoff_paces_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     wake, _, vitals = follower(FakeWire(), "00000000")
-    context = await consume(wake, ScriptedRead(Frame([wake_event(), wake_event()], "00000002"), 0.5))
+    await trio.sleep(100)  # the clock does not start at zero
+    read = ScriptedRead(Frame([wake_event()], "00000001"), 0.5, Frame([wake_event()], "00000002"))
+    context = await consume(wake, read)
     assert context.events == [Event.WAKE, Event.WAKE, Event.STREAM_ERROR]
     error = context.last.error
     assert isinstance(error, ImmediateClose)
@@ -481,3 +483,17 @@ async def test_a_wake_stream_that_is_not_json_is_a_stream_error(autojump_clock: 
     error = context.last.error
     assert isinstance(error, ProtocolError)
     assert str(error) == "wake stream wake/pool is not a JSON stream (text/plain)"
+
+
+async def test_an_empty_first_answer_behind_our_offset_keeps_it(autojump_clock: trio.testing.MockClock) -> None:
+    read = ScriptedRead(Frame([], "00000003"), Frame([wake_event()], "00000006"), MIN_USEFUL_STREAM)
+    wake, position, _ = follower(FakeWire(), "00000005")
+    context = await consume(wake, read)
+    assert context.events == [Event.WAKE, Event.STREAM_END]
+    assert position.offset == "00000006"
+
+
+async def test_an_unusable_event_is_reported_with_why(autojump_clock: trio.testing.MockClock) -> None:
+    wake, _, vitals = follower(FakeWire(), "00000000")
+    await consume(wake, ScriptedRead(Frame([], None, unusable="over 1 MiB"), MIN_USEFUL_STREAM))
+    assert vitals.last_error == "wake stream wake/pool: ignored 1 item(s): unusable event: over 1 MiB"

@@ -132,7 +132,7 @@ def test_a_granted_claim_is_held_until_that_claim_ends(monkeypatch: pytest.Monke
 
     monkeypatch.setattr("runner._state.journal.time.time", lambda: 1005.0)
     journal.acked(claim("w1"), [Ack(STREAM, "00000002")])
-    assert journal.held_claims()[0].renewed_at == 1005.0, "an ack renews the lease"
+    assert journal.held_claims() == [HeldClaim("s1", "w1", 1, "t", 1005.0)], "an ack renews the lease"
     monkeypatch.setattr("runner._state.journal.time.time", lambda: 1010.0)
     journal.acked(claim("w0"), [Ack(STREAM, "00000003")])
     assert journal.held_claims()[0].renewed_at == 1005.0, "an ack of an older claim renews nothing"
@@ -250,6 +250,7 @@ def test_what_is_replayed_of_a_gap_is_taken_off_it_in_place(tmp_path: Path) -> N
     assert journal.gaps("s1") == [second]
     assert journal.replayed("s1", second, "00000004") is None, "past the end: all of it"
     assert journal.gaps("s1") == []
+    assert journal.replayed("s1", second, "00000004") is None, "a subscription without gaps"
     assert on_disk(tmp_path / "journal.json")["gaps"] == {}
 
 
@@ -312,3 +313,56 @@ async def test_without_a_file_nothing_is_written(
     journal.claimed(claim())
     journal.ended("s1", "w1")
     assert writes == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda journal: journal.claimed(claim("w2")), id="a-claim"),
+        pytest.param(lambda journal: journal.linked("s1", {"jobs/c": "00000009"}, created=True), id="a-gap"),
+        pytest.param(lambda journal: journal.replayed("s1", journal.gaps("s1")[0], "00000002"), id="a-replayed-gap"),
+    ],
+)
+async def test_what_a_restart_depends_on_is_written_at_once_even_right_after_a_write(
+    tmp_path: Path,
+    writes: list[dict[str, Any]],
+    autojump_clock: trio.testing.MockClock,
+    change: Callable[[Journal], object],
+) -> None:
+    journal = Journal(tmp_path / "journal.json", server_url=URL)
+    journal.acked(claim(), [Ack(STREAM, "00000001")])
+    journal.linked("s1", {"jobs/b": "00000003"}, created=True)  # a gap of jobs/b
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
+        await settle()
+        journal.acked(claim(), [Ack(STREAM, "00000002")])
+        await settle()
+        before = len(writes)
+        assert writes[-1]["acked"]["s1"][STREAM] == "00000002", "the first change after a quiet spell: at once"
+        journal.acked(claim(), [Ack(STREAM, "00000003")])
+        change(journal)
+        await settle()
+        assert len(writes) == before + 1, "urgent: not held back by the interval"
+        assert writes[-1]["acked"]["s1"][STREAM] == "00000003"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_keeper_with_nothing_to_write_writes_nothing(
+    tmp_path: Path, writes: list[dict[str, Any]], autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = Journal(tmp_path / "journal.json", server_url=URL)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
+        await trio.sleep(INTERVAL)
+        nursery.cancel_scope.cancel()
+    assert writes == [], "a journal never changed is not written"
+    journal.claimed(claim())  # written through: no keeper now
+    assert len(writes) == 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
+        await trio.sleep(5 * INTERVAL)
+        nursery.cancel_scope.cancel()
+    assert len(writes) == 1
+    journal.ended("s1", "w1")  # after the keeper: written through again
+    assert len(writes) == 2
+    assert Journal(tmp_path / "journal.json", server_url=URL).held_claims() == []

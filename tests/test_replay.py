@@ -18,6 +18,7 @@ from runner._handlers.batch import Batch, HandlerResult
 from runner._health import Vitals
 from runner._secrets import Redactor
 from runner._state.journal import Gap, Journal
+from runner._wire.protocol import ReadResult
 from runner.errors import PermanentFailure, SubscriptionNotFound, TransportError
 from tests.claim_harness import JOBS, SUB, Recorder, jobs, make_context
 from tests.fake_wire import FakeWire, offset_of
@@ -139,6 +140,7 @@ async def test_a_read_that_fails_briefly_is_retried(autojump_clock: trio.testing
     with_gaps(wire, context, (JOBS, 0, 2))
     assert await replay_gaps(ClaimRun(context, SUB)) is None
     assert handler.messages == [jobs(2)]
+    assert context.vitals.last_error == "TransportError: read: ConnectError: refused", "retries are reported"
 
 
 async def test_a_failing_handler_keeps_what_it_did_not_finish(autojump_clock: trio.testing.MockClock) -> None:
@@ -259,3 +261,22 @@ async def test_a_claim_that_could_not_be_handed_back_is_kept_for_the_next_start(
     assert await return_held_claims(wire, journal, Redactor()) == ["s2"]
     assert [claim.subscription for claim in journal.held_claims()] == ["s1"]
     assert wire.holder("s1") == "runner-1"
+
+
+class DrainedWire(FakeWire):
+    """Answers reads with no messages, but an offset that moved on (the events expired)."""
+
+    async def read(self, path: str, offset: str) -> ReadResult:
+        await super().read(path, offset)
+        return ReadResult([], offset_of(9), up_to_date=True, closed=False)
+
+
+async def test_a_gap_whose_events_are_no_longer_there_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    wire = DrainedWire()
+    wire.add_stream(JOBS, jobs(4))
+    handler = Recorder()
+    context = make_context(wire, handler)
+    with_gaps(wire, context, (JOBS, 0, 4))
+    assert await replay_gaps(ClaimRun(context, SUB)) is None
+    assert handler.seen == []
+    assert context.journal.gaps(SUB) == []
