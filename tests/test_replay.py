@@ -136,11 +136,12 @@ async def test_a_read_that_fails_briefly_is_retried(autojump_clock: trio.testing
     wire.add_stream(JOBS, jobs(2))
     wire.fail_transport("read", times=2)
     handler = Recorder()
-    context = make_context(wire, handler)
+    vitals = Vitals("test")
+    context = make_context(wire, handler, vitals=vitals)
     with_gaps(wire, context, (JOBS, 0, 2))
     assert await replay_gaps(ClaimRun(context, SUB)) is None
     assert handler.messages == [jobs(2)]
-    assert context.vitals.last_error == "TransportError: read: ConnectError: refused", "retries are reported"
+    assert vitals.last_error == "TransportError: read: ConnectError: refused", "retries are reported"
 
 
 async def test_a_failing_handler_keeps_what_it_did_not_finish(autojump_clock: trio.testing.MockClock) -> None:
