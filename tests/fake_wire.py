@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from runner._wire.protocol import (
     AckAnswer,
     Claim,
     ClaimedStream,
+    Frame,
     Links,
     LiveRead,
     Producer,
@@ -110,6 +111,30 @@ def _refusal(kind: type[RequestError], what: str, status: int, code: str, messag
     return kind(f"{what}: {status} {code} {message}", status=status, code=code)
 
 
+class ScriptedRead:
+    """An open SSE read that plays a script, then ends cleanly: a `Frame` is delivered,
+    a number is a pause of that many seconds, an exception is raised."""
+
+    def __init__(self, *script: Frame | float | BaseException) -> None:
+        self.script = script
+        self.offset = ""
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def frames(self) -> AsyncGenerator[Frame, None]:
+        for step in self.script:
+            if isinstance(step, BaseException):
+                await trio.lowlevel.checkpoint()
+                raise step
+            if isinstance(step, Frame):
+                await trio.lowlevel.checkpoint()
+                yield step
+            else:
+                await trio.sleep(step)
+
+
 class FakeWire:
     """The `Wire` over a dictionary. Every call checkpoints, as a network call would."""
 
@@ -129,6 +154,10 @@ class FakeWire:
         """Set (and replaced) at every append: a held long-poll answers as soon as data arrives."""
         self.producers: dict[tuple[str, str], tuple[int, int]] = {}
         """(stream, producer id) -> (newest epoch, last seq), as the reference server keeps them."""
+        self.sse_reads: deque[ScriptedRead] = deque()
+        """Answers to the next `open_sse` calls, in order; without one, SSE is refused."""
+        self.closed: set[str] = set()
+        """Streams their owner closed: a read that reaches their tail says so."""
 
     # -- setting the scene -----------------------------------------------------------------
 
@@ -309,7 +338,7 @@ class FakeWire:
         return True
 
     async def tail(self, path: str, *, timeout: float | None = None) -> str:
-        await self._call("tail", path)
+        await self._call("tail", path, timeout)
         if path not in self.streams:
             raise StreamNotFound(f"HEAD {path}: 404 stream not found", status=404)
         return self._tail(path)
@@ -321,8 +350,12 @@ class FakeWire:
             raise StreamNotFound(f"read {path} from {offset}: 404 stream not found", status=404)
         start = _index(offset)
         end = min(len(messages), start + self.chunk)
+        at_tail = end >= len(messages)
         return ReadResult(
-            list(messages[start:end]), offset_of(max(end, start)), up_to_date=end >= len(messages), closed=False
+            list(messages[start:end]),
+            offset_of(max(end, start)),
+            up_to_date=at_tail,
+            closed=at_tail and path in self.closed,
         )
 
     async def long_poll(self, path: str, offset: str, *, hold: float) -> ReadResult:
@@ -333,6 +366,10 @@ class FakeWire:
 
     async def open_sse(self, path: str, offset: str) -> LiveRead:
         await self._call("open_sse", path, offset)
+        if self.sse_reads:
+            read = self.sse_reads.popleft()
+            read.offset = offset
+            return read
         raise SSERefused(f"SSE {path} from {offset}: answered 501", status=501)
 
     async def ensure_subscription(

@@ -622,7 +622,7 @@ async def test_a_claim_request_that_keeps_failing_is_an_error(autojump_clock: tr
     wire, vitals = server((JOBS, 1)), Vitals("test")
     wire.fail_transport("claim", times=5)
     result = await claim(make_context(wire, Recorder(), vitals=vitals))
-    assert result == ClaimResult(Outcome.ERROR)
+    assert result == ClaimResult(Outcome.ERROR, unanswered=True), "no answer: tried again soon, not cooled down"
     assert len(wire.called("claim")) == 5
     assert vitals.last_error is not None
 

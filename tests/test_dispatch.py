@@ -675,3 +675,15 @@ async def test_a_resync_claims_every_served_subscription_once(autojump_clock: tr
         scene.dispatcher.sweep(["b"])
         await trio.sleep(1)
         assert sorted(call.args[0] for call in scene.wire.called("claim")) == ["a", "b", "b", "c"]
+
+
+async def test_a_cooldown_is_listed_until_the_moment_it_ends(autojump_clock: trio.testing.MockClock) -> None:
+    async with dispatching(server(), Recorder(forever)) as scene:
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(1)
+        aborted_at = trio.current_time()
+        assert scene.dispatcher.abort(SUB, cooldown=5)
+        await trio.sleep_until(aborted_at + 4.5)
+        assert set(scene.dispatcher.cooldowns()) == {SUB}
+        await trio.sleep_until(aborted_at + 5)
+        assert scene.dispatcher.cooldowns() == {}

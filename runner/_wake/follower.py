@@ -66,11 +66,13 @@ class LongPollRead:
     async def frames(self) -> AsyncGenerator[Frame, None]:
         # Each request is bounded by the hold time plus the request deadline, and each answer
         # (204 included) is a frame: the keep-alive watchdog never waits on a silent one.
-        async for result in paced_long_polls(self._wire, self._path, self.offset, hold=self._hold):
-            if not result.is_json:
-                raise ProtocolError(f"wake stream {self._path} is not a JSON stream ({result.content_type})")
-            self.offset = result.next_offset
-            yield Frame(result.messages, result.next_offset, result.closed)
+        # Closed with this generator, not left to the garbage collector (a closed stream, a rewind).
+        async with aclosing(paced_long_polls(self._wire, self._path, self.offset, hold=self._hold)) as results:
+            async for result in results:
+                if not result.is_json:
+                    raise ProtocolError(f"wake stream {self._path} is not a JSON stream ({result.content_type})")
+                self.offset = result.next_offset
+                yield Frame(result.messages, result.next_offset, result.closed)
 
 
 class WakeFollower:
