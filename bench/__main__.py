@@ -4,14 +4,16 @@ Starts the pinned reference server on loopback and measures, in one run:
 wake-to-handler latency and CPU per event (bench/latency.py), throughput with 1/10/200
 subscriptions (bench/throughput.py), recovery from faults (bench/recovery.py), idle and
 peak footprint, start() and stop() times (bench/footprint.py), what traces cost
-(bench/tracing.py). Latency, CPU and throughput are also measured for a bare-httpx baseline
-(bench/baseline.py) and printed as ratios, with issue 15's goals.
+(bench/tracing.py), what a claim costs the journal at 10 and 1,000 subscriptions
+(bench/journal.py). Latency, CPU and throughput are also measured for a bare-httpx
+baseline (bench/baseline.py) and printed as ratios, with issue 15's goals.
 Writes a table to stdout and JSON to bench/results/latest.json.
 
     python -m bench                      # everything (several minutes)
     python -m bench --smoke              # a tiny configuration, to check the bench runs
     python -m bench --only recovery      # some sections (comma-separated)
     python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
+    python -m bench --only journal       # claimed → fsynced, and event-loop CPU, per claim, old and new
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import trio
 from bench import core
 from bench.core import FULL, RESULTS, SMOKE, Bench, Scale
 from bench.footprint import footprint, start, stop
+from bench.journal import journal
+from bench.journal import render as render_journal
 from bench.latency import latency
 from bench.recovery import recovery
 from bench.report import machine_info, render
@@ -48,6 +52,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "start": start,
     "stop": stop,
     "tracing": tracing,
+    "journal": journal,
 }
 
 
@@ -97,7 +102,7 @@ def cli() -> None:
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))
-    print(render(results) + render_tracing(results), end="")
+    print(render(results) + render_tracing(results) + render_journal(results), end="")
     print(f"(JSON: {options.out})", file=sys.stderr)
 
 

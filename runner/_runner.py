@@ -394,6 +394,8 @@ class Runner:
             for subscription, handler in handlers.items()
         }
         async with http, trio.open_nursery() as lifetime:
+            # Before any claim: every journal write from here on is off the event loop.
+            await lifetime.start(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")
             async with trio.open_nursery() as work:
                 fleet = (
                     Fleet(
@@ -498,7 +500,6 @@ class Runner:
                             ),
                             name="checkpoint",
                         )
-                    lifetime.start_soon(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()

@@ -1,14 +1,19 @@
-"""When the journal reaches the disk (docs/design.md §6.4), in virtual time.
+"""When the journal reaches the disk, and what a start reads back (docs/design.md §6.4), in virtual time.
 
-What a restart depends on (a claim granted, gaps) is written at once; acks and
-ended claims at most once per interval; whatever is left when the run ends is
-written then. Without a running `keep`, every change is written through.
+A claim taken is appended to the log and fsynced (file, and directory once per
+log) at once, and the claim waits for that record only; acks and ended claims are
+appended at most once per interval; full logs are compacted into a snapshot
+beside the appends; whatever is left when the run ends becomes one snapshot.
+Without a running `keep`, every change is written through. A start replays the
+snapshot and the logs; a torn last line is ignored, a damaged log set aside.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +24,59 @@ import trio.testing
 from pydantic import SecretStr
 
 import runner._state.journal
-from runner._state.journal import Gap, HeldClaim, Journal
+from runner._state import journal_files
+from runner._state.journal import Journal
+from runner._state.journal_files import LogWriter, logs
 from runner._wire.protocol import Ack, Claim, ClaimedStream
+from tests.support import captured_logs
 
 INTERVAL = 1.0
 STREAM = "jobs/a"
+SERVER = "http://127.0.0.1:1"
 
 
-def claim(wake_id: str = "w1") -> Claim:
-    return Claim("s1", wake_id, 1, (ClaimedStream(STREAM, "-1", "00000009", True),), 30_000, SecretStr("t"))
+def claim(wake_id: str = "w1", subscription: str = "s1") -> Claim:
+    return Claim(subscription, wake_id, 1, (ClaimedStream(STREAM, "-1", "00000009", True),), 30_000, SecretStr("t"))
+
+
+@dataclass
+class Disk:
+    """What reached the disk, in order: appends (records, fsynced?) and every fsync (of which path)."""
+
+    appends: list[tuple[list[str], bool]] = field(default_factory=list)
+    syncs: list[str] = field(default_factory=list)
+    compaction_gate: trio.Event | None = None
+    """While set to an unset event, compactions wait for it (as a slow disk would)."""
+
+    def ops(self) -> list[list[str]]:
+        return [ops for ops, _ in self.appends]
 
 
 @pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """Every document the journal writes, in order. The worker thread's hop is made inline,
-    so a write is done when the tasks are (virtual time cannot wait for a real thread)."""
-    written: list[dict[str, Any]] = []
-    original = runner._state.journal._write
+def disk(monkeypatch: pytest.MonkeyPatch) -> Disk:
+    """The worker threads' hops are made inline, so a write is done when the tasks are
+    (virtual time cannot wait for a real thread); the files are real."""
+    seen = Disk()
+    append, fsync = LogWriter.append, os.fsync
 
-    def recording(path: Path, document: bytes) -> bool:
-        written.append(json.loads(document))
-        return original(path, document)
+    def recording_append(self: LogWriter, records: list[dict[str, Any]], *, sync: bool) -> Any:
+        seen.appends.append(([record["op"] for record in records], sync))
+        return append(self, records, sync=sync)
+
+    def recording_fsync(descriptor: int) -> None:
+        seen.syncs.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
 
     async def inline(function: Callable[..., Any], *args: Any) -> Any:
         await trio.lowlevel.checkpoint()
+        if getattr(function, "__name__", "") == "_compact" and seen.compaction_gate is not None:
+            await seen.compaction_gate.wait()
         return function(*args)
 
-    monkeypatch.setattr(runner._state.journal, "_write", recording)
+    monkeypatch.setattr(LogWriter, "append", recording_append)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(trio.to_thread, "run_sync", inline)
-    return written
+    return seen
 
 
 async def settle() -> None:
@@ -55,314 +84,189 @@ async def settle() -> None:
     await trio.testing.wait_all_tasks_blocked()
 
 
-async def test_a_granted_claim_is_written_at_once_and_acks_at_most_once_an_interval(
-    tmp_path: Path, writes: list[dict[str, Any]], autojump_clock: trio.testing.MockClock
+def journal_at(path: Path) -> Journal:
+    return Journal(path / "journal.json", server_url=SERVER)
+
+
+def log_records(directory: Path) -> list[dict[str, Any]]:
+    """The records of every log in `directory` (headers left out), oldest first."""
+    return [
+        json.loads(line) for _, found in logs(directory / "journal.json") for line in found.read_text().splitlines()[1:]
+    ]
+
+
+async def test_a_claim_waits_for_its_own_record_fsynced_with_its_directory_and_acks_wait_for_the_interval(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
 ) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url="http://127.0.0.1:1")
+    journal = journal_at(tmp_path)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
         await settle()
-        journal.claimed(claim())
-        await settle()
-        assert len(writes) == 1, "a granted claim is on disk at once"
-        assert "s1" in writes[0]["claims"]
+        disk.syncs.clear()  # the first snapshot (of what was loaded: nothing)
+        written = journal.claimed(claim())
+        assert disk.appends == [], "the event loop only made the record"
+        assert await written.wait() is True
+        assert disk.appends == [(["claimed"], True)]
+        [log] = logs(tmp_path / "journal.json")
+        assert disk.syncs == [str(log[1]), str(tmp_path)], "the file, then its directory (a new log)"
+        assert [record["op"] for record in log_records(tmp_path)] == ["claimed"], "on disk before the wait ended"
 
         for n in range(1, 6):
             journal.acked(claim(), [Ack(STREAM, f"0000000{n}")])
             await trio.sleep(0.1)
         await settle()
-        assert len(writes) == 1, "acks wait for the interval"
-
+        assert len(disk.appends) == 1, "acks wait for the interval"
         await trio.sleep(INTERVAL)
         await settle()
-        assert len(writes) == 2
-        assert writes[1]["acked"]["s1"][STREAM] == "00000005", "one write carries every ack since"
+        assert disk.appends[1] == (["acked"] * 5, False), "one append carries every ack since; no fsync"
 
+        disk.syncs.clear()
+        assert await journal.claimed(claim("w2", "s2")).wait() is True
+        assert disk.syncs == [str(log[1])], "the directory is synced once per log"
         journal.ended("s1", "w1")
         nursery.cancel_scope.cancel()
-    assert writes[-1]["claims"] == {}, "the end of the run writes what is left"
-    on_disk = json.loads((tmp_path / "journal.json").read_text())
-    assert on_disk == writes[-1]
+    # The end of the run: everything as one snapshot, the logs it holds removed.
+    assert logs(tmp_path / "journal.json") == []
+    snapshot = json.loads((tmp_path / "journal.json").read_text())
+    assert snapshot["claims"].keys() == {"s2"}
+    assert snapshot["acked"]["s1"] == {STREAM: "00000005"}
+    restarted = journal_at(tmp_path)
+    assert [held.wake_id for held in restarted.held_claims()] == ["w2"]
 
 
-async def test_gaps_are_written_at_once(
-    tmp_path: Path, writes: list[dict[str, Any]], autojump_clock: trio.testing.MockClock
+async def test_a_claim_does_not_wait_for_a_compaction_or_for_records_made_after_it(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
 ) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url="http://127.0.0.1:1")
+    journal = journal_at(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
+        await settle()
+        disk.compaction_gate = trio.Event()
+        assert journal._writer is not None
+        journal._writer.bound = 0  # the next append seals the log: a compaction starts, and hangs
+        assert await journal.claimed(claim("w1", "s1")).wait()
+        assert await journal.claimed(claim("w2", "s2")).wait(), "not held up by the compaction"
+        assert len(logs(tmp_path / "journal.json")) == 2, "the sealed log stays until its snapshot is written"
+
+        first = journal.claimed(claim("w3", "s3"))
+        journal.acked(claim("w3", "s3"), [Ack(STREAM, "00000001")])
+        with trio.fail_after(0.001):  # virtual time: nothing but its own append is awaited
+            assert await first.wait()
+        disk.compaction_gate.set()
+        await settle()
+        nursery.cancel_scope.cancel()
+    assert {held.subscription for held in journal_at(tmp_path).held_claims()} == {"s1", "s2", "s3"}
+
+
+async def test_gaps_found_and_replayed_are_fsynced_at_once(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = journal_at(tmp_path)
     journal.linked("s1", {STREAM: "00000002"}, created=False)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
         await settle()
-        before = len(writes)
-        journal.linked("s1", {STREAM: "00000009"}, created=True)  # the server forgot it: a gap
+        before = len(disk.appends)
+        [gap] = journal.linked("s1", {STREAM: "00000009"}, created=True)  # the server forgot it: a gap
         await settle()
-        assert len(writes) == before + 1
-        assert writes[-1]["gaps"]["s1"] == [{"stream": STREAM, "start": "00000002", "end": "00000009"}]
+        assert disk.appends[before:] == [(["linked"], True)]
+        assert log_records(tmp_path)[-1]["gaps"] == [{"stream": STREAM, "start": "00000002", "end": "00000009"}]
+        journal.replayed("s1", gap, "00000005")
+        await settle()
+        assert disk.appends[-1] == (["replayed"], True)
         nursery.cancel_scope.cancel()
+    assert [(g.start, g.end) for g in journal_at(tmp_path).gaps("s1")] == [("00000005", "00000009")]
 
 
-def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, writes: list[dict[str, Any]]) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url="http://127.0.0.1:1")
-    journal.claimed(claim())
+def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: Disk) -> None:
+    journal = journal_at(tmp_path)
+    written = journal.claimed(claim())
     journal.acked(claim(), [Ack(STREAM, "00000003")])
     journal.ended("s1", "w1")
-    assert len(writes) == 3
-    restarted = Journal(tmp_path / "journal.json", server_url="http://127.0.0.1:1")
+    assert disk.ops() == [["claimed"], ["acked"], ["ended"]]
+    assert [sync for _, sync in disk.appends] == [True, False, False]
+    assert written.ok
+    restarted = journal_at(tmp_path)
     assert restarted.held_claims() == []
     assert restarted.sole_stream("s1") == (STREAM, "00000003")
 
 
-# -- what the journal remembers ------------------------------------------------------------
-
-URL = "http://127.0.0.1:1"
-
-
-def on_disk(path: Path) -> dict[str, Any]:
-    document: dict[str, Any] = json.loads(path.read_text())
-    return document
-
-
-def test_a_granted_claim_is_held_until_that_claim_ends(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("runner._state.journal.time.time", lambda: 1000.0)
-    journal = Journal(None, server_url=URL)
-    journal.claimed(claim("w1"))
-    assert journal.holds("s1")
-    assert journal.held_claims() == [HeldClaim("s1", "w1", 1, "t", 1000.0)]
-    assert journal.sole_stream("s1") == (STREAM, "-1")
-
-    monkeypatch.setattr("runner._state.journal.time.time", lambda: 1005.0)
-    journal.acked(claim("w1"), [Ack(STREAM, "00000002")])
-    assert journal.held_claims() == [HeldClaim("s1", "w1", 1, "t", 1005.0)], "an ack renews the lease"
-    monkeypatch.setattr("runner._state.journal.time.time", lambda: 1010.0)
-    journal.acked(claim("w0"), [Ack(STREAM, "00000003")])
-    assert journal.held_claims()[0].renewed_at == 1005.0, "an ack of an older claim renews nothing"
-    assert journal.sole_stream("s1") == (STREAM, "00000003"), "but its progress counts"
-
-    journal.ended("s1", "w0")
-    assert journal.holds("s1"), "an older claim ending does not end this one"
-    journal.ended("s1", "w1")
-    assert not journal.holds("s1")
-    assert journal.held_claims() == []
+def test_a_torn_last_line_is_ignored_and_what_came_before_is_kept(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim("w1", "s1"))
+    journal.claimed(claim("w2", "s2"))
+    [(_, log)] = logs(tmp_path / "journal.json")
+    data = log.read_bytes()
+    log.write_bytes(data[: data.rindex(b"\n", 0, len(data) - 1) + 1 + 30])  # the second record, cut short
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [held.subscription for held in restarted.held_claims()] == ["s1"]
+    assert [e["event"] for e in entries if e["log_level"] == "warning"] == [], "a torn tail is no damage"
+    restarted.flush()
+    assert [held.subscription for held in journal_at(tmp_path).held_claims()] == ["s1"]
 
 
-def test_a_held_claim_speaks_for_its_claim() -> None:
-    held = HeldClaim("s1", "w3", 3, "secret", 1.0)
-    as_claim = held.as_claim()
-    assert (as_claim.subscription, as_claim.wake_id, as_claim.generation) == ("s1", "w3", 3)
-    assert as_claim.token.get_secret_value() == "secret"
+def test_a_damaged_log_keeps_what_precedes_the_damage_and_is_set_aside(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim("w1", "s1"))
+    journal.claimed(claim("w2", "s2"))
+    journal.claimed(claim("w3", "s3"))
+    [(_, log)] = logs(tmp_path / "journal.json")
+    lines = log.read_bytes().split(b"\n")
+    lines[2] = b'{"op": "claimed", "sub": 7}'  # the second record: valid JSON, wrong type
+    log.write_bytes(b"\n".join(lines))
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [held.subscription for held in restarted.held_claims()] == ["s1"]
+    [warning] = [e for e in entries if e["event"] == "state.unusable"]
+    assert "claimed sub: int where str belongs" in warning["reason"]
+    assert list(tmp_path.glob("journal.*.log.unusable-*")), "kept for a post-mortem"
 
 
-def test_acknowledged_offsets_never_go_backwards() -> None:
-    journal = Journal(None, server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000005")])
-    journal.acked(claim(), [Ack(STREAM, "00000003")])
-    assert journal.sole_stream("s1") == (STREAM, "00000005")
-    journal.claimed(claim())  # the claim says the server has it acknowledged at -1
-    assert journal.sole_stream("s1") == (STREAM, "00000005")
-    journal.acked(claim(), [Ack(STREAM, "00000006")])
-    assert journal.sole_stream("s1") == (STREAM, "00000006")
-
-
-def test_sole_stream_only_for_a_subscription_with_one_known_stream() -> None:
-    journal = Journal(None, server_url=URL)
-    assert journal.sole_stream("s1") is None
-    journal.linked("s1", {}, created=False)
-    assert journal.sole_stream("s1") is None
-    journal.acked(claim(), [Ack(STREAM, "00000001")])
-    assert journal.sole_stream("s1") == (STREAM, "00000001")
-    journal.acked(claim(), [Ack("jobs/b", "00000001")])
-    assert journal.sole_stream("s1") is None
-
-
-def test_the_streams_acknowledged_longest_ago_are_forgotten_first(
+def test_a_full_log_is_compacted_into_a_snapshot_and_a_crash_in_between_loses_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runner._state.journal, "MAX_STREAMS", 3)
-    journal = Journal(tmp_path / "journal.json", server_url=URL)
-    for name in "abc":
-        journal.acked(claim(), [Ack(f"jobs/{name}", "00000001")])
-    journal.acked(claim(), [Ack("jobs/a", "00000002")])  # a is the newest now
-    journal.acked(claim(), [Ack("jobs/d", "00000001")])
-    assert on_disk(tmp_path / "journal.json")["acked"]["s1"] == {
-        "jobs/c": "00000001",
-        "jobs/a": "00000002",
-        "jobs/d": "00000001",
+    monkeypatch.setattr(runner._state.journal, "LOG_MIN_BYTES", 600)  # a few records a log
+    journal = journal_at(tmp_path)
+    assert journal._writer is not None
+    journal._writer.bound = 600
+    for n in range(20):
+        journal.claimed(claim(f"w{n}", f"s{n}"))
+        if n % 2:
+            journal.ended(f"s{n}", f"w{n}")
+    held = {h.subscription for h in journal.held_claims()}
+    assert held == {f"s{n}" for n in range(0, 20, 2)}
+    generations = [generation for generation, _ in logs(tmp_path / "journal.json")]
+    assert len(generations) == 1, "each compaction removed the logs its snapshot holds"
+    snapshot = json.loads((tmp_path / "journal.json").read_text())
+    assert snapshot["generation"] == generations[0]
+    assert snapshot["claims"], "the snapshot holds the records of the sealed logs"
+    assert {h.subscription for h in journal_at(tmp_path).held_claims()} == held
+
+    # A crash after a snapshot was written and before the logs it holds were removed.
+    stale = journal_files.log_path(tmp_path / "journal.json", generations[0] - 1)
+    stale.write_text(
+        json.dumps({"version": 2, "server_url": SERVER, "stream_root": "/v1/stream", "generation": generations[0] - 1})
+        + "\n"
+        + json.dumps({"op": "linked", "sub": "s0", "offsets": {STREAM: "00000001"}, "gaps": []})
+        + "\n"
+    )
+    reloaded = journal_at(tmp_path)
+    assert {h.subscription for h in reloaded.held_claims()} == held
+    assert reloaded.sole_stream("s0") == (STREAM, "-1"), "a log the snapshot holds is not replayed again"
+
+
+def test_a_journal_of_the_old_single_file_format_is_read(tmp_path: Path) -> None:
+    old = {
+        "version": 1,
+        "server_url": SERVER,
+        "stream_root": "/v1/stream",
+        "claims": {"s1": {"subscription": "s1", "wake_id": "w1", "generation": 2, "token": "t", "renewed_at": 1.0}},
+        "acked": {"s1": {STREAM: "00000004"}},
+        "gaps": {},
     }
-
-
-def test_a_subscription_the_server_forgot_leaves_gaps_from_what_was_acknowledged() -> None:
-    journal = Journal(None, server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000002"), Ack("jobs/b", "00000004"), Ack("jobs/c", "00000004")])
-    linked = {STREAM: "00000009", "jobs/b": "00000004", "jobs/c": "00000003", "jobs/new": "00000002"}
-    gaps = journal.linked("s1", linked, created=True)
-    assert gaps == [Gap(STREAM, "00000002", "00000009"), Gap("jobs/new", "-1", "00000002")]
-    assert journal.gaps("s1") == gaps
-    assert journal.gaps("s2") == []
-
-
-def test_a_confirmed_subscription_leaves_no_gaps_and_takes_the_servers_offsets() -> None:
-    journal = Journal(None, server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000002")])
-    assert journal.linked("s1", {STREAM: "00000009"}, created=False) == []
-    assert journal.gaps("s1") == []
-    assert journal.sole_stream("s1") == (STREAM, "00000009")
-    journal.linked("s1", {STREAM: "00000001"}, created=False)
-    assert journal.sole_stream("s1") == (STREAM, "00000001"), "the server's word, even backwards"
-
-
-def test_a_subscription_never_seen_leaves_no_gaps_when_created() -> None:
-    journal = Journal(None, server_url=URL)
-    assert journal.linked("s1", {STREAM: "00000009"}, created=True) == []
-    assert journal.sole_stream("s1") == (STREAM, "00000009")
-    assert journal.linked("s1", {STREAM: "00000012"}, created=True) == [Gap(STREAM, "00000009", "00000012")]
-
-
-def test_gaps_only_reported_are_not_kept() -> None:
-    journal = Journal(None, server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000002")])
-    assert journal.linked("s1", {STREAM: "00000009"}, created=True, keep_gaps=False) == [
-        Gap(STREAM, "00000002", "00000009")
-    ]
-    assert journal.gaps("s1") == []
-    assert journal.sole_stream("s1") == (STREAM, "00000009")
-
-
-def test_gaps_are_a_copy() -> None:
-    journal = Journal(None, server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000002")])
-    journal.linked("s1", {STREAM: "00000009"}, created=True)
-    journal.gaps("s1").clear()
-    assert len(journal.gaps("s1")) == 1
-
-
-def test_what_is_replayed_of_a_gap_is_taken_off_it_in_place(tmp_path: Path) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000002"), Ack("jobs/b", "00000001")])
-    first, second = journal.linked("s1", {STREAM: "00000009", "jobs/b": "00000003"}, created=True)
-
-    left = journal.replayed("s1", first, "00000005")
-    assert left == Gap(STREAM, "00000005", "00000009")
-    assert journal.gaps("s1") == [left, second], "the gap keeps its place"
-    assert journal.replayed("s1", first, "00000006") is None, "a gap no longer there"
-    assert journal.gaps("s1") == [left, second]
-
-    assert journal.replayed("s1", left, "00000009") is None
-    assert journal.gaps("s1") == [second]
-    assert journal.replayed("s1", second, "00000004") is None, "past the end: all of it"
-    assert journal.gaps("s1") == []
-    assert journal.replayed("s1", second, "00000004") is None, "a subscription without gaps"
-    assert on_disk(tmp_path / "journal.json")["gaps"] == {}
-
-
-def test_a_restarted_runner_remembers_claims_offsets_and_gaps(tmp_path: Path) -> None:
-    path = tmp_path / "journal.json"
-    journal = Journal(path, server_url=URL)
-    journal.claimed(claim())
-    journal.acked(claim(), [Ack(STREAM, "00000002")])
-    journal.linked("s2", {"jobs/b": "00000001"}, created=False)
-    journal.linked("s2", {"jobs/b": "00000004"}, created=True)
-    restarted = Journal(path, server_url=URL)
-    assert restarted.held_claims() == journal.held_claims()
-    assert restarted.sole_stream("s1") == (STREAM, "00000002")
-    assert restarted.gaps("s2") == [Gap("jobs/b", "00000001", "00000004")]
-    assert on_disk(path)["version"] == 1
-    assert on_disk(path)["server_url"] == URL
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(lambda document: {**document, "version": 2}, id="another-version"),
-        pytest.param(lambda document: {k: v for k, v in document.items() if k != "version"}, id="no-version"),
-        pytest.param(lambda document: {**document, "server_url": "http://elsewhere:1"}, id="another-server"),
-        pytest.param(lambda document: {k: v for k, v in document.items() if k != "gaps"}, id="no-gaps"),
-        pytest.param(lambda document: {**document, "claims": {"s1": {"token": "t"}}}, id="a-broken-claim"),
-        pytest.param(lambda document: {**document, "acked": []}, id="acked-not-a-map"),
-        pytest.param(lambda document: [document], id="not-an-object"),
-    ],
-)
-def test_a_journal_of_another_kind_or_server_is_not_used(tmp_path: Path, change: Callable[[Any], Any]) -> None:
-    path = tmp_path / "journal.json"
-    journal = Journal(path, server_url=URL)
-    journal.claimed(claim())
-    journal.linked("s2", {"jobs/b": "00000001"}, created=False)
-    journal.linked("s2", {"jobs/b": "00000004"}, created=True)
-    path.write_text(json.dumps(change(on_disk(path))))
-    restarted = Journal(path, server_url=URL)
-    assert restarted.held_claims() == []
-    assert restarted.sole_stream("s1") is None
-    assert restarted.gaps("s2") == []
-
-
-@pytest.mark.parametrize("text", ["{not json", ""])
-def test_an_unreadable_journal_is_not_used(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "journal.json"
-    path.write_text(text)
-    journal = Journal(path, server_url=URL)
-    assert journal.held_claims() == []
-    journal.claimed(claim())
-    assert Journal(path, server_url=URL).holds("s1"), "and is replaced by the next write"
-
-
-async def test_without_a_file_nothing_is_written(
-    writes: list[dict[str, Any]], autojump_clock: trio.testing.MockClock
-) -> None:
-    journal = Journal(None, server_url=URL)
-    with trio.fail_after(1):
-        await journal.keep(interval=INTERVAL)  # returns at once: nothing to keep
-    journal.claimed(claim())
+    (tmp_path / "journal.json").write_text(json.dumps(old))
+    journal = journal_at(tmp_path)
+    assert [(h.subscription, h.generation) for h in journal.held_claims()] == [("s1", 2)]
     journal.ended("s1", "w1")
-    assert writes == []
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(lambda journal: journal.claimed(claim("w2")), id="a-claim"),
-        pytest.param(lambda journal: journal.linked("s1", {"jobs/c": "00000009"}, created=True), id="a-gap"),
-        pytest.param(lambda journal: journal.replayed("s1", journal.gaps("s1")[0], "00000002"), id="a-replayed-gap"),
-    ],
-)
-async def test_what_a_restart_depends_on_is_written_at_once_even_right_after_a_write(
-    tmp_path: Path,
-    writes: list[dict[str, Any]],
-    autojump_clock: trio.testing.MockClock,
-    change: Callable[[Journal], object],
-) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url=URL)
-    journal.acked(claim(), [Ack(STREAM, "00000001")])
-    journal.linked("s1", {"jobs/b": "00000003"}, created=True)  # a gap of jobs/b
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
-        await settle()
-        journal.acked(claim(), [Ack(STREAM, "00000002")])
-        await settle()
-        before = len(writes)
-        assert writes[-1]["acked"]["s1"][STREAM] == "00000002", "the first change after a quiet spell: at once"
-        journal.acked(claim(), [Ack(STREAM, "00000003")])
-        change(journal)
-        await settle()
-        assert len(writes) == before + 1, "urgent: not held back by the interval"
-        assert writes[-1]["acked"]["s1"][STREAM] == "00000003"
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_keeper_with_nothing_to_write_writes_nothing(
-    tmp_path: Path, writes: list[dict[str, Any]], autojump_clock: trio.testing.MockClock
-) -> None:
-    journal = Journal(tmp_path / "journal.json", server_url=URL)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
-        await trio.sleep(INTERVAL)
-        nursery.cancel_scope.cancel()
-    assert writes == [], "a journal never changed is not written"
-    journal.claimed(claim())  # written through: no keeper now
-    assert len(writes) == 1
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(lambda: journal.keep(interval=INTERVAL))
-        await trio.sleep(5 * INTERVAL)
-        nursery.cancel_scope.cancel()
-    assert len(writes) == 1
-    journal.ended("s1", "w1")  # after the keeper: written through again
-    assert len(writes) == 2
-    assert Journal(tmp_path / "journal.json", server_url=URL).held_claims() == []
+    assert journal_at(tmp_path).held_claims() == []

@@ -20,6 +20,7 @@ from faults.proxy import Proxy
 from machine import State
 from runner import Runner
 from runner._service.devserver import DevServer
+from runner._state.journal import Journal
 from tests.support import Recorder, World, captured_logs, eventually, running
 from tests.test_end_to_end import lines, start_runner_process, write_config
 
@@ -66,6 +67,47 @@ async def test_a_runner_killed_mid_claim_and_restarted_resumes_at_once_not_after
     assert resumed_after < LONG_LEASE_MS / 1000 / 2, f"resumed {resumed_after:.1f} s after the restart"
     assert '"claim.returned"' in log.read_text(), "the restarted runner handed its old claim back"
     print(f"kill -9 mid-claim, lease {LONG_LEASE_MS / 1000:g} s: all handled {resumed_after:.2f} s after the restart")
+
+
+async def test_a_runner_killed_as_its_first_batch_starts_has_the_claim_on_disk_and_hands_it_back_at_once(
+    world: World, record_file: Path, tmp_path: Path
+) -> None:
+    """The claim's journal record is fsynced before its first batch reaches the handler (docs/design.md §6.4)."""
+    await world.create("a")
+    state_dir = tmp_path / "state"
+    config = write_config(tmp_path / "runner.toml", world, state_dir)
+    config.write_text(config.read_text().replace("lease_ttl_ms = 2000", f"lease_ttl_ms = {LONG_LEASE_MS}"))
+    log = tmp_path / "runner.log"
+    first = start_runner_process(config, log, PULLWAKE_TEST_KILL_AT_START="1")
+    try:
+        await eventually(lambda: '"target": "streaming"' in log.read_text(), what="the first runner to stream")
+        for n in range(3):
+            await world.append("a", {"n": n})
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(first.wait)  # its handler kills it: no timing on our side
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL
+    assert not handled(record_file)
+    on_disk = Journal(state_dir / "journal.json", server_url=world.url)
+    assert [held.subscription for held in on_disk.held_claims()] == [world.sub], "journaled before the batch"
+
+    restarted = trio.current_time()
+    second = start_runner_process(config, log)
+    try:
+        await eventually(
+            lambda: {entry["message"]["n"] for entry in handled(record_file)} == set(range(3)),  # type: ignore[index]
+            timeout=LONG_LEASE_MS / 1000 / 2,
+            what="the work, handed back and claimed again at once",
+        )
+        resumed_after = trio.current_time() - restarted
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(15)
+    assert '"claim.returned"' in log.read_text(), "the restarted runner handed the killed one's claim back"
+    print(f"kill -9 as the first batch starts, lease {LONG_LEASE_MS / 1000:g} s: all handled in {resumed_after:.2f} s")
 
 
 @pytest.fixture

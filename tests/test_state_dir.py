@@ -183,13 +183,17 @@ near_misses = st.fixed_dictionaries(
 )
 
 
-def load_both(directory: Path, content: bytes) -> None:
+def load_both(directory: Path, content: bytes, log: bytes | None = None) -> None:
     (directory / "journal.json").write_bytes(content)
     (directory / "wake-checkpoint.json").write_bytes(content)
+    if log is not None:
+        (directory / "journal.0.log").write_bytes(log)
     journal = Journal(directory / "journal.json", server_url=SERVER, stream_root=ROOT_PATH)
     # What was loaded must also be usable: written back and read again without a loss.
-    journal.held_claims(), journal.gaps("s1"), journal.sole_stream("s1")
-    journal._write()
+    state = journal.held_claims(), journal.gaps("s1"), journal.sole_stream("s1")
+    journal.flush()
+    again = Journal(directory / "journal.json", server_url=SERVER, stream_root=ROOT_PATH)
+    assert (again.held_claims(), again.gaps("s1"), again.sole_stream("s1")) == state
     Checkpoint(directory, server_url=SERVER, stream_root=ROOT_PATH, wake_stream="wake").load()
 
 
@@ -198,3 +202,59 @@ def load_both(directory: Path, content: bytes) -> None:
 def test_no_file_content_makes_the_loaders_raise(content: bytes) -> None:
     with tempfile.TemporaryDirectory() as directory:
         load_both(Path(directory), content)
+
+
+# The journal's log: a header (right or nearly), then records that look like the runner's own with
+# arbitrary values, arbitrary JSON or bytes, and a last line that may be torn anywhere.
+texts = st.sampled_from(["s1", "jobs/a", "-1", "00000003", ""]) | st.text(max_size=4)
+records = st.fixed_dictionaries(
+    {
+        "op": st.sampled_from(["claimed", "acked", "ended", "learned", "linked", "replayed", "other"]),
+        "sub": texts,
+    },
+    optional={
+        "wake_id": texts | json_values,
+        "generation": st.integers() | json_values,
+        "token": texts | json_values,
+        "at": st.floats() | st.integers() | json_values,
+        "offsets": st.dictionaries(texts, texts | json_values, max_size=3) | json_values,
+        "gaps": st.lists(st.fixed_dictionaries({"stream": texts, "start": texts, "end": texts}) | json_values)
+        | json_values,
+        "gap": st.fixed_dictionaries({"stream": texts, "start": texts, "end": texts}) | json_values,
+        "offset": texts | json_values,
+    },
+)
+headers = st.fixed_dictionaries(
+    {
+        "version": st.sampled_from([2, 2.0, True, 1]),
+        "server_url": st.sampled_from([SERVER, "http://elsewhere"]),
+        "stream_root": st.sampled_from([ROOT_PATH, None]),
+        "generation": st.sampled_from([0, 1, "0"]),
+    }
+)
+log_lines = st.lists(records.map(json.dumps) | json_values.map(json.dumps), max_size=8)
+
+
+@st.composite
+def log_contents(draw: st.DrawFn) -> bytes:
+    lines = [json.dumps(draw(headers)), *draw(log_lines)]
+    data = "".join(line + "\n" for line in lines).encode()
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(0, len(data)))]  # torn anywhere
+    return data + draw(st.binary(max_size=16) | st.just(b""))
+
+
+snapshots = st.sampled_from(
+    [
+        b"",
+        json.dumps({**journal_document(), "version": 2, "generation": 0}).encode(),
+        json.dumps(journal_document()).encode(),
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snapshots, log_contents())
+def test_no_log_content_makes_the_journal_loader_raise(snapshot: bytes, log: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        load_both(Path(directory), snapshot, log)

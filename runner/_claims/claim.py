@@ -30,7 +30,7 @@ from pydantic import SecretStr
 
 from .._config import Settings
 from .._secrets import Redactor
-from .._state.journal import Journal
+from .._state.journal import Journal, Written
 from .._tracing import OFF, Span, Tracing
 from .._wire.protocol import Ack, AckAnswer, Claim, ReadResult, Wire, is_after
 from .._wire.retrying import retrying
@@ -227,9 +227,9 @@ class ClaimRun:
         if isinstance(granted, ClaimResult):
             self.result = granted
             return granted
-        claim, lease = granted
+        claim, lease, journaled = granted
         self.claim = claim
-        held = _Held(self, claim, lease, early)
+        held = _Held(self, claim, lease, early, journaled)
         bound = structlog.contextvars.bound_contextvars(
             subscription=self.subscription, wake_id=claim.wake_id, generation=claim.generation
         )
@@ -250,7 +250,7 @@ class ClaimRun:
         self.result = ClaimResult(outcome, claim.generation, next_wake, restarted=held.gone)
         return self.result
 
-    async def _obtain(self) -> tuple[Claim, Lease] | ClaimResult:
+    async def _obtain(self) -> tuple[Claim, Lease, Written] | ClaimResult:
         """POST /claim, retrying transient failures; a result when there is nothing to hold."""
         context, subscription = self.context, self.subscription
         sent_at = trio.current_time()
@@ -299,17 +299,26 @@ class ClaimRun:
             context.vitals.error(exc)
             log.warning("claim.failed", subscription=subscription, error=str(exc), retried_soon=exc.retryable)
             return ClaimResult(Outcome.ERROR, unanswered=exc.retryable)
-        context.journal.claimed(granted)
+        journaled = context.journal.claimed(granted)
         context.vitals.pending(subscription, sum(stream.has_pending for stream in granted.streams))
         # The protocol's shortest lease is 1 s: a shorter one would pace renewals into a spin.
-        return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at)
+        return granted, Lease(max(granted.lease_ttl_ms / 1000, MIN_LEASE), sent_at), journaled
 
 
 class _Held:
     """A granted claim at work: the batch loop, the lease keeper, acks and the hand-back."""
 
-    def __init__(self, run: ClaimRun, claim: Claim, lease: Lease, early: EarlyRead | None = None) -> None:
+    def __init__(
+        self,
+        run: ClaimRun,
+        claim: Claim,
+        lease: Lease,
+        early: EarlyRead | None = None,
+        journaled: Written | None = None,
+    ) -> None:
         self.run = run
+        self.journaled = journaled
+        """The claim's journal record on disk: awaited before the first batch goes to the handler."""
         self.early = early
         self.claim = claim
         self.lease = lease
@@ -414,6 +423,11 @@ class _Held:
                         content_type=result.content_type,
                         detail="handing the raw body to the handler as one bytes message",
                     )
+                if self.journaled is not None:
+                    # A crash from here on must find the claim in the journal, to hand it back at
+                    # once. The first read overlapped the fsync; later batches do not wait.
+                    journaled, self.journaled = self.journaled, None
+                    await journaled.wait()
                 if not self.lease.fresh(trio.current_time()):
                     # Renewals fell behind (a frozen process?): prove the lease before any handler runs.
                     try:

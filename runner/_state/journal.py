@@ -11,68 +11,62 @@ The journal keeps, per served subscription:
   stream are not skipped: they become gaps the runner replays to the handler;
 - the gaps still to replay.
 
-With a `state_dir` it lives in `journal.json` there (owner-only, replaced
-atomically, bounded in size; one written for another server or stream root, or
-that cannot be used, is set aside at start: see `loading`); without one it lives in memory, which still covers
-a server restart while the runner runs. While the runner runs, `keep` writes it
-from a worker thread: at once after a change a restart depends on (a claim
-taken, gaps found or replayed), at most once per interval after acks and ended
-claims (an ack older than that may be replayed after a crash: at least once),
-and once more at the end. A file write costs ~0.4 ms; written through on every
-change it was three per claim, on the event loop. It holds claim
-tokens (the server's short-lived proof of a lease) and no other secret.
+Every change is a small record (`journal_records`). With a `state_dir` the records
+go to an append-only log there, compacted into `journal.json` when it grows past
+a bound (`journal_files`; both owner-only; files that cannot be used are set aside
+at start: see `loading`); without one the journal lives in memory, which still
+covers a server restart while the runner runs. While the runner runs, `keep`
+appends from a worker thread: at once, fsynced (file, and directory once per log),
+after a change a restart depends on (a claim taken, a refreshed token, gaps found
+or replayed), at most once per interval after acks and ended claims (an ack older
+than that may be replayed after a crash: at least once), and at the end of the run
+a snapshot of everything. `claimed` returns a `Written` a claim awaits before its
+first batch: the claim it took is on disk by then, whatever else is being written.
+An append costs the same at 10 subscriptions as at 1,000; the event loop only
+builds the record. The journal holds claim tokens (the server's short-lived proof
+of a lease) and no other secret.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import structlog
 import trio
-from pydantic import SecretStr
 
 from .._wire.protocol import Ack, Claim, is_after
-from .files import write_atomically
-from .loading import Unusable, check_identity, exactly, read_document, set_aside
+from .journal_files import LOG_MIN_BYTES, Compactor, LogWriter, Sealed, load
+from .journal_records import MAX_STREAMS, Gap, HeldClaim, JournalState, Record, advance
+
+__all__ = ["MAX_STREAMS", "Gap", "HeldClaim", "Journal", "Written"]
 
 log = structlog.get_logger("pullwake.journal")
 
-# Streams remembered per subscription: a pattern subscription can link streams without
-# end; the ones acknowledged longest ago are forgotten first.
-MAX_STREAMS = 10_000
-VERSION = 1
+
+class Written:
+    """When a record reached the disk: `wait` returns once it did (True) or its write failed (False)."""
+
+    def __init__(self, *, done: bool = False, ok: bool = True) -> None:
+        self._event = trio.Event()
+        self.ok = ok
+        if done:
+            self._event.set()
+
+    def set(self, ok: bool) -> None:
+        self.ok = ok
+        self._event.set()
+
+    async def wait(self) -> bool:
+        await self._event.wait()
+        return self.ok
 
 
-@dataclass(frozen=True)
-class HeldClaim:
-    """A claim the runner holds, as much of it as is needed to hand it back."""
-
-    subscription: str
-    wake_id: str
-    generation: int
-    token: str
-    renewed_at: float
-    """Unix seconds: when the lease was last renewed (for operators; the server decides)."""
-
-    def as_claim(self) -> Claim:
-        return Claim(self.subscription, self.wake_id, self.generation, (), 0, SecretStr(self.token))
-
-
-@dataclass(frozen=True)
-class Gap:
-    """Events of one stream the server skipped when it re-created a subscription."""
-
-    stream: str
-    start: str
-    """Replay from here (exclusive: the last offset acknowledged before the loss)."""
-    end: str
-    """Up to here: where the re-created subscription linked the stream."""
+DONE = Written(done=True)
+"""Nothing to wait for (no state dir, or written through already)."""
 
 
 class Journal:
@@ -89,62 +83,101 @@ class Journal:
         self.path = path
         self._on_write = on_write
         """Told how every write ended: a failed one is a degraded runner (health, metrics)."""
-        self._server_url = server_url
-        self._stream_root = stream_root
-        self._claims: dict[str, HeldClaim] = {}
-        self._acked: dict[str, dict[str, str]] = {}
-        self._gaps: dict[str, list[Gap]] = {}
+        self._state = JournalState()
         self._fresh: dict[str, dict[str, str]] = {}
         """Offsets acknowledged by this runner since `take_fresh` last took them (for its peers)."""
-        self._dirty = False
+        self._pending: list[Record] = []
+        """Records applied in memory, not written yet (in order)."""
         self._urgent = False
+        """A pending record is one a restart depends on: write (and fsync) it at once."""
+        self._recorded = 0
+        """Records made, counted from 1: the number a claim waits for."""
+        self._waiting: list[tuple[int, Written]] = []
+        self._last_ok = True
+        """How the last write ended."""
+        self._sealed: list[Sealed] = []
+        """Full logs waiting for their compaction."""
         self._wakeup: trio.Event | None = None
         """Set while `keep` runs; without it every change is written through."""
-        self._load()
+        self._hurry: trio.Event | None = None
+        """Set (while `keep` runs) when an urgent record is pending."""
+        self._compaction_due: trio.Event | None = None
+        self._writer: LogWriter | None = None
+        self._compactor: Compactor | None = None
+        if path is not None:
+            identity = {"server_url": server_url, "stream_root": stream_root}
+            self._state, newest = load(path, identity)
+            self._writer = LogWriter(path, identity, newest + 1)
+            self._compactor = Compactor(path, identity, self._state.copy())
+            # The first compaction writes what was loaded as one snapshot and removes the old logs.
+            self._sealed.append(Sealed(newest + 1, []))
 
     # -- claims ----------------------------------------------------------------------------
 
     def held_claims(self) -> list[HeldClaim]:
-        return list(self._claims.values())
+        return list(self._state.claims.values())
 
     def holds(self, subscription: str) -> bool:
-        return subscription in self._claims
+        return subscription in self._state.claims
 
-    def claimed(self, claim: Claim) -> None:
-        """A claim was granted: remember it, and where each of its streams was acknowledged."""
-        self._claims[claim.subscription] = HeldClaim(
-            claim.subscription, claim.wake_id, claim.generation, claim.token.get_secret_value(), time.time()
-        )
-        offsets = self._acked.setdefault(claim.subscription, {})
+    def claimed(self, claim: Claim) -> Written:
+        """A claim was granted: remember it, and where each of its streams was acknowledged.
+
+        Returns when that is on disk (fsynced): the claim's first batch waits for it, so a
+        crash at any moment of the claim leaves a journal that hands it back at the next start.
+        """
+        offsets: dict[str, str] = {}
         for stream in claim.streams:
-            _advance(offsets, stream.path, stream.acked_offset)
-        self._save(urgent=True)
+            advance(offsets, stream.path, stream.acked_offset)
+        sequence = self._record(
+            {
+                "op": "claimed",
+                "sub": claim.subscription,
+                "wake_id": claim.wake_id,
+                "generation": claim.generation,
+                "token": claim.token.get_secret_value(),
+                "at": time.time(),
+                "offsets": offsets,
+            },
+            urgent=True,
+        )
+        if self._writer is None:
+            return DONE
+        if self._wakeup is None:
+            return Written(done=True, ok=self._last_ok)  # written through already
+        written = Written()
+        self._waiting.append((sequence, written))
+        return written
 
     def acked(self, claim: Claim, acks: list[Ack]) -> None:
         """An ack was accepted: progress is the server's now, and the lease was renewed."""
-        offsets = self._acked.setdefault(claim.subscription, {})
+        offsets: dict[str, str] = {}
         fresh = self._fresh.setdefault(claim.subscription, {})
         for ack in acks:
-            _advance(offsets, ack.stream, ack.offset)
-            _advance(fresh, ack.stream, ack.offset)
-        held = self._claims.get(claim.subscription)
-        refreshed = False
-        if held is not None and held.wake_id == claim.wake_id:
-            # The token too: a server may refresh it in the ack answer, and a restarted
-            # runner hands the claim back with the newest (so that write is not put off).
-            token = claim.token.get_secret_value()
-            refreshed = token != held.token
-            self._claims[claim.subscription] = HeldClaim(
-                held.subscription, held.wake_id, held.generation, token, time.time()
-            )
-        self._save(urgent=refreshed)
+            advance(offsets, ack.stream, ack.offset)
+            advance(fresh, ack.stream, ack.offset)
+        held = self._state.claims.get(claim.subscription)
+        token = claim.token.get_secret_value()
+        # The token too: a server may refresh it in the ack answer, and a restarted
+        # runner hands the claim back with the newest (so that write is not put off).
+        refreshed = held is not None and held.wake_id == claim.wake_id and token != held.token
+        self._record(
+            {
+                "op": "acked",
+                "sub": claim.subscription,
+                "wake_id": claim.wake_id,
+                "token": token,
+                "at": time.time(),
+                "offsets": offsets,
+            },
+            urgent=refreshed,
+        )
 
     def ended(self, subscription: str, wake_id: str) -> None:
         """The server no longer counts this runner as the holder (done, released, or lost)."""
-        held = self._claims.get(subscription)
+        held = self._state.claims.get(subscription)
         if held is not None and held.wake_id == wake_id:
-            del self._claims[subscription]
-            self._save()
+            self._record({"op": "ended", "sub": subscription, "wake_id": wake_id})
 
     def take_fresh(self) -> dict[str, dict[str, str]]:
         """What this runner acknowledged since the last call, per subscription and stream."""
@@ -153,18 +186,18 @@ class Journal:
 
     def learn(self, subscription: str, offsets: Mapping[str, str]) -> None:
         """A peer acknowledged these: a gap is never replayed from before them (offsets only move forward)."""
-        known = self._acked.setdefault(subscription, {})
-        changed = False
-        for stream, offset in offsets.items():
-            before = known.get(stream)
-            _advance(known, stream, offset)
-            changed = changed or known[stream] != before
-        if changed:
-            self._save()
+        known = self._state.acked.get(subscription, {})
+        moved = {
+            stream: offset
+            for stream, offset in offsets.items()
+            if stream not in known or is_after(offset, known[stream])
+        }
+        if moved:
+            self._record({"op": "learned", "sub": subscription, "offsets": moved})
 
     def sole_stream(self, subscription: str) -> tuple[str, str] | None:
         """The subscription's only known stream and the offset acknowledged there, if it has one only."""
-        offsets = self._acked.get(subscription)
+        offsets = self._state.acked.get(subscription)
         if offsets is None or len(offsets) != 1:
             return None
         return next(iter(offsets.items()))
@@ -177,169 +210,159 @@ class Journal:
         When the subscription had to be created although the journal knew it, the server
         had forgotten it: the events between what was acknowledged and where each stream
         is linked now were skipped. Returns them as gaps (kept until replayed, if
-        `keep_gaps`). A stream the journal never saw is replayed from its start.
+        `keep_gaps`; on disk, fsynced, at once). A stream the journal never saw is
+        replayed from its start.
         """
-        known = self._acked.get(subscription)
+        known = self._state.acked.get(subscription)
         gaps: list[Gap] = []
         if created and known is not None:
             for stream, end in linked.items():
                 start = known.get(stream, "-1")
                 if is_after(end, start):
                     gaps.append(Gap(stream, start, end))
-        offsets = self._acked.setdefault(subscription, {})
-        for stream, offset in linked.items():
-            offsets[stream] = offset
-        if gaps and keep_gaps:
-            self._gaps.setdefault(subscription, []).extend(gaps)
-        self._save(urgent=True)
+        kept = [asdict(gap) for gap in gaps] if keep_gaps else []
+        self._record({"op": "linked", "sub": subscription, "offsets": dict(linked), "gaps": kept}, urgent=True)
         return gaps
 
     def gaps(self, subscription: str) -> list[Gap]:
-        return list(self._gaps.get(subscription, ()))
+        return list(self._state.gaps.get(subscription, ()))
 
     def replayed(self, subscription: str, gap: Gap, offset: str) -> Gap | None:
         """Everything of `gap` up to `offset` reached the handler; returns what is left of it."""
-        gaps = self._gaps.get(subscription, [])
-        if gap not in gaps:
+        if gap not in self._state.gaps.get(subscription, []):
             return None
-        index = gaps.index(gap)
-        left: Gap | None = Gap(gap.stream, offset, gap.end) if is_after(gap.end, offset) else None
-        if left is not None:
-            gaps[index] = left
-        else:
-            del gaps[index]
-        if not gaps:
-            self._gaps.pop(subscription, None)
-        self._save(urgent=True)
-        return left
+        self._record({"op": "replayed", "sub": subscription, "gap": asdict(gap), "offset": offset}, urgent=True)
+        return Gap(gap.stream, offset, gap.end) if is_after(gap.end, offset) else None
 
-    # -- the file --------------------------------------------------------------------------
+    # -- the disk --------------------------------------------------------------------------
 
-    def _document(self) -> dict[str, Any]:
-        return {
-            "version": VERSION,
-            "server_url": self._server_url,
-            "stream_root": self._stream_root,
-            "claims": {sub: asdict(held) for sub, held in self._claims.items()},
-            "acked": self._acked,
-            "gaps": {sub: [asdict(gap) for gap in gaps] for sub, gaps in self._gaps.items()},
-        }
-
-    def _save(self, *, urgent: bool = False) -> None:
-        if self.path is None:
-            return
-        self._dirty = True
-        if self._wakeup is None:
-            self._write()
-            return
+    def _record(self, record: Record, *, urgent: bool = False) -> int:
+        """Apply `record` in memory, and have it written; returns its number."""
+        self._state.apply(record)
+        if self._writer is None:
+            return 0
+        self._pending.append(record)
+        self._recorded += 1
         self._urgent = self._urgent or urgent
+        if self._wakeup is None:
+            self._write_through()
+            return self._recorded
         self._wakeup.set()
+        if urgent:
+            assert self._hurry is not None
+            self._hurry.set()
+        return self._recorded
 
-    def _write(self) -> None:
-        """Write what is in memory now, on this thread."""
-        assert self.path is not None
-        self._dirty = False
-        self._on_write(_write(self.path, self._encoded()))
+    def _write_through(self) -> None:
+        """Without a keeper: write what is pending on this thread, compactions included."""
+        records, sync, upto = self._take()
+        self._appended(self._append(records, sync), records, upto)
+        if self._sealed:
+            sealed, self._sealed = self._sealed, []
+            self._compacted(self._compact(sealed))
 
-    def _encoded(self) -> bytes:
-        return json.dumps(self._document(), separators=(",", ":")).encode()
+    def _take(self) -> tuple[list[Record], bool, int]:
+        records, sync, upto = self._pending, self._urgent, self._recorded
+        self._pending, self._urgent = [], False
+        return records, sync, upto
 
-    async def keep(self, *, interval: float) -> None:
-        """Write changes from a worker thread until cancelled, then once more (see the module doc)."""
-        if self.path is None:
-            return
-        path, written_at = self.path, -math.inf
-        self._wakeup = trio.Event()
+    def _append(self, records: list[Record], sync: bool) -> bool | None:
+        """On the writer's thread: durable?, or None if the disk refused them (an error line; written again later)."""
+        assert self._writer is not None
         try:
-            while True:
-                await self._wakeup.wait()
-                with trio.move_on_at(written_at + interval):
-                    while not self._urgent:
-                        self._wakeup = trio.Event()
-                        await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                self._dirty = self._urgent = False
-                # Encoded here (a consistent snapshot), written there (the slow part).
-                self._on_write(await trio.to_thread.run_sync(_write, path, self._encoded()))
-                written_at = trio.current_time()
-                if self._dirty:
-                    self._wakeup.set()
+            return self._writer.append(records, sync=sync)
+        except OSError as exc:
+            log.error("journal.write_failed", path=str(self.path), error=str(exc))
+            return None
+
+    def _appended(self, appended: bool | None, records: list[Record], upto: int) -> None:
+        """Back on the loop: tell the claims waiting for these records, queue the full logs."""
+        assert self._writer is not None
+        ok = appended is True
+        if appended is None:
+            self._pending[:0] = records
+        if sealed := self._writer.take_sealed():
+            self._sealed.extend(sealed)
+            if self._compaction_due is not None:
+                self._compaction_due.set()
+        self._last_ok = ok
+        self._on_write(ok)
+        still: list[tuple[int, Written]] = []
+        for sequence, written in self._waiting:
+            if sequence <= upto:
+                written.set(ok)
+            else:
+                still.append((sequence, written))
+        self._waiting = still
+
+    def _compact(self, sealed: list[Sealed]) -> bool:
+        """On the compactor's thread: False if the snapshot could not be written (the logs stay)."""
+        assert self._compactor is not None
+        try:
+            self._compactor.compact(sealed)
+        except OSError as exc:
+            log.error("journal.write_failed", path=str(self.path), error=str(exc))
+            return False
+        return True
+
+    async def keep(self, *, interval: float, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write changes from worker threads until cancelled, then a snapshot of everything (see the module doc)."""
+        if self._writer is None:
+            task_status.started()
+            return
+        written_at = -math.inf
+        self._wakeup, self._hurry = trio.Event(), trio.Event()
+        self._compaction_due = trio.Event()
+        if self._pending:
+            self._wakeup.set()
+        if self._sealed:
+            self._compaction_due.set()
+        task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_compacting)
+                while True:
+                    await self._wakeup.wait()
+                    if not self._urgent:
+                        with trio.move_on_at(written_at + interval):
+                            await self._hurry.wait()
+                    self._wakeup, self._hurry = trio.Event(), trio.Event()
+                    records, sync, upto = self._take()
+                    if not records:
+                        continue
+                    appended = await trio.to_thread.run_sync(self._append, records, sync)
+                    self._appended(appended, records, upto)
+                    written_at = trio.current_time()
+                    if self._pending:
+                        # More came meanwhile (or these failed: tried again after the interval).
+                        self._wakeup.set()
         finally:
-            self._wakeup = None
-            if self._dirty:
-                self._write()
+            self._wakeup = self._hurry = self._compaction_due = None
+            self.flush()
 
-    def _load(self) -> None:
-        """Read what an earlier run left; anything unusable is set aside (see `loading`)."""
-        if self.path is None:
+    async def _keep_compacting(self) -> None:
+        assert self._writer is not None
+        assert self._compactor is not None
+        while True:
+            assert self._compaction_due is not None
+            await self._compaction_due.wait()
+            self._compaction_due = trio.Event()
+            sealed, self._sealed = self._sealed, []
+            if sealed:
+                self._compacted(await trio.to_thread.run_sync(self._compact, sealed))
+
+    def _compacted(self, ok: bool) -> None:
+        assert self._writer is not None
+        assert self._compactor is not None
+        self._on_write(ok)
+        self._writer.bound = max(LOG_MIN_BYTES, self._compactor.snapshot_bytes)
+
+    def flush(self) -> None:
+        """Write everything now, on this thread, and compact it into one snapshot (the end of a run)."""
+        if self._writer is None:
             return
-        try:
-            document = read_document(self.path)
-            if document is None:
-                return
-            self._claims, self._acked, self._gaps = self._parse(document)
-        except Unusable as exc:
-            set_aside(
-                self.path,
-                str(exc),
-                lost="the fast resume of claims an earlier run held (they wait out their leases) "
-                "and the offsets of gaps still to replay",
-            )
-
-    def _parse(
-        self, document: dict[str, Any]
-    ) -> tuple[dict[str, HeldClaim], dict[str, dict[str, str]], dict[str, list[Gap]]]:
-        """The journal's content, every field checked for its exact type; `Unusable` if anything is off."""
-        if document.get("version") != VERSION:
-            raise Unusable(f"unknown version {str(document.get('version'))[:40]!r}")
-        check_identity(document, {"server_url": self._server_url, "stream_root": self._stream_root})
-        claims: dict[str, HeldClaim] = {}
-        for sub, held in _mapping(document.get("claims"), "claims").items():
-            held = _mapping(held, f"claims.{sub}")
-            claims[sub] = HeldClaim(
-                exactly(held.get("subscription"), str, "claim subscription"),
-                exactly(held.get("wake_id"), str, "claim wake_id"),
-                exactly(held.get("generation"), int, "claim generation"),
-                exactly(held.get("token"), str, "claim token"),
-                float(exactly(held.get("renewed_at"), (int, float), "claim renewed_at")),
-            )
-        acked: dict[str, dict[str, str]] = {}
-        for sub, offsets in _mapping(document.get("acked"), "acked").items():
-            acked[sub] = {
-                stream: exactly(offset, str, f"acked offset of {sub}")
-                for stream, offset in _mapping(offsets, f"acked.{sub}").items()
-            }
-        gaps: dict[str, list[Gap]] = {}
-        for sub, listed in _mapping(document.get("gaps"), "gaps").items():
-            gaps[sub] = []
-            for gap in exactly(listed, list, f"gaps.{sub}"):
-                gap = _mapping(gap, f"a gap of {sub}")
-                gaps[sub].append(
-                    Gap(
-                        *(exactly(gap.get(field), str, f"gap {field} of {sub}") for field in ("stream", "start", "end"))
-                    )
-                )
-        return claims, acked, gaps
-
-
-def _mapping(value: Any, what: str) -> dict[str, Any]:
-    """A JSON object (its keys are strings by JSON's rules), else `Unusable`."""
-    return exactly(value, dict, what)  # type: ignore[no-any-return]
-
-
-def _write(path: Path, document: bytes) -> bool:
-    """Write the journal; False (and an error line) if the disk refused: the run goes on."""
-    try:
-        write_atomically(path, document, sync=False)
-    except OSError as exc:
-        log.error("journal.write_failed", path=str(path), error=str(exc))
-        return False
-    return True
-
-
-def _advance(offsets: dict[str, str], stream: str, offset: str) -> None:
-    """Remember `offset` for `stream` unless it goes backwards; the newest entries stay."""
-    current = offsets.pop(stream, None)
-    offsets[stream] = offset if current is None or is_after(offset, current) else current
-    while len(offsets) > MAX_STREAMS:
-        del offsets[next(iter(offsets))]
+        if self._pending:
+            records, _urgent, upto = self._take()
+            self._appended(self._append(records, True), records, upto)
+        sealed, self._sealed = [*self._sealed, *self._writer.take_sealed(), self._writer.seal()], []
+        self._compacted(self._compact(sealed))

@@ -30,6 +30,20 @@ class Unusable(Exception):
 
 def read_document(path: Path) -> dict[str, Any] | None:
     """The JSON object `path` holds, or None if there is no such file. Raises `Unusable`."""
+    data = read_bounded(path)
+    if data is None:
+        return None
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise Unusable(f"not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(document, dict):
+        raise Unusable(f"not a JSON object but {type(document).__name__}")
+    return document
+
+
+def read_bounded(path: Path) -> bytes | None:
+    """The bytes of the regular file `path`, or None if there is no such file. Raises `Unusable`."""
     try:
         # O_NONBLOCK: a FIFO put in the file's place must not block the start.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -46,13 +60,7 @@ def read_document(path: Path) -> dict[str, Any] | None:
         raise Unusable(f"cannot be read: {exc.strerror or exc}") from None
     if len(data) > MAX_STATE_FILE_BYTES:
         raise Unusable(f"larger than {MAX_STATE_FILE_BYTES // (1024 * 1024)} MiB")
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise Unusable(f"not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if not isinstance(document, dict):
-        raise Unusable(f"not a JSON object but {type(document).__name__}")
-    return document
+    return data
 
 
 def set_aside(path: Path, reason: str, *, lost: str) -> None:
