@@ -191,6 +191,19 @@ class StepFailed(RunError):
         self.error = error
 
 
+class WaitTimeout(RunError):
+    """`Run.wait_for(..., timeout=...)`: the deadline passed before a matching event arrived.
+
+    Raised in the workflow, which may catch it; uncaught, it fails the run like any error.
+    """
+
+    def __init__(self, type: str, key: str | None, timeout: float | None) -> None:
+        super().__init__(f"no {type!r} event{f' with key {key!r}' if key is not None else ''} within {timeout} s")
+        self.type = type
+        self.key = key
+        self.timeout = timeout
+
+
 class NondeterministicRun(RunError):
     """A replay asked for a different step than the journal holds at that position.
 
