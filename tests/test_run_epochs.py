@@ -7,6 +7,7 @@ epoch (runner/_runs/journal.py, Epochs), so the run is never stuck behind them.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
@@ -39,7 +40,7 @@ async def test_a_run_suspended_across_a_server_restart_completes_after_its_event
         await eventually(lambda: suspended_at("call-0"), what="the run to wait for call-0")
         for call, then in (("call-0", "call-1"), ("call-1", "call-2")):
             await send_event(settings, run_path, {"type": "approval", "key": call, "approved": True})
-            await eventually(lambda then=then: suspended_at(then), what=f"the run to wait for {then}")
+            await eventually(functools.partial(suspended_at, then), what=f"the run to wait for {then}")
         await eventually(lambda: not runner.health().in_flight, what="the last claim to end")
     before = await world.read_all(journal_path(run_path))
     newest = max(entry["epoch"] for entry in before)
