@@ -12,6 +12,7 @@ Writes a table to stdout and JSON to bench/results/latest.json.
     python -m bench --smoke              # a tiny configuration, to check the bench runs
     python -m bench --only recovery      # some sections (comma-separated)
     python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
+    python -m bench --only runs          # durable runs: a journaled step, resuming, replaying 1,000 steps
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from bench.core import FULL, RESULTS, SMOKE, Bench, Scale
 from bench.footprint import footprint, start, stop
 from bench.latency import latency
 from bench.recovery import recovery
+from bench.runs import render as render_runs
+from bench.runs import runs
 from bench.report import machine_info, render
 from bench.throughput import throughput
 from bench.tracing import render as render_tracing
@@ -48,6 +51,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "start": start,
     "stop": stop,
     "tracing": tracing,
+    "runs": runs,
 }
 
 
@@ -97,7 +101,7 @@ def cli() -> None:
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))
-    print(render(results) + render_tracing(results), end="")
+    print(render(results) + render_tracing(results) + render_runs(results), end="")
     print(f"(JSON: {options.out})", file=sys.stderr)
 
 

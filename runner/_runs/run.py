@@ -92,6 +92,8 @@ class Run:
         """Steps that ran in this delivery (the others returned their journaled result)."""
         self.replayed = 0
         """Steps that returned their journaled result in this delivery."""
+        self.failed = 0
+        """Steps that ran in this delivery and failed for good."""
         self.in_flight: str | None = None
         """The step whose function is running now (left set when a cancellation cuts it)."""
         self.cancel_event: dict[str, Any] | None = None
@@ -146,6 +148,7 @@ class Run:
             self.executed.append(name)
             await self._journal.record(entry)
             if "error" in entry:
+                self.failed += 1
                 raise StepFailed(name, str(entry["error"]))  # the span says error.type = StepFailed
             span.set_attribute("pullwake.step.outcome", "journaled")
             return entry["result"]

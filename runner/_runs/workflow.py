@@ -107,6 +107,7 @@ class WorkflowHandler:
         finally:
             self.stats.step("executed", len(run.executed))
             self.stats.step("replayed", run.replayed)
+            self.stats.step("failed", run.failed)
         if outcome == "suspended":
             await journal.record({"kind": "status", "status": "suspended", "waiting_for": value})
             self.stats.seen(run_path, "suspended")
