@@ -34,9 +34,9 @@ from bench.core import FULL, RESULTS, SMOKE, Bench, Scale
 from bench.footprint import footprint, start, stop
 from bench.latency import latency
 from bench.recovery import recovery
+from bench.report import machine_info, render
 from bench.runs import render as render_runs
 from bench.runs import runs
-from bench.report import machine_info, render
 from bench.throughput import throughput
 from bench.tracing import render as render_tracing
 from bench.tracing import tracing

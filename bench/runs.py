@@ -10,6 +10,8 @@ how long replaying 1,000 journaled steps takes; in-process runners against the r
 
 from __future__ import annotations
 
+import functools
+import operator
 import statistics
 import time
 from typing import Any
@@ -96,15 +98,16 @@ async def _resume(bench: Bench, events: int) -> dict[str, Any]:
             await trio.sleep(0.05)
             sent = time.perf_counter()
             await bench.producer.append(run_path, {"type": "go", "key": str(i)})
-            await until(lambda i=i: i in resumed, 30, "the run to resume")
+            await until(functools.partial(operator.contains, resumed, i), 30, "the run to resume")
             to_resume.append(resumed[i] - sent)
             await trio.sleep(0.05)
             sent = time.perf_counter()
             await bench.producer.append(plain_stream, {"i": i})
-            await until(lambda i=i: i in handled, 30, "the plain handler")
+            await until(functools.partial(operator.contains, handled, i), 30, "the plain handler")
             to_handler.append(handled[i] - sent)
     resume, plain_latency = percentiles(to_resume), percentiles(to_handler)
-    return {"events": events, "resume": resume, "plain": plain_latency, "ratio_p50": resume["p50_ms"] / plain_latency["p50_ms"]}
+    ratio = resume["p50_ms"] / plain_latency["p50_ms"]
+    return {"events": events, "resume": resume, "plain": plain_latency, "ratio_p50": ratio}
 
 
 async def _replay(bench: Bench, steps: int) -> dict[str, Any]:
