@@ -31,7 +31,7 @@ PullwakeError                   the base: catch this to catch anything of ours
 │   └── PermanentFailure        raise it: this batch will never succeed, skip the retries
 ├── RunError                    a durable run cannot go on: it ends `failed`, with this error journaled
 │   ├── StepFailed              a step raised (after its attempts); replays raise it again, without running it
-│   ├── WaitTimeout             `wait_for(timeout=)`: the deadline passed first; catch it in the workflow, or the run fails
+│   ├── WaitTimeout             the deadline of `wait_for(timeout=)` passed first: catch it, or the run fails
 │   └── NondeterministicRun     a replay asked for another step than the journal holds: make the code deterministic
 └── RunnerError                 the runner cannot do what was asked
     ├── AlreadyRunning          `start()` on a running runner: stop it first, or use another `Runner`
