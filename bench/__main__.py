@@ -14,6 +14,7 @@ Writes a table to stdout and JSON to bench/results/latest.json.
     python -m bench --only recovery      # some sections (comma-separated)
     python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
     python -m bench --only journal       # claimed → fsynced, and event-loop CPU, per claim, old and new
+    python -m bench --only runs          # durable runs: a journaled step, resuming, replaying 1,000 steps
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from bench.journal import render as render_journal
 from bench.latency import latency
 from bench.recovery import recovery
 from bench.report import machine_info, render
+from bench.runs import render as render_runs
+from bench.runs import runs
 from bench.throughput import throughput
 from bench.tracing import render as render_tracing
 from bench.tracing import tracing
@@ -53,6 +56,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "stop": stop,
     "tracing": tracing,
     "journal": journal,
+    "runs": runs,
 }
 
 
@@ -102,7 +106,7 @@ def cli() -> None:
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))
-    print(render(results) + render_tracing(results) + render_journal(results), end="")
+    print(render(results) + render_tracing(results) + render_journal(results) + render_runs(results), end="")
     print(f"(JSON: {options.out})", file=sys.stderr)
 
 

@@ -87,6 +87,8 @@ class Health:
     affected (a subscription, or the state file). Each clears when its cause is gone."""
     state_for: float | None = None
     """Seconds since `state_since`, on a monotonic clock (a wall-clock step cannot fake a stall)."""
+    runs: dict[str, Any] = field(default_factory=dict)
+    """Durable runs this runner saw (runner/_runs/stats.py): by status, steps, timers; empty without workflows."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

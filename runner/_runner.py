@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +38,7 @@ from ._handlers.batch import AsyncHandler, Handler
 from ._handlers.calling import resolve, resolve_handlers
 from ._health import Health, Vitals, progressing
 from ._runs.journal import check_journal_outside
+from ._runs.keeper import RunKeeper
 from ._runs.listing import list_runs
 from ._runs.workflow import Workflow, WorkflowHandler
 from ._secrets import Redactor
@@ -105,6 +106,7 @@ class Runner:
         self.redactor = Redactor()
         """The secrets this runner knows (service token, claim tokens held): redact them from any text."""
         self._vitals = Vitals(self.settings.runner_id, redact=self.redactor.redact)
+        self._runs = RunKeeper(self._vitals.metrics.registry)
         self._active: _Active | None = None
         self._position: WakePosition | None = None
         """The wake offset of the current (or last) run."""
@@ -220,12 +222,15 @@ class Runner:
 
     def health(self) -> Health:
         dispatcher = self._active.dispatcher if self._active else None
-        return self._vitals.snapshot(
+        health = self._vitals.snapshot(
             self.state,
             dispatcher.in_flight() if dispatcher else [],
             self._position.offset if self._position else None,
             cooldowns=dispatcher.cooldowns() if dispatcher else {},
         )
+        if self._workflows or any(spec.workflow for spec in self.settings.subscriptions):
+            health = replace(health, runs=self._runs.snapshot())
+        return health
 
     def metrics_exposition(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this runner's own registry, and its content type."""
@@ -346,8 +351,7 @@ class Runner:
             deadline=settings.request_deadline,
             max_event_bytes=settings.max_event_bytes,
         )
-        for workflow in workflows.values():
-            workflow.bind(wire)
+        self._runs.bind(wire, workflows.values(), self._tracing)
         checkpoint = (
             Checkpoint(
                 Path(settings.state_dir),
@@ -500,6 +504,8 @@ class Runner:
                             ),
                             name="checkpoint",
                         )
+                    if workflows:
+                        lifetime.start_soon(self._runs.serve, wire, settings, sorted(workflows), name="runs")
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()

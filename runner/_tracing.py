@@ -13,6 +13,9 @@ configuration; a stream path is not, so it is an attribute, never part of a name
   or hand-back, with the reads of its streams; the parent of everything below.
 - `process <subscription>`: one handler call on one batch (a retried batch has one per attempt), with
   `messaging.destination.name` = the stream and `error.type` when the handler raised.
+- `step <subscription>` / `wait <subscription>`: a durable run's executed step and each wait, INTERNAL,
+  children of the batch's `process` span (`pullwake.run.id` = the run stream, `pullwake.step.name`,
+  `pullwake.wait.type`, `pullwake.wait.outcome`); a step replayed from the journal has no span.
 - `ack <subscription>` / `release <subscription>`: a settlement (`messaging.operation.type` = settle);
   acks also renew the lease.
 
@@ -131,6 +134,12 @@ class Tracing:
             attributes["pullwake.ack.done"] = done
             attributes["pullwake.ack.streams"] = len(streams)
         return self._span(f"{operation} {subscription}", otel.SpanKind.CLIENT, attributes)
+
+    def internal(self, name: str, attributes: dict[str, Any]) -> contextlib.AbstractContextManager[Span]:
+        """An INTERNAL span under the current one (a durable run's step or wait under its batch's `process`)."""
+        if self._tracer is None:
+            return _OFF
+        return self._span(name, otel.SpanKind.INTERNAL, attributes)
 
     def failed(self, span: Span, error: BaseException | str) -> None:
         """Mark `span` as failed: `error.type` (a type or a code, never a text) and status ERROR."""

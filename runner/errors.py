@@ -31,6 +31,7 @@ PullwakeError                   the base: catch this to catch anything of ours
 │   └── PermanentFailure        raise it: this batch will never succeed, skip the retries
 ├── RunError                    a durable run cannot go on: it ends `failed`, with this error journaled
 │   ├── StepFailed              a step raised (after its attempts); replays raise it again, without running it
+│   ├── WaitTimeout             the deadline of `wait_for(timeout=)` passed first: catch it, or the run fails
 │   └── NondeterministicRun     a replay asked for another step than the journal holds: make the code deterministic
 └── RunnerError                 the runner cannot do what was asked
     ├── AlreadyRunning          `start()` on a running runner: stop it first, or use another `Runner`
@@ -189,6 +190,19 @@ class StepFailed(RunError):
         super().__init__(f"step {step!r} failed: {error}")
         self.step = step
         self.error = error
+
+
+class WaitTimeout(RunError):
+    """`Run.wait_for(..., timeout=...)`: the deadline passed before a matching event arrived.
+
+    Raised in the workflow, which may catch it; uncaught, it fails the run like any error.
+    """
+
+    def __init__(self, type: str, key: str | None, timeout: float | None) -> None:
+        super().__init__(f"no {type!r} event{f' with key {key!r}' if key is not None else ''} within {timeout} s")
+        self.type = type
+        self.key = key
+        self.timeout = timeout
 
 
 class NondeterministicRun(RunError):

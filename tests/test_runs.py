@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from runner import SUSPEND, Batch, Run, Runner
-from runner._runs.journal import check_journal_outside, glob_match, journal_path
+from runner._runs.journal import JournalState, JournalWriter, check_journal_outside, glob_match, journal_path
 from runner._runs.listing import list_runs, send_event, start_run
 from runner._runs.workflow import WorkflowHandler
 from runner._wire.protocol import Producer
@@ -128,17 +128,50 @@ async def test_a_failing_step_fails_the_run_and_is_not_run_again() -> None:
     assert "StepFailed" in journal(wire)[-1]["error"]
 
 
-async def test_a_holder_whose_generation_was_overtaken_records_nothing() -> None:
+async def test_generations_that_start_over_still_write_above_the_journals_newest_epoch() -> None:
+    """A restarted server's claims (generation 1 again) and gap replays (generation 0) are not stuck."""
     wire, agent = FakeWire(), Agent()
-    wire.add_stream(RUN, [{"calls": 1}])
+    wire.add_stream(RUN, [{"calls": 2}])
     handler = WorkflowHandler("agent-runs", agent)
     handler.bind(wire)
     assert await handler(batch(5)) is SUSPEND
-    written = len(journal(wire))
     wire.streams[RUN].append({"type": "approval", "key": "call-0", "approved": True})
+    assert await handler(batch(1)) is SUSPEND  # the server forgot the subscription: generations start over
+    wire.streams[RUN].append({"type": "approval", "key": "call-1", "approved": True})
+    assert await handler(batch(0)) is None  # a gap replay
+    assert statuses(wire)[-1] == "completed"
+    epochs = [entry["epoch"] for entry in journal(wire)]
+    assert epochs == sorted(epochs)
+    assert epochs[0] == 5
+    assert len({entry["epoch"] for entry in journal(wire) if entry.get("status") == "running"}) == 3
+    assert agent.ran == ["plan", "call-0", "call-1"]
+
+
+async def test_two_deliveries_that_read_the_same_journal_never_both_write() -> None:
+    """Equal epochs (a zombie and the new holder read the journal before either wrote): seq 0 decides."""
+    wire = FakeWire()
+    wire.add_stream(RUN, ["input"])
+    await wire.create_stream(journal_path(RUN))
+    state = JournalState.of([])
+    first, second = JournalWriter(wire, RUN, state, 1), JournalWriter(wire, RUN, JournalState.of([]), 1)
+    await first.record({"kind": "status", "status": "running"})
     with pytest.raises(ProducerFenced):
-        await handler(batch(4))  # a zombie from an older claim
-    assert len(journal(wire)) == written
+        await second.record({"kind": "status", "status": "running"})
+    await first.record({"kind": "step", "at": 0, "name": "a", "result": 1})
+    assert [entry.get("name") for entry in journal(wire)] == [None, "a"]
+
+
+def test_a_step_entry_supersedes_what_the_journal_held_from_its_position_on() -> None:
+    """A zombie's steps written after the new holder read the journal give way to the new holder's."""
+    state = JournalState.of(
+        [
+            {"kind": "step", "at": 0, "name": "a", "result": 1, "epoch": 1},
+            {"kind": "step", "at": 1, "name": "b", "result": "zombie", "epoch": 1},
+            {"kind": "step", "at": 2, "name": "c", "result": "zombie", "epoch": 1},
+            {"kind": "step", "at": 1, "name": "b", "result": "holder", "epoch": 2},
+        ]
+    )
+    assert [(step["name"], step["result"]) for step in state.steps] == [("a", 1), ("b", "holder")]
 
 
 async def test_a_zombie_is_fenced_by_the_server_mid_run() -> None:

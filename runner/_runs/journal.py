@@ -7,16 +7,54 @@ match it is refused, see `check_journal_outside`), so journaling wakes nothing.
 Entries are JSON objects, appended in order, each carrying the producer epoch and seq it
 was written with:
 
-    {"kind": "step", "at": 0, "name": "plan", "result": ...}      a step's result
-    {"kind": "step", "at": 1, "name": "tool", "error": "..."}     a step's final error
-    {"kind": "status", "status": "running"}
-    {"kind": "status", "status": "suspended", "waiting_for": {"type": "approval", "key": "call-1"}}
+    {"kind": "status", "status": "running", "generation": 7}       first entry of every delivery
+    {"kind": "step", "at": 0, "name": "plan", "result": ...}       a step's result
+    {"kind": "step", "at": 1, "name": "tool", "error": "..."}      a step's final error
+    {"kind": "timer", "wait": 2, "type": "approval", "key": "c1", "deadline": 1700000000.0}
+    {"kind": "status", "status": "suspended", "waiting_for": {"type": "approval", "key": "c1", ...}}
     {"kind": "status", "status": "completed", "result": ...}
     {"kind": "status", "status": "failed", "error": "..."}
+    {"kind": "status", "status": "cancelled", "reason": ...}
+    {"kind": "status", "status": "interrupted", "step": "tool"}  a stop, abort or lost lease cut it
 
-Every append is an idempotent producer's (PROTOCOL.md §5.2.1) with the claim's generation
-as epoch: a retried append lands once, and a holder whose claim a newer generation took over
-is refused by the server (403, `ProducerFenced`) and records nothing.
+A step entry at position `at` replaces what the journal held from that position on (see
+"Epochs" below: only a holder that could not have seen those entries writes one there).
+
+Epochs
+------
+Every append is an idempotent producer's (PROTOCOL.md §5.2.1): one producer id per journal,
+and a per-delivery epoch. The server refuses an epoch below the newest it has seen (403,
+`ProducerFenced`), starts a higher one at seq 0, and answers a repeated (epoch, seq) with
+204 and appends nothing.
+
+The epoch of a delivery is computed from the journal it has just read:
+
+    epoch = max(newest epoch in the journal + 1, claim generation)
+
+and the delivery's first append (its `running` entry, seq 0) comes before anything else.
+
+- It never goes down. A legitimate holder always writes above everything the journal holds,
+  whatever its generation: after a server restart (subscriptions forgotten, generations start
+  again at 1) and for the runner's own gap replays (generation 0) alike. The journal of a run
+  can no longer be stuck behind an epoch nobody will reach again.
+- A zombie stays fenced. Take an older holder Z (claim generation g_Z, read the journal when it
+  held newest epoch E_Z) and the newer holder N (generation g_N > g_Z within one server's life,
+  read the journal later, E_N >= E_Z since a journal only grows). Then
+  e_N = max(E_N + 1, g_N) >= max(E_Z + 1, g_Z) = e_Z.
+  * e_N > e_Z: once N's first entry has landed, the server refuses every append of Z.
+    If Z's first entry had landed before N read, E_N >= e_Z and this is the case.
+  * e_N = e_Z: both deliveries start with seq 0 of the same epoch; the server appends the
+    first and answers the second with 204. A 204 for a delivery's seq 0 is therefore read as
+    "fenced" (a retry of our own lost answer is read the same way: it only costs a
+    redelivery). So one delivery per epoch ever writes.
+  Entries Z wrote after N read and before N's first entry are ones N did not replay; N writes
+  its own step at those positions, and a step entry at position `at` supersedes the rest
+  (`JournalState.of`), so every reader folds the same history: the one of the newest epoch.
+- Across a server restart, generations are no longer ordered with the holder before it; a
+  holder from before the restart (its claim forgotten by the server) with a higher generation
+  than the journal's newest epoch + 1 would win the epoch order. It writes only until its
+  runner learns the claim is gone; the other holder is refused (fenced, redelivered) and is
+  never stuck: its next delivery reads the journal again and writes above it.
 """
 
 from __future__ import annotations
@@ -26,7 +64,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._wire.protocol import Producer, Wire
+from .._wire.protocol import ALREADY_APPENDED, Producer, Wire
 from .._wire.retrying import retrying
 from ..errors import ConfigError, ProducerFenced, StreamNotFound
 
@@ -35,6 +73,8 @@ PRODUCER_ID = "pullwake-run"
 """One producer per journal stream (one stream per run): stable across runners and restarts."""
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
+STATUSES = ("pending", "running", "suspended", "interrupted", "completed", "failed", "cancelled")
+_STATUS_DETAIL = {"completed": "result", "failed": "error", "cancelled": "reason", "interrupted": "step"}
 
 
 def journal_path(run_path: str) -> str:
@@ -79,6 +119,9 @@ class JournalState:
 
     entries: list[dict[str, Any]] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    """By position: a step entry at `at` replaces what was held from `at` on."""
+    timers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """The deadlines of waits with a timeout, by the wait's position."""
     status: str = "pending"
     """`pending` until a runner first handled the run (no journal yet)."""
     last_status: dict[str, Any] | None = None
@@ -87,15 +130,23 @@ class JournalState:
     def of(cls, entries: Sequence[Any]) -> JournalState:
         state = cls()
         for entry in entries:
-            if not isinstance(entry, dict):
-                continue  # not ours: a journal is only written by runs, but never trust a stream blindly
-            state.entries.append(entry)
-            if entry.get("kind") == "step":
-                state.steps.append(entry)
-            elif entry.get("kind") == "status":
-                state.status = str(entry.get("status"))
-                state.last_status = entry
+            if isinstance(entry, dict):  # a journal is only written by runs, but never trust a stream blindly
+                state.fold(entry)
         return state
+
+    def fold(self, entry: dict[str, Any]) -> None:
+        self.entries.append(entry)
+        kind = entry.get("kind")
+        if kind == "step":
+            at = entry.get("at")
+            if isinstance(at, int) and 0 <= at <= len(self.steps):
+                del self.steps[at:]
+            self.steps.append(entry)
+        elif kind == "timer" and isinstance(entry.get("wait"), int):
+            self.timers[entry["wait"]] = entry
+        elif kind == "status":
+            self.status = str(entry.get("status"))
+            self.last_status = entry
 
     @property
     def finished(self) -> bool:
@@ -108,14 +159,16 @@ class JournalState:
         waiting = self.last_status.get("waiting_for")
         return waiting if isinstance(waiting, dict) else None
 
+    @property
+    def deadline(self) -> tuple[float, str] | None:
+        """(deadline, timer key) of the wait a suspended run is in, if it has a timeout."""
+        waiting = self.waiting_for
+        if waiting is None or not isinstance(waiting.get("deadline"), int | float):
+            return None
+        return float(waiting["deadline"]), str(waiting.get("timer"))
+
     def newest_epoch(self) -> int:
         return max((entry["epoch"] for entry in self.entries if isinstance(entry.get("epoch"), int)), default=-1)
-
-    def next_seq(self, epoch: int) -> int:
-        seqs = [
-            entry["seq"] for entry in self.entries if entry.get("epoch") == epoch and isinstance(entry.get("seq"), int)
-        ]
-        return max(seqs, default=-1) + 1
 
     def view(self, run_path: str) -> dict[str, Any]:
         """What `pullwake runs --json` prints for one run."""
@@ -125,15 +178,14 @@ class JournalState:
             "waiting_for": self.waiting_for,
             "steps": [step.get("name") for step in self.steps],
         }
-        if self.last_status is not None and self.status == "completed":
-            document["result"] = self.last_status.get("result")
-        if self.last_status is not None and self.status == "failed":
-            document["error"] = self.last_status.get("error")
+        detail = _STATUS_DETAIL.get(self.status)
+        if detail is not None and self.last_status is not None:
+            document[detail] = self.last_status.get(detail)
         return document
 
 
-async def read_all(wire: Wire, path: str) -> list[Any] | None:
-    """Every message of `path` (None if the stream does not exist), following the server's chunks."""
+async def read_stream(wire: Wire, path: str) -> tuple[list[Any], str] | None:
+    """Every message of `path` and the offset after them (None if the stream does not exist)."""
     messages: list[Any] = []
     offset = "-1"
     while True:
@@ -143,35 +195,36 @@ async def read_all(wire: Wire, path: str) -> list[Any] | None:
             return None
         messages.extend(result.messages)
         if result.up_to_date or not result.messages or result.next_offset == offset:
-            return messages
+            return messages, result.next_offset
         offset = result.next_offset
 
 
-class JournalWriter:
-    """Appends one run's journal entries as the claim's producer: epoch = generation, seq in order."""
+async def read_all(wire: Wire, path: str) -> list[Any] | None:
+    """Every message of `path` (None if the stream does not exist), following the server's chunks."""
+    read = await read_stream(wire, path)
+    return None if read is None else read[0]
 
-    def __init__(self, wire: Wire, run_path: str, state: JournalState, epoch: int) -> None:
-        if state.newest_epoch() > epoch:
-            # A newer claim holder has written already: we lost this claim, so record nothing.
-            raise ProducerFenced(
-                f"the journal of {run_path} has epoch {state.newest_epoch()}, newer than this claim's {epoch}",
-                status=403,
-            )
+
+class JournalWriter:
+    """Appends one delivery's journal entries as the run's producer, in an epoch of its own (see Epochs)."""
+
+    def __init__(self, wire: Wire, run_path: str, state: JournalState, generation: int) -> None:
         self.wire = wire
+        self.run_path = run_path
         self.path = journal_path(run_path)
         self.state = state
-        self.epoch = epoch
-        self.seq = state.next_seq(epoch)
+        self.epoch = max(state.newest_epoch() + 1, generation)
+        self.seq = 0
 
     async def record(self, entry: dict[str, Any]) -> None:
         written = {**entry, "epoch": self.epoch, "seq": self.seq}
         producer = Producer(PRODUCER_ID, self.epoch, self.seq)
-        await retrying(lambda: self.wire.append(self.path, written, producer=producer), what=f"journal {self.path}")
+        answer = await retrying(
+            lambda: self.wire.append(self.path, written, producer=producer), what=f"journal {self.path}"
+        )
+        if answer == ALREADY_APPENDED and self.seq == 0:
+            raise ProducerFenced(
+                f"the journal of {self.run_path} already has epoch {self.epoch}: another delivery took it", status=403
+            )
         self.seq += 1
-        # Keep the folded state current: a later status or step in this delivery sees it.
-        self.state.entries.append(written)
-        if entry.get("kind") == "step":
-            self.state.steps.append(written)
-        elif entry.get("kind") == "status":
-            self.state.status = str(entry.get("status"))
-            self.state.last_status = written
+        self.state.fold(written)  # a later status or step in this delivery sees it

@@ -67,6 +67,11 @@ async def start_run(settings: Settings, subscription: str, run_path: str, run_in
         await wire.append(run_path, run_input)
 
 
+async def cancel_run(settings: Settings, run_path: str, reason: str | None = None) -> None:
+    """Append a cancel event: the runner that holds or next claims the run ends it `cancelled`."""
+    await send_event(settings, run_path, {"type": "cancel", **({"reason": reason} if reason is not None else {})})
+
+
 async def send_event(settings: Settings, run_path: str, event: dict[str, Any]) -> None:
     async with open_wire(settings) as wire:
         try:

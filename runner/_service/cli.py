@@ -340,6 +340,21 @@ def runs_send(run_path: str, event_type: str, key: str | None, data: str, config
     click.echo(f"sent {event_type} to {run_path}")
 
 
+@runs_group.command("cancel")
+@click.argument("run_path")
+@click.option("--reason", help="Why, kept in the run's journal.")
+@config_option
+def runs_cancel(run_path: str, reason: str | None, config: Path | None) -> None:
+    """Cancel a run: the step in flight is cut, the run ends `cancelled`, no later event resumes it."""
+    from .._runs.listing import cancel_run
+
+    try:
+        trio.run(cancel_run, _settings(config), run_path, reason)
+    except ConfigError as error:
+        _fail_config(error)
+    click.echo(f"cancelling {run_path}")
+
+
 def _json_option(name: str, text: str) -> Any:
     try:
         return json.loads(text)

@@ -1,0 +1,166 @@
+"""Durable runs (issue 24's goals): what a journaled step costs, how fast a suspended run resumes,
+how long replaying 1,000 journaled steps takes; in-process runners against the real server.
+
+- step: p50/p99 of one `run.step` with a trivial function that runs (its journal append included);
+- resume: append of an event -> the workflow past its `wait_for`, beside a plain handler's
+  append -> handler on the same server (the goal: resume p50 <= 2x the plain p50);
+- replay: one delivery of a run whose journal holds 1,000 steps (read, replay, journal), and the
+  workflow's replay alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import statistics
+import time
+from typing import Any
+
+import trio
+
+from bench.core import Bench, percentiles, running, until
+from runner import Batch, Run, Runner, SubscriptionSpec
+from runner._runs.listing import open_wire, start_run
+from runner._runs.workflow import WorkflowHandler
+
+
+async def runs(bench: Bench) -> None:
+    small = bench.scale.latency_events < 100
+    bench.results["runs"] = {
+        "step": await _step_cost(bench, 50 if small else 500),
+        "resume": await _resume(bench, 10 if small else 50),
+        "replay_1000": await _replay(bench, 1000),
+    }
+
+
+def _spec(uid: str) -> SubscriptionSpec:
+    return SubscriptionSpec(id=f"sub-{uid}", pattern=f"{uid}/*")
+
+
+async def _step_cost(bench: Bench, steps: int) -> dict[str, Any]:
+    uid, wake = bench.names("rstep")
+    spec = _spec(uid)
+    took: list[float] = []
+    done = trio.Event()
+
+    async def trivial(i: int) -> int:
+        return i
+
+    async def workflow(run: Run) -> object:
+        for i in range(steps):
+            started = time.perf_counter()
+            await run.step(f"s{i}", trivial, i)
+            took.append(time.perf_counter() - started)
+        done.set()
+        return steps
+
+    settings = bench.settings(wake, (spec,))
+    runner = Runner(settings)
+    runner.workflow(spec.id)(workflow)
+    async with running(runner):
+        await start_run(settings, spec.id, f"{uid}/1", {})
+        with trio.fail_after(120):
+            await done.wait()
+    return {"steps": steps, **percentiles(took[5:])}  # the first few pay for connections
+
+
+async def _resume(bench: Bench, events: int) -> dict[str, Any]:
+    uid, wake = bench.names("rres")
+    spec = _spec(uid)
+    resumed: dict[int, float] = {}
+
+    async def workflow(run: Run) -> object:
+        for i in range(events):
+            await run.wait_for("go", key=str(i))
+            resumed.setdefault(i, time.perf_counter())
+        return events
+
+    plain_uid, plain_wake = bench.names("rplain")
+    plain_spec = _spec(plain_uid)
+    handled: dict[int, float] = {}
+
+    async def plain(batch: Batch) -> None:
+        for message in batch.messages:
+            handled.setdefault(message["i"], time.perf_counter())
+
+    settings = bench.settings(wake, (spec,))
+    runner = Runner(settings)
+    runner.workflow(spec.id)(workflow)
+    plain_runner = Runner(bench.settings(plain_wake, (plain_spec,)), handlers={plain_spec.id: plain})
+    run_path, plain_stream = f"{uid}/1", f"{plain_uid}/a"
+    await bench.producer.create_stream(plain_stream)
+    to_resume: list[float] = []
+    to_handler: list[float] = []
+    async with running(runner), running(plain_runner):
+        await start_run(settings, spec.id, run_path, {})
+        for i in range(events):  # alternate: drift on a shared machine hits both alike
+            await until(lambda: runner.health().in_flight == [], 30, "the run to let go")
+            await trio.sleep(0.05)
+            sent = time.perf_counter()
+            await bench.producer.append(run_path, {"type": "go", "key": str(i)})
+            await until(functools.partial(operator.contains, resumed, i), 30, "the run to resume")
+            to_resume.append(resumed[i] - sent)
+            await trio.sleep(0.05)
+            sent = time.perf_counter()
+            await bench.producer.append(plain_stream, {"i": i})
+            await until(functools.partial(operator.contains, handled, i), 30, "the plain handler")
+            to_handler.append(handled[i] - sent)
+    resume, plain_latency = percentiles(to_resume), percentiles(to_handler)
+    ratio = resume["p50_ms"] / plain_latency["p50_ms"]
+    return {"events": events, "resume": resume, "plain": plain_latency, "ratio_p50": ratio}
+
+
+async def _replay(bench: Bench, steps: int) -> dict[str, Any]:
+    uid, wake = bench.names("rrep")
+    spec = _spec(uid)
+    settings = bench.settings(wake, (spec,))
+    run_path = f"{uid}/1"
+    replayed: list[float] = []
+
+    async def workflow(run: Run) -> object:
+        started = time.perf_counter()
+        for i in range(steps):
+            await run.step(f"s{i}", _same, i)
+        replayed.append(time.perf_counter() - started)
+        return await run.wait_for("never")
+
+    handler = WorkflowHandler(spec.id, workflow)
+    deliveries: list[float] = []
+    async with open_wire(settings) as wire:
+        await wire.create_stream(run_path)
+        await wire.append(run_path, {})
+        handler.bind(wire)
+        for generation in range(1, 7):  # the first journals the steps; the others replay them
+            started = time.perf_counter()
+            await handler(Batch(spec.id, run_path, [], "-1", "-1", "bench", generation, 1))
+            deliveries.append(time.perf_counter() - started)
+    return {
+        "steps": steps,
+        "first_delivery_s": deliveries[0],
+        "delivery_ms_median": statistics.median(deliveries[1:]) * 1000,
+        "workflow_replay_ms_median": statistics.median(replayed[1:]) * 1000,
+    }
+
+
+async def _same(i: int) -> int:
+    return i
+
+
+def render(results: dict[str, Any]) -> str:
+    found = results.get("runs")
+    if not found:
+        return ""
+    step, resume, replay = found["step"], found["resume"], found["replay_1000"]
+    lines = [
+        "",
+        "Durable runs (goals: step p50 <= 1.5 ms; resume p50 <= 2x plain; 1,000-step replay <= 50 ms)",
+        f"  journaled step ({step['steps']}):   p50 {step['p50_ms']:.2f} ms   p99 {step['p99_ms']:.2f} ms",
+        f"  resume after event ({resume['events']}): p50 {resume['resume']['p50_ms']:.1f} ms   "
+        f"p99 {resume['resume']['p99_ms']:.1f} ms   plain batch p50 {resume['plain']['p50_ms']:.1f} ms   "
+        f"ratio {resume['ratio_p50']:.2f}x",
+        f"  replay of {replay['steps']} steps: delivery {replay['delivery_ms_median']:.1f} ms "
+        f"(workflow alone {replay['workflow_replay_ms_median']:.1f} ms); first run journaling them "
+        f"{replay['first_delivery_s']:.2f} s",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The runner's side of its durable runs: what it saw (stats), the deadlines it keeps (timers).
+
+`Runner` makes one `RunKeeper`, binds its workflow handlers to it each time it runs, and
+starts `serve` in its lifetime: the timer task, and (once, in the background) learning the
+deadlines and statuses of the runs its workflow subscriptions link from their journals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import structlog
+import trio
+from prometheus_client import CollectorRegistry
+
+from .._config import Settings
+from .._tracing import OFF, Tracing
+from .._wire.protocol import Wire
+from ..errors import ClientError
+from .stats import RunStats
+from .timers import Timers, learn_deadlines
+from .workflow import WorkflowHandler
+
+log = structlog.get_logger("pullwake.runs")
+
+
+class RunKeeper:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.stats = RunStats(registry)
+        self.timers = Timers()
+
+    def bind(self, wire: Wire, handlers: Iterable[WorkflowHandler], tracing: Tracing = OFF) -> None:
+        for handler in handlers:
+            handler.bind(wire, timers=self.timers, stats=self.stats, tracing=tracing)
+
+    async def serve(self, wire: Wire, settings: Settings, subscriptions: Sequence[str]) -> None:
+        """Wake runs whose deadline passed, until cancelled; learn the runs there are, once."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.timers.serve, wire)
+            try:
+                statuses = await learn_deadlines(wire, settings, subscriptions, self.timers)
+            except ClientError as exc:
+                # Not fatal: deliveries and sweeps teach the same, run by run.
+                log.warning("runs.learn_failed", error=str(exc))
+                return
+            for path, status in statuses.items():
+                self.stats.learnt(path, status)
+            log.info("runs.learnt", runs=len(statuses), timers=len(self.timers))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.stats.snapshot(timers_fired=self.timers.fired), "timers": len(self.timers)}

@@ -1,0 +1,65 @@
+"""Seeing durable runs: a span per executed step and per wait under the batch's `process` span,
+and `pullwake_runs{status}` / step counters from what a runner saw."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from runner import Run
+from runner._runs.stats import RunStats
+from runner._runs.workflow import WorkflowHandler
+from runner._tracing import Tracing
+from tests.fake_wire import FakeWire
+from tests.test_runs import RUN, batch
+from tests.test_tracing import spans  # noqa: F401  (the fixture)
+
+
+async def test_a_step_and_a_wait_are_spans_under_the_process_span(spans: tuple[Tracing, InMemorySpanExporter]) -> None:  # noqa: F811
+    tracing, exporter = spans
+    wire = FakeWire()
+    wire.add_stream(RUN, ["input", {"type": "go"}])
+
+    async def workflow(run: Run) -> object:
+        await run.step("first", lambda: 1)
+        await run.wait_for("go")
+        return await run.wait_for("never")
+
+    handler = WorkflowHandler("agent-runs", workflow)
+    handler.bind(wire, tracing=tracing)
+    with tracing.process("agent-runs", RUN, 1, attempt=1, replayed=False):
+        await handler(batch(1))
+    finished = {span.name: span for span in exporter.get_finished_spans()}
+    process = finished["process agent-runs"]
+    step = finished["step agent-runs"]
+    assert step.parent is not None
+    assert step.parent.span_id == process.context.span_id
+    assert step.attributes is not None
+    assert step.attributes["pullwake.step.name"] == "first"
+    assert step.attributes["pullwake.run.id"] == RUN
+    waits = [span for span in exporter.get_finished_spans() if span.name == "wait agent-runs"]
+    assert [span.attributes["pullwake.wait.outcome"] for span in waits if span.attributes] == ["event", "suspended"]
+    assert all(span.parent is not None and span.parent.span_id == process.context.span_id for span in waits)
+
+    exporter.clear()
+    with tracing.process("agent-runs", RUN, 1, attempt=1, replayed=False):
+        await handler(batch(2))
+    assert "step agent-runs" not in {span.name for span in exporter.get_finished_spans()}, "a replayed step: no span"
+
+
+def test_the_runs_gauge_counts_each_run_once_by_its_last_status() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    stats = RunStats(registry)
+    stats.seen("runs/1", "running")
+    stats.seen("runs/1", "suspended")
+    stats.seen("runs/2", "running")
+    stats.seen("runs/2", "completed")
+    stats.learnt("runs/1", "pending")  # older than what a delivery here said: ignored
+    stats.step("executed", 3)
+    text = generate_latest(registry).decode()
+    assert 'pullwake_runs{status="suspended"} 1.0' in text
+    assert 'pullwake_runs{status="completed"} 1.0' in text
+    assert 'pullwake_runs{status="running"} 0.0' in text
+    assert 'pullwake_run_steps_total{result="executed"} 3.0' in text
+    assert stats.snapshot()["by_status"]["suspended"] == 1
