@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import trio
 
 from faults.variant import VariantServer
 from runner import Batch, Runner
+from runner._state.journal import Journal
 from tests.support import Recorder, World, captured_logs, eventually, running
 from tests.test_end_to_end import fully_acked, lines, start_runner_process, write_config
 
@@ -371,13 +372,12 @@ async def ended(process: subprocess.Popen[bytes], signum: int) -> None:
         raise
 
 
-def held_claim(journal: Path, subscription: str) -> dict[str, Any] | None:
-    try:
-        document = json.loads(journal.read_text())
-    except (OSError, ValueError):
-        return None
-    held: dict[str, Any] | None = document.get("claims", {}).get(subscription)
-    return held
+def held_claim(journal: Path, subscription: str, server_url: str) -> dict[str, Any] | None:
+    """What the runner's journal on disk (snapshot and log) says it holds, read as a restart would."""
+    for held in Journal(journal, server_url=server_url).held_claims():
+        if held.subscription == subscription:
+            return asdict(held)
+    return None
 
 
 async def test_a_refreshed_claim_token_survives_a_kill_and_hands_the_claim_back(
@@ -405,12 +405,12 @@ async def test_a_refreshed_claim_token_survives_a_kill_and_hands_the_claim_back(
         await world.append("a", {"n": 1})
         await eventually(lambda: '"started"' in record_file.read_text(), what="the batch to start")
         started = trio.current_time()
-        granted = held_claim(journal, world.sub)
+        granted = held_claim(journal, world.sub, url)
         assert granted is not None
 
         def renewed(since: dict[str, Any]) -> Callable[[], bool]:
             def check() -> bool:
-                now = held_claim(journal, world.sub)
+                now = held_claim(journal, world.sub, url)
                 return now is not None and now["renewed_at"] > since["renewed_at"]
 
             return check
@@ -418,10 +418,10 @@ async def test_a_refreshed_claim_token_survives_a_kill_and_hands_the_claim_back(
         await eventually(renewed(granted), timeout=5, what="a renewal")
         if server.variant is not None:
             server.variant.token_ttl = 60.0
-        once = held_claim(journal, world.sub)
+        once = held_claim(journal, world.sub, url)
         assert once is not None
         await eventually(renewed(once), timeout=5, what="a second renewal")
-        newest = held_claim(journal, world.sub)
+        newest = held_claim(journal, world.sub, url)
         assert newest is not None
         if server.variant is not None:
             assert newest["token"] != granted["token"]
