@@ -147,29 +147,37 @@ class HostileServer:
                 pass
 
     async def _read_request(self, stream: trio.SocketStream) -> Request | None:
-        connection = h11.Connection(h11.SERVER)
-        head_event: h11.Request | None = None
-        body = b""
-        while True:
-            event = connection.next_event()
-            if event is h11.NEED_DATA:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return None
-                connection.receive_data(data)
-            elif isinstance(event, h11.Request):
-                head_event = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage) and head_event is not None:
-                target = urlsplit(head_event.target.decode())
-                return Request(
-                    method=head_event.method.decode(),
-                    path=target.path,
-                    query={key: values[0] for key, values in parse_qs(target.query).items()},
-                    headers={name.decode().lower(): value.decode() for name, value in head_event.headers},
-                    body=body,
-                    at=trio.current_time(),
-                )
-            else:
+        received = await receive_request(h11.Connection(h11.SERVER), stream)
+        if received is None:
+            return None
+        head_event, body = received
+        target = urlsplit(head_event.target.decode())
+        return Request(
+            method=head_event.method.decode(),
+            path=target.path,
+            query={key: values[0] for key, values in parse_qs(target.query).items()},
+            headers={name.decode().lower(): value.decode() for name, value in head_event.headers},
+            body=body,
+            at=trio.current_time(),
+        )
+
+
+async def receive_request(connection: h11.Connection, stream: trio.SocketStream) -> tuple[h11.Request, bytes] | None:
+    """One request off `connection`: its head and its body; None if the peer left or sent something else."""
+    head_event: h11.Request | None = None
+    body = b""
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(65536)
+            if not data:
                 return None
+            connection.receive_data(data)
+        elif isinstance(event, h11.Request):
+            head_event = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage) and head_event is not None:
+            return head_event, body
+        else:
+            return None

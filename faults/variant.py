@@ -51,6 +51,8 @@ import h11
 import httpx
 import trio
 
+from faults.hostile import receive_request
+
 DIFFERENCES = (
     "config_conflict",
     "not_found",
@@ -333,24 +335,12 @@ async def _events(response: httpx.Response) -> AsyncGenerator[tuple[str | None, 
 
 
 async def _read_request(connection: h11.Connection, stream: trio.SocketStream) -> _Request | None:
-    head: h11.Request | None = None
-    body = b""
-    while True:
-        event = connection.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                return None
-            connection.receive_data(data)
-        elif isinstance(event, h11.Request):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage) and head is not None:
-            headers = {name.decode().lower(): value.decode() for name, value in head.headers}
-            return _Request(head.method.decode(), head.target.decode(), headers, body)
-        else:
-            return None
+    received = await receive_request(connection, stream)
+    if received is None:
+        return None
+    head, body = received
+    headers = {name.decode().lower(): value.decode() for name, value in head.headers}
+    return _Request(head.method.decode(), head.target.decode(), headers, body)
 
 
 def _clamped(body: bytes) -> bytes:
