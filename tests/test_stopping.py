@@ -238,9 +238,10 @@ async def test_fifty_start_stop_cycles_leave_nothing_behind(world: World, tmp_pa
 
 async def test_a_stuck_sync_handler_cannot_hold_the_stop(world: World) -> None:
     await world.create("a")
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     def stuck(batch: Batch) -> None:
+        entered.set()
         release.wait(120)  # a sync handler that ignores everything
 
     runner = Runner(world.settings(drain_timeout=1.0, finalizer_timeout=1.0), handlers={world.sub: stuck})
@@ -249,7 +250,8 @@ async def test_a_stuck_sync_handler_cannot_hold_the_stop(world: World) -> None:
             await runner.start(nursery)
             await runner.wait_until(State.STREAMING)
             await world.append("a", {"n": 1})
-            await eventually(lambda: bool(runner.health().in_flight))
+            # The handler itself, not just a worker (a sweep's worker is in flight before any claim).
+            await eventually(entered.is_set, what="the handler to be stuck")
             before = trio.current_time()
             await runner.stop()
             took = trio.current_time() - before
