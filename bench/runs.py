@@ -5,7 +5,10 @@ how long replaying 1,000 journaled steps takes; in-process runners against the r
 - resume: append of an event -> the workflow past its `wait_for`, beside a plain handler's
   append -> handler on the same server (the goal: resume p50 <= 2x the plain p50);
 - replay: one delivery of a run whose journal holds 1,000 steps (read, replay, journal), and the
-  workflow's replay alone.
+  workflow's replay alone;
+- chaos: 100 runs served by two `pullwake run` processes killed with SIGKILL at random, between
+  and inside steps (bench/run_chaos.py): runs lost or not completed, journaled steps run again,
+  re-runs beyond one per step in flight at a kill (the goal: all 0).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import trio
 
 from bench.core import Bench, percentiles, running, until
+from bench.run_chaos import Chaos, met
 from runner import Batch, Run, Runner, SubscriptionSpec
 from runner._runs.listing import open_wire, start_run
 from runner._runs.workflow import WorkflowHandler
@@ -30,6 +34,7 @@ async def runs(bench: Bench) -> None:
         "step": await _step_cost(bench, 50 if small else 500),
         "resume": await _resume(bench, 10 if small else 50),
         "replay_1000": await _replay(bench, 1000),
+        "chaos": await _chaos(bench, 10 if small else 100, 3 if small else 30),
     }
 
 
@@ -142,6 +147,16 @@ async def _replay(bench: Bench, steps: int) -> dict[str, Any]:
     }
 
 
+async def _chaos(bench: Bench, runs: int, kills: int) -> dict[str, Any]:
+    uid, _ = bench.names("rchaos")
+    scratch = bench.scratch / uid
+    scratch.mkdir()
+    chaos = Chaos(bench.url, uid, scratch, runs=runs, kills=kills)
+    started = time.perf_counter()
+    figures = chaos.judge(await chaos.run_and_kill())
+    return {**figures, "seconds": time.perf_counter() - started, "met": met(figures)}
+
+
 async def _same(i: int) -> int:
     return i
 
@@ -153,7 +168,8 @@ def render(results: dict[str, Any]) -> str:
     step, resume, replay = found["step"], found["resume"], found["replay_1000"]
     lines = [
         "",
-        "Durable runs (goals: step p50 <= 1.5 ms; resume p50 <= 2x plain; 1,000-step replay <= 50 ms)",
+        "Durable runs (goals: step p50 <= 1.5 ms; resume p50 <= 2x plain; 1,000-step replay <= 50 ms;",
+        "  kill -9 chaos: 0 runs lost, every run completed, 0 journaled steps run again, <= 1 re-run per kill)",
         f"  journaled step ({step['steps']}):   p50 {step['p50_ms']:.2f} ms   p99 {step['p99_ms']:.2f} ms",
         f"  resume after event ({resume['events']}): p50 {resume['resume']['p50_ms']:.1f} ms   "
         f"p99 {resume['resume']['p99_ms']:.1f} ms   plain batch p50 {resume['plain']['p50_ms']:.1f} ms   "
@@ -161,6 +177,15 @@ def render(results: dict[str, Any]) -> str:
         f"  replay of {replay['steps']} steps: delivery {replay['delivery_ms_median']:.1f} ms "
         f"(workflow alone {replay['workflow_replay_ms_median']:.1f} ms); first run journaling them "
         f"{replay['first_delivery_s']:.2f} s",
-        "",
     ]
+    if chaos := found.get("chaos"):
+        lines += [
+            f"  kill -9 chaos ({chaos['runs']} runs, {chaos['kills']} kills, {chaos['kills_inside_a_step']} inside "
+            f"a step, {chaos['seconds']:.0f} s): {'met' if chaos['met'] else 'MISSED'}: "
+            f"{chaos['runs_completed']}/{chaos['runs']} completed, {chaos['runs_lost']} lost, "
+            f"{chaos['journaled_steps_run_again']} journaled steps run again, "
+            f"{chaos['steps_rerun_after_a_kill']} steps re-run after a kill, "
+            f"{chaos['reruns_beyond_one_per_kill']} beyond one per kill",
+        ]
+    lines.append("")
     return "\n".join(lines)
