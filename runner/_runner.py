@@ -505,7 +505,7 @@ class Runner:
                             name="checkpoint",
                         )
                     if workflows:
-                        lifetime.start_soon(self._runs.serve, wire, settings, sorted(workflows), name="runs")
+                        lifetime.start_soon(self._runs.serve, wire, sorted(workflows), name="runs")
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()

@@ -55,7 +55,6 @@ def test_the_runs_gauge_counts_each_run_once_by_its_last_status() -> None:
     stats.seen("runs/1", "suspended")
     stats.seen("runs/2", "running")
     stats.seen("runs/2", "completed")
-    stats.learnt("runs/1", "pending")  # older than what a delivery here said: ignored
     stats.step("executed", 3)
     text = generate_latest(registry).decode()
     assert 'pullwake_runs{status="suspended"} 1.0' in text

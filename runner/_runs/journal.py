@@ -2,7 +2,9 @@
 
 The journal of the run stream `runs/42` is the stream `__runs/runs/42`: on the same
 server, outside any pattern that names the runs (a configuration whose pattern would
-match it is refused, see `check_journal_outside`), so journaling wakes nothing.
+match it is refused, see `check_journal_outside`), so journaling wakes nothing. Beside
+the journals, each workflow subscription has a deadlines index, `__runs/~deadlines/<id>`
+(runner/_runs/timers.py), refused likewise.
 
 Entries are JSON objects, appended in order, each carrying the producer epoch and seq it
 was written with:
@@ -69,6 +71,7 @@ from .._wire.retrying import retrying
 from ..errors import ConfigError, ProducerFenced, StreamNotFound
 
 JOURNAL_PREFIX = "__runs/"
+DEADLINES_PREFIX = JOURNAL_PREFIX + "~deadlines/"
 PRODUCER_ID = "pullwake-run"
 """One producer per journal stream (one stream per run): stable across runners and restarts."""
 
@@ -79,6 +82,10 @@ _STATUS_DETAIL = {"completed": "result", "failed": "error", "cancelled": "reason
 
 def journal_path(run_path: str) -> str:
     return JOURNAL_PREFIX + run_path.strip("/")
+
+
+def deadlines_path(subscription: str) -> str:
+    return DEADLINES_PREFIX + subscription.strip("/")
 
 
 def glob_match(pattern: str, path: str) -> bool:
@@ -104,11 +111,12 @@ def check_journal_outside(subscription: str, pattern: str | None, streams: Seque
     """ConfigError if the subscription would follow its own runs' journals (each entry would wake it)."""
     if pattern:
         example = "/".join("x" if part in ("*", "**") else part for part in pattern.strip("/").split("/"))
-        if glob_match(pattern, journal_path(example)):
-            raise ConfigError(
-                f"subscription {subscription!r} is a workflow, and its pattern {pattern!r} also matches its runs' "
-                f"journals ({journal_path(example)!r}): use a pattern that does not match {JOURNAL_PREFIX}..."
-            )
+        for ours in (journal_path(example), deadlines_path(subscription)):
+            if glob_match(pattern, ours):
+                raise ConfigError(
+                    f"subscription {subscription!r} is a workflow, and its pattern {pattern!r} also matches its "
+                    f"runs' journals ({ours!r}): use a pattern that does not match {JOURNAL_PREFIX}..."
+                )
     if clashing := [stream for stream in streams if stream.startswith(JOURNAL_PREFIX)]:
         raise ConfigError(f"subscription {subscription!r} lists run journals as streams: {clashing}")
 

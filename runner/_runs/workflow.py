@@ -32,7 +32,7 @@ from ..errors import ClientError, ConfigError, RunnerError
 from .journal import JournalState, JournalWriter, journal_path, read_all, read_stream
 from .run import CANCEL, Run, RunCancelled, Suspended
 from .stats import RunStats
-from .timers import Timers
+from .timers import Due, Timers, index_deadline
 
 log = structlog.get_logger("pullwake.runs")
 
@@ -88,6 +88,7 @@ class WorkflowHandler:
             await retrying(lambda: wire.create_stream(journal_path(run_path)), what="create run journal")
             entries = []
         state = JournalState.of(entries)
+        deadline = state.deadline
         if state.finished:
             self.timers.clear(run_path)
             log.debug("run.already_ended", run=run_path, status=state.status)
@@ -96,7 +97,7 @@ class WorkflowHandler:
         await journal.record({"kind": "status", "status": "running", "generation": batch.generation})
         self.stats.seen(run_path, "running")
         if (cancel := _cancel_event(messages[1:])) is not None:
-            return await self._end(journal, "cancelled", reason=cancel.get("reason"))
+            return await self._end(journal, deadline, "cancelled", reason=cancel.get("reason"))
         run = Run(run_path, messages, journal, subscription=self.subscription, now=self.now, tracing=self.tracing)
         try:
             outcome, value = await self._play(wire, run, offset)
@@ -115,18 +116,19 @@ class WorkflowHandler:
                 self.timers.set(run_path, *due)
             else:
                 self.timers.clear(run_path)
+            await index_deadline(wire, self.subscription, run_path, deadline, due)
             log.info("run.suspended", run=run_path, waiting_for=value, executed=run.executed)
             return SUSPEND
         if outcome == "cancelled":
-            return await self._end(journal, "cancelled", reason=value.event.get("reason"), step=value.step)
+            return await self._end(journal, deadline, "cancelled", reason=value.event.get("reason"), step=value.step)
         if outcome == "error":
-            return await self._end(journal, "failed", error=f"{type(value).__name__}: {value}")
+            return await self._end(journal, deadline, "failed", error=f"{type(value).__name__}: {value}")
         try:
             json.dumps(value)
         except (TypeError, ValueError) as exc:
-            return await self._end(journal, "failed", error=f"the run's result is not JSON: {exc}")
+            return await self._end(journal, deadline, "failed", error=f"the run's result is not JSON: {exc}")
         log.info("run.completed", run=run_path, executed=run.executed)
-        return await self._end(journal, "completed", result=value)
+        return await self._end(journal, deadline, "completed", result=value)
 
     async def _play(self, wire: Wire, run: Run, offset: str) -> tuple[str, Any]:
         """Run the workflow once: ("result" | "suspended" | "cancelled" | "error", what it came to)."""
@@ -155,8 +157,9 @@ class WorkflowHandler:
             raise result[1]
         return result
 
-    async def _end(self, journal: JournalWriter, status: str, **detail: Any) -> HandlerResult:
+    async def _end(self, journal: JournalWriter, deadline: Due, status: str, **detail: Any) -> HandlerResult:
         await journal.record({"kind": "status", "status": status, **detail})
+        await index_deadline(journal.wire, self.subscription, journal.run_path, deadline, None)
         self.stats.seen(journal.run_path, status)
         self.timers.clear(journal.run_path)
         if status != "completed":
