@@ -34,7 +34,8 @@ STEPS = 5
 RECORD = "PULLWAKE_CHAOS_RECORD"
 
 
-def _write(line: dict[str, object]) -> None:
+def record_line(line: dict[str, object]) -> None:
+    """Append `line` (with this process's pid) to $PULLWAKE_CHAOS_RECORD."""
     with open(os.environ[RECORD], "a") as out:
         out.write(json.dumps({**line, "pid": os.getpid()}) + "\n")
 
@@ -45,13 +46,13 @@ async def chaos(run: Run) -> object:
     for index in range(STEPS):
 
         async def work(index: int = index) -> int:
-            _write({"run": run.id, "step": index, "phase": "start"})
+            record_line({"run": run.id, "step": index, "phase": "start"})
             await trio.sleep(random.uniform(0.0, 0.15))  # spreads the kills over the steps
-            _write({"run": run.id, "step": index, "phase": "end"})
+            record_line({"run": run.id, "step": index, "phase": "end"})
             return index
 
         total += await run.step(f"s{index}", work)
-        _write({"run": run.id, "step": index, "phase": "journaled"})
+        record_line({"run": run.id, "step": index, "phase": "journaled"})
     return total
 
 
@@ -65,6 +66,7 @@ class Chaos:
     runs: int
     kills: int
     seed: int = 24
+    workflow: str = "bench.run_chaos:chaos"
     killed: set[int] = field(default_factory=set)
 
     @property
@@ -93,7 +95,7 @@ class Chaos:
             f'id = "{self.subscription}"',
             f'pattern = "runs-{self.uid}/*"',
             "lease_ttl_ms = 1500",
-            'workflow = "bench.run_chaos:chaos"',
+            f'workflow = "{self.workflow}"',
         ]
         path = self.scratch / f"chaos-{name}.toml"
         path.write_text("\n".join(body) + "\n")

@@ -40,6 +40,8 @@ Workflow = Callable[[Run], Awaitable[Any]]
 
 INTERRUPTED_RECORD_TIMEOUT = 2.0
 """How long a cut delivery may take to journal `interrupted` (shielded from the cancellation)."""
+HOLD = 30.0
+"""Seconds a delivery says it holds its run for (the subscription's lease, set by the runner)."""
 WATCH_HOLD = 20.0
 """Seconds one long-poll of a run stream is held while a step runs (the server may answer sooner)."""
 
@@ -58,6 +60,7 @@ class WorkflowHandler:
         self.stats = RunStats()
         self.tracing = OFF
         self.now: Callable[[], float] = time.time
+        self.hold = HOLD
 
     def bind(
         self,
@@ -94,13 +97,21 @@ class WorkflowHandler:
             log.debug("run.already_ended", run=run_path, status=state.status)
             return None  # a late event resumes nothing
         journal = JournalWriter(wire, run_path, state, batch.generation)
-        await journal.record({"kind": "status", "status": "running", "generation": batch.generation})
+        await journal.record(
+            {
+                "kind": "status",
+                "status": "running",
+                "generation": batch.generation,
+                "at": self.now(),
+                "held_for": self.hold,
+            }
+        )
         self.stats.seen(run_path, "running")
         if (cancel := _cancel_event(messages[1:])) is not None:
             return await self._end(journal, deadline, "cancelled", reason=cancel.get("reason"))
         run = Run(run_path, messages, journal, subscription=self.subscription, now=self.now, tracing=self.tracing)
         try:
-            outcome, value = await self._play(wire, run, offset)
+            outcome, value = await self._play(wire, run, offset, journal)
         except BaseException:
             if run.in_flight is not None:
                 await self._interrupted(journal, run.in_flight)
@@ -130,9 +141,10 @@ class WorkflowHandler:
         log.info("run.completed", run=run_path, executed=run.executed)
         return await self._end(journal, deadline, "completed", result=value)
 
-    async def _play(self, wire: Wire, run: Run, offset: str) -> tuple[str, Any]:
+    async def _play(self, wire: Wire, run: Run, offset: str, journal: JournalWriter) -> tuple[str, Any]:
         """Run the workflow once: ("result" | "suspended" | "cancelled" | "error", what it came to)."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._say_held, journal)
             watching = False
 
             def executing() -> None:  # a step is about to run: from now on a cancel must reach it
@@ -152,10 +164,19 @@ class WorkflowHandler:
                 result = ("ours", exc)  # the wire or the claim failed, not the workflow: raised below
             except Exception as exc:
                 result = ("error", exc)
-            nursery.cancel_scope.cancel()  # the watcher
+            nursery.cancel_scope.cancel()  # the watcher and the `held` entries
         if result[0] == "ours":
             raise result[1]
         return result
+
+    async def _say_held(self, journal: JournalWriter) -> None:
+        """While the delivery goes on, a `held` entry every third of its hold: readers tell a live
+        holder from a killed one by it (journal.py, Holding). Best effort: a delivery that cannot
+        write is fenced or cut off, and its claim machinery finds out on its own."""
+        while True:
+            await trio.sleep(self.hold / 3)
+            with suppress(ClientError):
+                await journal.record({"kind": "held", "at": self.now()})
 
     async def _end(self, journal: JournalWriter, deadline: Due, status: str, **detail: Any) -> HandlerResult:
         await journal.record({"kind": "status", "status": status, **detail})
