@@ -14,7 +14,7 @@ Writes a table to stdout and JSON to bench/results/latest.json.
     python -m bench --only recovery      # some sections (comma-separated)
     python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
     python -m bench --only journal       # claimed → fsynced, and event-loop CPU, per claim, old and new
-    python -m bench --only runs          # durable runs: a journaled step, resuming, replaying 1,000 steps
+    python -m bench --only runs          # durable runs: a step, resuming, replaying 1,000 steps, kill -9 chaos
 """
 
 from __future__ import annotations

@@ -177,9 +177,10 @@ class Runner:
                 workflows[spec.id] = WorkflowHandler(spec.id, resolve(spec.workflow))  # type: ignore[arg-type]
         for subscription, function in self._workflows.items():
             workflows[subscription] = WorkflowHandler(subscription, function)
-        for subscription in workflows:
+        for subscription, handler in workflows.items():
             if (served := self.settings.subscription(subscription)) is not None:
                 check_journal_outside(subscription, served.pattern, served.streams)
+                handler.hold = served.lease_ttl_ms / 1000  # a live holder says so within its lease
         return workflows
 
     def _resolved_handlers(self, workflows: Mapping[str, WorkflowHandler] | None = None) -> dict[str, AsyncHandler]:
@@ -505,7 +506,7 @@ class Runner:
                             name="checkpoint",
                         )
                     if workflows:
-                        lifetime.start_soon(self._runs.serve, wire, settings, sorted(workflows), name="runs")
+                        lifetime.start_soon(self._runs.serve, wire, sorted(workflows), name="runs")
                     task_status.started()
                 # The drain has emptied the work nursery; anything left is a bug, not work.
                 work.cancel_scope.cancel()

@@ -300,6 +300,15 @@ def test_the_dashboard_queries_are_promql_that_promtool_accepts(tmp_path: Path) 
     assert f"SUCCESS: {len(records)} rules found" in promtool_check_rules(rules)
 
 
+def test_durable_runs_have_their_panels_and_an_alert_on_failed_runs() -> None:
+    shown = {metric for each in dashboard_references() for metric in each.metrics}
+    assert {"pullwake_runs", "pullwake_run_steps_total"} <= shown, "a durable-runs panel is missing"
+    alerted = {(m.metric, m.label, m.value) for each in rule_references() for m in each.matchers}
+    assert ("pullwake_runs", "status", "failed") in alerted, "no alert on failed runs"
+    rule = next(rule for group in rule_groups() for rule in group["rules"] if rule["alert"] == "PullwakeRunsFailed")
+    assert rule["annotations"]["why"].strip(), "the alert says why it is worth acting on"
+
+
 def test_every_alert_says_what_it_is_and_what_to_do() -> None:
     groups = rule_groups()
     assert [group["name"] for group in groups] == ["pullwake-runner", LOCAL_STATE_GROUP]

@@ -3,9 +3,12 @@ and `pullwake_runs{status}` / step counters from what a runner saw."""
 
 from __future__ import annotations
 
+import trio
+import trio.testing
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from runner import Run
+from runner._runs.journal import JournalState, journal_path
 from runner._runs.stats import RunStats
 from runner._runs.workflow import WorkflowHandler
 from runner._tracing import Tracing
@@ -55,7 +58,6 @@ def test_the_runs_gauge_counts_each_run_once_by_its_last_status() -> None:
     stats.seen("runs/1", "suspended")
     stats.seen("runs/2", "running")
     stats.seen("runs/2", "completed")
-    stats.learnt("runs/1", "pending")  # older than what a delivery here said: ignored
     stats.step("executed", 3)
     text = generate_latest(registry).decode()
     assert 'pullwake_runs{status="suspended"} 1.0' in text
@@ -63,3 +65,36 @@ def test_the_runs_gauge_counts_each_run_once_by_its_last_status() -> None:
     assert 'pullwake_runs{status="running"} 0.0' in text
     assert 'pullwake_run_steps_total{result="executed"} 3.0' in text
     assert stats.snapshot()["by_status"]["suspended"] == 1
+
+
+async def test_a_live_holder_keeps_its_run_running_through_a_long_step_and_a_silent_one_reads_interrupted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(RUN, [{}])
+
+    async def long_step(run: Run) -> object:
+        await run.step("long", trio.sleep, 100)
+        return "done"
+
+    handler = WorkflowHandler("agent-runs", long_step)
+    handler.bind(wire, now=trio.current_time)
+    handler.hold = 3.0
+
+    def view() -> dict[str, object]:
+        return JournalState.of(wire.streams[journal_path(RUN)]).view(RUN, now=trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler, batch(1))
+        for _ in range(30):  # 90 s of a step thirty times longer than the hold
+            await trio.sleep(3)
+            assert view()["status"] == "running", view()
+            assert view()["holder_lost"] is False
+    assert view()["status"] == "completed"
+
+    wire.streams[journal_path(RUN)] = wire.streams[journal_path(RUN)][:-2]  # as if killed before its end
+    await trio.sleep(2)
+    assert view()["status"] == "running", "within its hold"
+    await trio.sleep(2)
+    assert view()["status"] == "interrupted"
+    assert view()["holder_lost"] is True

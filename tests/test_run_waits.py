@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from runner import SUSPEND, Run, Runner
+from runner._runs.keeper import RunKeeper
 from runner._runs.listing import list_runs, send_event, start_run
 from runner._runs.timers import Timers
 from runner._runs.workflow import WorkflowHandler
@@ -138,3 +139,35 @@ async def test_a_runner_started_after_another_stopped_wakes_the_run_at_its_deadl
         assert second.health().runs["timers_fired"] == 1
     [completed] = await list_runs(settings, [world.sub])
     assert completed["result"] == "timed out"
+
+
+async def waits_with_a_timeout_if_told(run: Run) -> object:
+    if run.input["timed"]:
+        await run.wait_for("approval", timeout=60 + run.input["n"])
+    return "done"
+
+
+async def test_a_starting_runner_learns_the_deadlines_with_requests_that_do_not_grow_with_the_runs() -> None:
+    """Start-up used to read every run's journal (one request or more per run, at every start)."""
+    wire = FakeWire(chunk=1000)
+    paths = [f"runs/{n}" for n in range(60)]
+    wire.subscribe("agent-runs", paths)
+    handler = WorkflowHandler("agent-runs", waits_with_a_timeout_if_told)
+    handler.bind(wire)  # wall-clock deadlines, as the keeper's timers keep them: none passes here
+    for n, path in enumerate(paths):  # one run in four waits with a timeout; the others complete
+        wire.add_stream(path, [{"n": n, "timed": n % 4 == 0}])
+        await handler(batch(1, path))
+    await wire.append(paths[0], {"type": "approval"})  # answered: its deadline no longer counts
+    await handler(batch(2, paths[0]))
+
+    keeper = RunKeeper()
+    wire.calls.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.serve, wire, ["agent-runs"])
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+    timed = {path for n, path in enumerate(paths) if n % 4 == 0} - {paths[0]}
+    assert {path for path in paths if keeper.timers.due(path)} == timed
+    assert keeper.timers.due(paths[4]) == handler.timers.due(paths[4])
+    assert len(wire.calls) <= 3, f"{len(wire.calls)} requests to learn {len(paths)} runs' deadlines"

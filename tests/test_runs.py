@@ -215,6 +215,9 @@ def test_the_journal_lies_outside_the_pattern_or_the_configuration_is_refused() 
     for pattern in ("**", "*/**", "**/runs/*"):
         with pytest.raises(ConfigError, match="journals"):
             check_journal_outside("bad", pattern, ())
+    check_journal_outside("ok", "*/*", ())
+    with pytest.raises(ConfigError, match="~deadlines/bad"):  # the subscription's deadlines index
+        check_journal_outside("bad", "*/*/*", ())
 
 
 async def test_a_runner_suspends_a_run_and_an_event_sent_from_outside_completes_it(world: World) -> None:

@@ -2,12 +2,16 @@
 
 The journal of the run stream `runs/42` is the stream `__runs/runs/42`: on the same
 server, outside any pattern that names the runs (a configuration whose pattern would
-match it is refused, see `check_journal_outside`), so journaling wakes nothing.
+match it is refused, see `check_journal_outside`), so journaling wakes nothing. Beside
+the journals, each workflow subscription has a deadlines index, `__runs/~deadlines/<id>`
+(runner/_runs/timers.py), refused likewise.
 
 Entries are JSON objects, appended in order, each carrying the producer epoch and seq it
 was written with:
 
-    {"kind": "status", "status": "running", "generation": 7}       first entry of every delivery
+    {"kind": "status", "status": "running", "generation": 7, "at": 1700000000.0, "held_for": 30.0}
+                                                                   first entry of every delivery
+    {"kind": "held", "at": 1700000010.0}                           every held_for / 3 while it goes on
     {"kind": "step", "at": 0, "name": "plan", "result": ...}       a step's result
     {"kind": "step", "at": 1, "name": "tool", "error": "..."}      a step's final error
     {"kind": "timer", "wait": 2, "type": "approval", "key": "c1", "deadline": 1700000000.0}
@@ -19,6 +23,17 @@ was written with:
 
 A step entry at position `at` replaces what the journal held from that position on (see
 "Epochs" below: only a holder that could not have seen those entries writes one there).
+
+Holding
+-------
+The server says nothing about who holds a claim (GET of a subscription has no holder, and
+asking it to claim would take the claim), so a delivery says it itself: its `running` entry
+and then a `held` entry every `held_for / 3` seconds (`held_for` = the subscription's lease)
+carry the writer's wall-clock time. A run whose status is `running` and whose newest such
+time is more than `held_for` old has no live holder (its runner was killed or froze):
+readers show it `interrupted` with `holder_lost`. It resumes at the next claim, like any
+interrupted run. Clocks of writer and reader are compared: keep their skew well under
+`held_for` (NTP does).
 
 Epochs
 ------
@@ -64,11 +79,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from .._wire.protocol import ALREADY_APPENDED, Producer, Wire
 from .._wire.retrying import retrying
 from ..errors import ConfigError, ProducerFenced, StreamNotFound
 
 JOURNAL_PREFIX = "__runs/"
+DEADLINES_PREFIX = JOURNAL_PREFIX + "~deadlines/"
 PRODUCER_ID = "pullwake-run"
 """One producer per journal stream (one stream per run): stable across runners and restarts."""
 
@@ -79,6 +97,10 @@ _STATUS_DETAIL = {"completed": "result", "failed": "error", "cancelled": "reason
 
 def journal_path(run_path: str) -> str:
     return JOURNAL_PREFIX + run_path.strip("/")
+
+
+def deadlines_path(subscription: str) -> str:
+    return DEADLINES_PREFIX + subscription.strip("/")
 
 
 def glob_match(pattern: str, path: str) -> bool:
@@ -104,11 +126,12 @@ def check_journal_outside(subscription: str, pattern: str | None, streams: Seque
     """ConfigError if the subscription would follow its own runs' journals (each entry would wake it)."""
     if pattern:
         example = "/".join("x" if part in ("*", "**") else part for part in pattern.strip("/").split("/"))
-        if glob_match(pattern, journal_path(example)):
-            raise ConfigError(
-                f"subscription {subscription!r} is a workflow, and its pattern {pattern!r} also matches its runs' "
-                f"journals ({journal_path(example)!r}): use a pattern that does not match {JOURNAL_PREFIX}..."
-            )
+        for ours in (journal_path(example), deadlines_path(subscription)):
+            if glob_match(pattern, ours):
+                raise ConfigError(
+                    f"subscription {subscription!r} is a workflow, and its pattern {pattern!r} also matches its "
+                    f"runs' journals ({ours!r}): use a pattern that does not match {JOURNAL_PREFIX}..."
+                )
     if clashing := [stream for stream in streams if stream.startswith(JOURNAL_PREFIX)]:
         raise ConfigError(f"subscription {subscription!r} lists run journals as streams: {clashing}")
 
@@ -125,6 +148,8 @@ class JournalState:
     status: str = "pending"
     """`pending` until a runner first handled the run (no journal yet)."""
     last_status: dict[str, Any] | None = None
+    last_held: float | None = None
+    """The writer's clock at the newest `running` or `held` entry (see Holding)."""
 
     @classmethod
     def of(cls, entries: Sequence[Any]) -> JournalState:
@@ -147,6 +172,8 @@ class JournalState:
         elif kind == "status":
             self.status = str(entry.get("status"))
             self.last_status = entry
+        if kind in ("status", "held") and isinstance(entry.get("at"), int | float):
+            self.last_held = float(entry["at"])
 
     @property
     def finished(self) -> bool:
@@ -170,17 +197,28 @@ class JournalState:
     def newest_epoch(self) -> int:
         return max((entry["epoch"] for entry in self.entries if isinstance(entry.get("epoch"), int)), default=-1)
 
-    def view(self, run_path: str) -> dict[str, Any]:
-        """What `pullwake runs --json` prints for one run."""
+    def holder_lost(self, now: float) -> bool:
+        """Is this `running` run's holder gone (nothing said for longer than its hold)? See Holding."""
+        held_for = self.last_status.get("held_for") if self.last_status is not None else None
+        if self.status != "running" or self.last_held is None or not isinstance(held_for, int | float):
+            return False
+        return now - self.last_held > held_for
+
+    def view(self, run_path: str, now: float | None = None) -> dict[str, Any]:
+        """What `pullwake runs --json` prints for one run (`now`: the reader's clock, for Holding)."""
+        lost = now is not None and self.holder_lost(now)
+        status = "interrupted" if lost else self.status
         document: dict[str, Any] = {
             "id": run_path,
-            "status": self.status,
+            "status": status,
             "waiting_for": self.waiting_for,
             "steps": [step.get("name") for step in self.steps],
         }
-        detail = _STATUS_DETAIL.get(self.status)
+        detail = _STATUS_DETAIL.get(status)
         if detail is not None and self.last_status is not None:
             document[detail] = self.last_status.get(detail)
+        if self.status == "running":
+            document |= {"holder_lost": lost, "last_held": self.last_held}
         return document
 
 
@@ -215,16 +253,19 @@ class JournalWriter:
         self.state = state
         self.epoch = max(state.newest_epoch() + 1, generation)
         self.seq = 0
+        self._one_at_a_time = trio.Lock()  # a `held` entry may come while a step is being journaled
 
     async def record(self, entry: dict[str, Any]) -> None:
-        written = {**entry, "epoch": self.epoch, "seq": self.seq}
-        producer = Producer(PRODUCER_ID, self.epoch, self.seq)
-        answer = await retrying(
-            lambda: self.wire.append(self.path, written, producer=producer), what=f"journal {self.path}"
-        )
-        if answer == ALREADY_APPENDED and self.seq == 0:
-            raise ProducerFenced(
-                f"the journal of {self.run_path} already has epoch {self.epoch}: another delivery took it", status=403
+        async with self._one_at_a_time:
+            written = {**entry, "epoch": self.epoch, "seq": self.seq}
+            producer = Producer(PRODUCER_ID, self.epoch, self.seq)
+            answer = await retrying(
+                lambda: self.wire.append(self.path, written, producer=producer), what=f"journal {self.path}"
             )
-        self.seq += 1
-        self.state.fold(written)  # a later status or step in this delivery sees it
+            if answer == ALREADY_APPENDED and self.seq == 0:
+                raise ProducerFenced(
+                    f"the journal of {self.run_path} already has epoch {self.epoch}: another delivery took it",
+                    status=403,
+                )
+            self.seq += 1
+            self.state.fold(written)  # a later status or step in this delivery sees it

@@ -2,7 +2,7 @@
 
 `Runner` makes one `RunKeeper`, binds its workflow handlers to it each time it runs, and
 starts `serve` in its lifetime: the timer task, and (once, in the background) learning the
-deadlines and statuses of the runs its workflow subscriptions link from their journals.
+deadlines of suspended runs from its workflow subscriptions' deadlines indexes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
-from .._config import Settings
 from .._tracing import OFF, Tracing
 from .._wire.protocol import Wire
 from ..errors import ClientError
@@ -34,19 +33,17 @@ class RunKeeper:
         for handler in handlers:
             handler.bind(wire, timers=self.timers, stats=self.stats, tracing=tracing)
 
-    async def serve(self, wire: Wire, settings: Settings, subscriptions: Sequence[str]) -> None:
-        """Wake runs whose deadline passed, until cancelled; learn the runs there are, once."""
+    async def serve(self, wire: Wire, subscriptions: Sequence[str]) -> None:
+        """Wake runs whose deadline passed, until cancelled; learn the deadlines there are, once."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.timers.serve, wire)
             try:
-                statuses = await learn_deadlines(wire, settings, subscriptions, self.timers)
+                learnt = await learn_deadlines(wire, subscriptions, self.timers)
             except ClientError as exc:
                 # Not fatal: deliveries and sweeps teach the same, run by run.
                 log.warning("runs.learn_failed", error=str(exc))
                 return
-            for path, status in statuses.items():
-                self.stats.learnt(path, status)
-            log.info("runs.learnt", runs=len(statuses), timers=len(self.timers))
+            log.info("runs.learnt", deadlines=learnt, timers=len(self.timers))
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.stats.snapshot(timers_fired=self.timers.fired), "timers": len(self.timers)}

@@ -11,6 +11,7 @@ lists nothing until a runner puts it back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -45,7 +46,8 @@ async def list_runs(settings: Settings, subscriptions: Sequence[str]) -> list[di
         for subscription in subscriptions:
             for path in await run_paths(wire, settings, subscription):
                 entries = await read_all(wire, journal_path(path))
-                runs.append({**JournalState.of(entries or []).view(path), "subscription": subscription})
+                state = JournalState.of(entries or [])
+                runs.append({**state.view(path, now=time.time()), "subscription": subscription})
     return runs
 
 

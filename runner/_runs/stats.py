@@ -44,15 +44,10 @@ class RunStats:
         if before is not None:
             self._gauge.labels(before).dec()
         if status in TERMINAL:
-            self._ended[status] += 1  # called once per run that ends here (or is found ended at start)
+            self._ended[status] += 1  # called once per run that ends here
         else:
             self._live[run_path] = status
         self._gauge.labels(status).inc()
-
-    def learnt(self, run_path: str, status: str) -> None:
-        """A status read at start: counts unless a delivery here said something newer already."""
-        if run_path not in self._live:
-            self.seen(run_path, status)
 
     def step(self, result: str, count: int = 1) -> None:
         if count:

@@ -1,8 +1,15 @@
 """Waking runs whose wait has a deadline: the runner's only memory of a suspended run.
 
 One small entry per suspended run with a timeout (its deadline and the timer key), learnt
-from the deliveries this runner makes and, at start, from the journals of the runs its
-workflow subscriptions link (so a restarted runner, or another one, still wakes them).
+from the deliveries this runner makes and, at start, from the deadlines index of each
+workflow subscription (so a restarted runner, or another one, still wakes them).
+
+The index, `__runs/~deadlines/<subscription>`, is a stream of `{"run", "deadline", "timer"}`
+entries, the newest per run wins: a delivery appends one only when it changes the run's
+deadline (it suspends in a wait with a timeout, or leaves one: `deadline` null). So waits
+without a timeout cost nothing, and learning at start costs the index's reads (a few
+requests per megabyte of entries), not one read per run's journal. An entry left stale (a
+delivery cut before it could append) costs at most one timer event that wakes nothing new.
 When a deadline passes, `{"type": "timer", "key": ...}` is appended to the run stream: the
 server's wake brings the run to whichever runner claims it, and its replay raises
 `WaitTimeout` at that wait (runner/_runs/run.py). Two runners that both know a deadline
@@ -15,15 +22,15 @@ import functools
 import heapq
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import structlog
 import trio
 
-from .._config import Settings
 from .._wire.protocol import Wire
 from .._wire.retrying import retrying
-from ..errors import ClientError
-from .journal import JournalState, journal_path, read_all
+from ..errors import ClientError, StreamNotFound
+from .journal import deadlines_path, read_all
 from .run import TIMER
 
 log = structlog.get_logger("pullwake.runs")
@@ -89,20 +96,33 @@ class Timers:
         self._changed = trio.Event()
 
 
-async def learn_deadlines(
-    wire: Wire, settings: Settings, subscriptions: Sequence[str], timers: Timers
-) -> dict[str, str]:
-    """Read the journals of the runs the subscriptions link: their deadlines go to `timers`.
+Due = tuple[float, str] | None
+"""(deadline, timer key) of a run's wait, or None."""
 
-    Returns each run's status (for the runs gauge).
-    """
-    from .listing import run_paths  # listing builds clients of its own; only its path logic is needed here
 
-    statuses: dict[str, str] = {}
+async def index_deadline(wire: Wire, subscription: str, run_path: str, before: Due, after: Due) -> None:
+    """Append the run's new deadline to the subscription's index, if this delivery changed it."""
+    if before == after:
+        return
+    entry = {"run": run_path, "deadline": after[0] if after else None, "timer": after[1] if after else None}
+    path = deadlines_path(subscription)
+    try:
+        await retrying(functools.partial(wire.append, path, entry), what=f"index {path}")
+    except StreamNotFound:  # the subscription's first run with a timeout
+        await retrying(functools.partial(wire.create_stream, path), what=f"create {path}")
+        await retrying(functools.partial(wire.append, path, entry), what=f"index {path}")
+
+
+async def learn_deadlines(wire: Wire, subscriptions: Sequence[str], timers: Timers) -> int:
+    """Read the subscriptions' deadlines indexes into `timers`; returns how many runs have one."""
+    learnt = 0
     for subscription in subscriptions:
-        for path in await run_paths(wire, settings, subscription):
-            state = JournalState.of(await read_all(wire, journal_path(path)) or [])
-            statuses[path] = state.status
-            if (due := state.deadline) is not None:
-                timers.set(path, *due)
-    return statuses
+        newest: dict[str, dict[str, Any]] = {}
+        for entry in await read_all(wire, deadlines_path(subscription)) or []:
+            if isinstance(entry, dict) and isinstance(entry.get("run"), str):
+                newest[entry["run"]] = entry
+        for run_path, entry in newest.items():
+            if isinstance(entry.get("deadline"), int | float):
+                timers.set(run_path, float(entry["deadline"]), str(entry.get("timer")))
+                learnt += 1
+    return learnt

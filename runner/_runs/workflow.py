@@ -32,7 +32,7 @@ from ..errors import ClientError, ConfigError, RunnerError
 from .journal import JournalState, JournalWriter, journal_path, read_all, read_stream
 from .run import CANCEL, Run, RunCancelled, Suspended
 from .stats import RunStats
-from .timers import Timers
+from .timers import Due, Timers, index_deadline
 
 log = structlog.get_logger("pullwake.runs")
 
@@ -40,6 +40,8 @@ Workflow = Callable[[Run], Awaitable[Any]]
 
 INTERRUPTED_RECORD_TIMEOUT = 2.0
 """How long a cut delivery may take to journal `interrupted` (shielded from the cancellation)."""
+HOLD = 30.0
+"""Seconds a delivery says it holds its run for (the subscription's lease, set by the runner)."""
 WATCH_HOLD = 20.0
 """Seconds one long-poll of a run stream is held while a step runs (the server may answer sooner)."""
 
@@ -58,6 +60,7 @@ class WorkflowHandler:
         self.stats = RunStats()
         self.tracing = OFF
         self.now: Callable[[], float] = time.time
+        self.hold = HOLD
 
     def bind(
         self,
@@ -88,18 +91,27 @@ class WorkflowHandler:
             await retrying(lambda: wire.create_stream(journal_path(run_path)), what="create run journal")
             entries = []
         state = JournalState.of(entries)
+        deadline = state.deadline
         if state.finished:
             self.timers.clear(run_path)
             log.debug("run.already_ended", run=run_path, status=state.status)
             return None  # a late event resumes nothing
         journal = JournalWriter(wire, run_path, state, batch.generation)
-        await journal.record({"kind": "status", "status": "running", "generation": batch.generation})
+        await journal.record(
+            {
+                "kind": "status",
+                "status": "running",
+                "generation": batch.generation,
+                "at": self.now(),
+                "held_for": self.hold,
+            }
+        )
         self.stats.seen(run_path, "running")
         if (cancel := _cancel_event(messages[1:])) is not None:
-            return await self._end(journal, "cancelled", reason=cancel.get("reason"))
+            return await self._end(journal, deadline, "cancelled", reason=cancel.get("reason"))
         run = Run(run_path, messages, journal, subscription=self.subscription, now=self.now, tracing=self.tracing)
         try:
-            outcome, value = await self._play(wire, run, offset)
+            outcome, value = await self._play(wire, run, offset, journal)
         except BaseException:
             if run.in_flight is not None:
                 await self._interrupted(journal, run.in_flight)
@@ -115,22 +127,24 @@ class WorkflowHandler:
                 self.timers.set(run_path, *due)
             else:
                 self.timers.clear(run_path)
+            await index_deadline(wire, self.subscription, run_path, deadline, due)
             log.info("run.suspended", run=run_path, waiting_for=value, executed=run.executed)
             return SUSPEND
         if outcome == "cancelled":
-            return await self._end(journal, "cancelled", reason=value.event.get("reason"), step=value.step)
+            return await self._end(journal, deadline, "cancelled", reason=value.event.get("reason"), step=value.step)
         if outcome == "error":
-            return await self._end(journal, "failed", error=f"{type(value).__name__}: {value}")
+            return await self._end(journal, deadline, "failed", error=f"{type(value).__name__}: {value}")
         try:
             json.dumps(value)
         except (TypeError, ValueError) as exc:
-            return await self._end(journal, "failed", error=f"the run's result is not JSON: {exc}")
+            return await self._end(journal, deadline, "failed", error=f"the run's result is not JSON: {exc}")
         log.info("run.completed", run=run_path, executed=run.executed)
-        return await self._end(journal, "completed", result=value)
+        return await self._end(journal, deadline, "completed", result=value)
 
-    async def _play(self, wire: Wire, run: Run, offset: str) -> tuple[str, Any]:
+    async def _play(self, wire: Wire, run: Run, offset: str, journal: JournalWriter) -> tuple[str, Any]:
         """Run the workflow once: ("result" | "suspended" | "cancelled" | "error", what it came to)."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._say_held, journal)
             watching = False
 
             def executing() -> None:  # a step is about to run: from now on a cancel must reach it
@@ -150,13 +164,23 @@ class WorkflowHandler:
                 result = ("ours", exc)  # the wire or the claim failed, not the workflow: raised below
             except Exception as exc:
                 result = ("error", exc)
-            nursery.cancel_scope.cancel()  # the watcher
+            nursery.cancel_scope.cancel()  # the watcher and the `held` entries
         if result[0] == "ours":
             raise result[1]
         return result
 
-    async def _end(self, journal: JournalWriter, status: str, **detail: Any) -> HandlerResult:
+    async def _say_held(self, journal: JournalWriter) -> None:
+        """While the delivery goes on, a `held` entry every third of its hold: readers tell a live
+        holder from a killed one by it (journal.py, Holding). Best effort: a delivery that cannot
+        write is fenced or cut off, and its claim machinery finds out on its own."""
+        while True:
+            await trio.sleep(self.hold / 3)
+            with suppress(ClientError):
+                await journal.record({"kind": "held", "at": self.now()})
+
+    async def _end(self, journal: JournalWriter, deadline: Due, status: str, **detail: Any) -> HandlerResult:
         await journal.record({"kind": "status", "status": status, **detail})
+        await index_deadline(journal.wire, self.subscription, journal.run_path, deadline, None)
         self.stats.seen(journal.run_path, status)
         self.timers.clear(journal.run_path)
         if status != "completed":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
@@ -300,6 +301,9 @@ def runs_group(context: click.Context, config: Path | None, as_json: bool) -> No
     for run in found:
         waiting = run["waiting_for"]
         detail = f" waiting for {waiting['type']} {waiting.get('key') or ''}".rstrip() if waiting else ""
+        if run.get("holder_lost"):
+            lost = datetime.datetime.fromtimestamp(run["last_held"], datetime.UTC).strftime("%H:%M:%S UTC")
+            detail = f" no holder since {lost} (resumes at the next claim)"
         click.echo(f"{run['id']:<32} {run['status']:<10} steps {len(run['steps']):<4}{detail}")
 
 
