@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 import trio
 
-from .._config import SubscriptionSpec
+from .._config import Settings, SubscriptionSpec
 from .._health import Vitals
+from .._runs.listing import open_wire
 from .._state.journal import Journal
-from .._wire.protocol import Wire
-from ..errors import ClientError, StreamConflict, SubscriptionConflict
+from .._wire.protocol import ServerSubscription, Wire
+from ..errors import ClientError, StreamConflict, SubscriptionConflict, SubscriptionNotFound
 
 log = structlog.get_logger("pullwake.subscriptions")
 
@@ -146,28 +148,9 @@ class SubscriptionKeeper:
     async def differences(self, spec: SubscriptionSpec) -> list[str] | None:
         """What the server's version of `spec` has otherwise (`key: server ... configured ...`); None if unreadable."""
         try:
-            found = await self._wire.read_subscription(spec.id)
+            return differences(spec, self._wake_stream, await self._wire.read_subscription(spec.id))
         except ClientError:
             return None
-        ours = {
-            "wake_stream": self._wake_stream,
-            "pattern": spec.pattern or None,
-            "streams": tuple(sorted(spec.streams)),
-            "lease_ttl_ms": spec.lease_ttl_ms,
-            "description": spec.description,
-        }
-        theirs = {
-            "wake_stream": found.wake_stream,
-            "pattern": found.pattern or None,
-            "streams": found.explicit,
-            "lease_ttl_ms": found.lease_ttl_ms,
-            "description": found.description,
-        }
-        return [
-            f"{key}: server {theirs[key]!r}, configured {value!r}"
-            for key, value in ours.items()
-            if theirs[key] != value
-        ]
 
     async def replace(self, subscription_id: str) -> bool:
         """Delete the server's version and create ours; True if ours is there now.
@@ -181,3 +164,58 @@ class SubscriptionKeeper:
 
     async def delete(self, subscription_id: str) -> None:
         await self._wire.delete_subscription(subscription_id)
+
+
+def differences(spec: SubscriptionSpec, wake_stream: str, found: ServerSubscription) -> list[str]:
+    """Where the server's version of a subscription differs from `spec`, one `key: server ..., configured ...` each."""
+    ours = {
+        "wake_stream": wake_stream,
+        "pattern": spec.pattern or None,
+        "streams": tuple(sorted(spec.streams)),
+        "lease_ttl_ms": spec.lease_ttl_ms,
+        "description": spec.description,
+    }
+    theirs = {
+        "wake_stream": found.wake_stream,
+        "pattern": found.pattern or None,
+        "streams": found.explicit,
+        "lease_ttl_ms": found.lease_ttl_ms,
+        "description": found.description,
+    }
+    return [
+        f"{key}: server {theirs[key]!r}, configured {value!r}" for key, value in ours.items() if theirs[key] != value
+    ]
+
+
+async def list_subscriptions(settings: Settings, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The configured subscriptions (and `extra` ids) as the server has them, read from the server alone.
+
+    The protocol cannot list a server's subscriptions: only those named can be read.
+    """
+    listed: list[dict[str, Any]] = []
+    async with open_wire(settings) as wire:
+        for subscription in dict.fromkeys([*(spec.id for spec in settings.subscriptions), *extra]):
+            spec = settings.subscription(subscription)
+            entry: dict[str, Any] = {"id": subscription, "configured": spec is not None, "on_server": False}
+            try:
+                found = await wire.read_subscription(subscription)
+            except SubscriptionNotFound:
+                listed.append(entry)
+                continue
+            entry.update(
+                on_server=True,
+                differs=differences(spec, settings.wake_stream, found) if spec is not None else None,
+                wake_stream=found.wake_stream,
+                pattern=found.pattern,
+                streams=list(found.explicit),
+                lease_ttl_ms=found.lease_ttl_ms,
+                description=found.description,
+                linked=found.linked,
+            )
+            listed.append(entry)
+    return listed
+
+
+async def delete_subscription(settings: Settings, subscription: str) -> None:
+    async with open_wire(settings) as wire:
+        await wire.delete_subscription(subscription)
