@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def write_config(path: Path, world: World, names: list[str], **extra: object) ->
     return path
 
 
+def spoil(config: Path, text: str, *, keep: bool) -> None:
+    """Write `text` into the configuration file, after what it holds if `keep`."""
+    config.write_text((config.read_text() if keep else "") + text)
+
+
 def pullwake(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runner", *args], capture_output=True, text=True, timeout=60, cwd=ROOT, check=False
@@ -54,47 +60,76 @@ async def test_sighup_and_pullwake_reload_change_the_subscriptions_of_a_running_
     control = tmp_path / "control.sock"
     config = write_config(tmp_path / "runner.toml", world, ["a"], control_socket=str(control))
     log = tmp_path / "runner.log"
-    process = start_runner_process(config, log)
-    try:
-        await eventually(lambda: '"target": "streaming"' in log.read_text(), what="the runner to stream")
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify.bind(str(tmp_path / "notify.sock"))
+    heard: list[str] = []
 
-        write_config(config, world, ["a", "b"], control_socket=str(control))
-        process.send_signal(signal.SIGHUP)
-        await eventually(lambda: bool(logged(log, "reload.applied")), what="the reload after SIGHUP")
-        assert logged(log, "reload.applied")[0]["added"] == [f"{world.sub}-b"]
-        await world.append("b/1", {"n": 1})
-        await eventually(lambda: handled(record_file) == [1], what="b's event, handled after SIGHUP")
+    async def listen() -> None:
+        while True:
+            heard.append((await notify.recv(4096)).decode())
 
-        write_config(config, world, ["a", "c"], control_socket=str(control), delete_removed_subscriptions=True)
-        done = await trio.to_thread.run_sync(pullwake, "reload", "--config", str(config))
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == [f"added    {world.sub}-c", f"removed  {world.sub}-b"]
-        await eventually(lambda: bool(logged(log, "subscription.deleted")), what="b deleted on the server")
-        await world.append("c/1", {"n": 2})
-        await world.append("b/1", {"n": 3})  # b is gone: nobody handles this one
-        await world.append("a/1", {"n": 4})
-        await eventually(lambda: sorted(handled(record_file)) == [1, 2, 4], what="c's and a's events")
-
-        broken = "[[subscriptions]]\nid = 'broken'\npattern = 'x/*'\nhandler = 'tests.nowhere:x'\n"
-        config.write_text(config.read_text() + broken)
-        refused = await trio.to_thread.run_sync(pullwake, "reload", "--socket", str(control))
-        assert refused.returncode == 1
-        assert "nothing changed" in refused.stderr
-        assert "tests.nowhere" in refused.stderr
-        config.write_text("this is = = not TOML\n")
-        process.send_signal(signal.SIGHUP)
-        await eventually(lambda: len(logged(log, "reload.failed")) == 2, what="the failed reload after SIGHUP")
-        assert "not valid TOML" in str(logged(log, "reload.failed")[1]["error"])
-        await world.append("c/1", {"n": 5})
-        await eventually(lambda: sorted(handled(record_file)) == [1, 2, 4, 5], what="c, still served")
-        assert process.poll() is None
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+    async with trio.open_nursery() as listening:
+        listening.start_soon(listen)
+        process = start_runner_process(config, log, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+        try:
+            await daemon_reloaded(world, record_file, config, control, log, process, heard)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+            listening.cancel_scope.cancel()
+    notify.close()
     assert len(logged(log, "reload.applied")) == 2
+
+
+async def daemon_reloaded(
+    world: World,
+    record_file: Path,
+    config: Path,
+    control: Path,
+    log: Path,
+    process: subprocess.Popen[bytes],
+    heard: list[str],
+) -> None:
+    """SIGHUP adds b; `pullwake reload` removes b (deleted) and adds c; two broken configurations change nothing."""
+    await eventually(lambda: any("READY=1" in message for message in heard), what="READY=1")
+
+    write_config(config, world, ["a", "b"], control_socket=str(control))
+    process.send_signal(signal.SIGHUP)
+    await eventually(lambda: bool(logged(log, "reload.applied")), what="the reload after SIGHUP")
+    assert logged(log, "reload.applied")[0]["added"] == [f"{world.sub}-b"]
+    await eventually(lambda: sum("READY=1" in message for message in heard) == 2, what="READY=1 again")
+    reloading = [index for index, message in enumerate(heard) if "RELOADING=1" in message]
+    assert len(reloading) == 1
+    assert "MONOTONIC_USEC=" in heard[reloading[0]]
+    assert "READY=1" in heard[reloading[0] + 1], f"READY=1 follows the reload: {heard}"
+    await world.append("b/1", {"n": 1})
+    await eventually(lambda: handled(record_file) == [1], what="b's event, handled after SIGHUP")
+
+    write_config(config, world, ["a", "c"], control_socket=str(control), delete_removed_subscriptions=True)
+    done = await trio.to_thread.run_sync(pullwake, "reload", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"added    {world.sub}-c", f"removed  {world.sub}-b"]
+    await eventually(lambda: bool(logged(log, "subscription.deleted")), what="b deleted on the server")
+    await world.append("c/1", {"n": 2})
+    await world.append("b/1", {"n": 3})  # b is gone: nobody handles this one
+    await world.append("a/1", {"n": 4})
+    await eventually(lambda: sorted(handled(record_file)) == [1, 2, 4], what="c's and a's events")
+
+    spoil(config, "[[subscriptions]]\nid = 'broken'\npattern = 'x/*'\nhandler = 'tests.nowhere:x'\n", keep=True)
+    refused = await trio.to_thread.run_sync(pullwake, "reload", "--socket", str(control))
+    assert refused.returncode == 1
+    assert "nothing changed" in refused.stderr
+    assert "tests.nowhere" in refused.stderr
+    spoil(config, "this is = = not TOML\n", keep=False)
+    process.send_signal(signal.SIGHUP)
+    await eventually(lambda: len(logged(log, "reload.failed")) == 2, what="the failed reload after SIGHUP")
+    assert "not valid TOML" in str(logged(log, "reload.failed")[1]["error"])
+    await world.append("c/1", {"n": 5})
+    await eventually(lambda: sorted(handled(record_file)) == [1, 2, 4, 5], what="c, still served")
+    assert process.poll() is None
+    process.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(process.wait, 30) == 0
 
 
 async def test_pullwake_subscriptions_lists_and_deletes_them_on_the_server(world: World, tmp_path: Path) -> None:
