@@ -24,6 +24,7 @@ from ._hosts.guest import Ended
 from ._hosts.thread import BackgroundRunner
 from ._runner import Runner
 from ._runs.run import Run
+from ._wake.reload import Reloaded as Reloaded  # importable, not in __all__ (what Runner.reload returns)
 from .errors import (
     AlreadyRunning,
     ConfigError,

@@ -200,6 +200,19 @@ class Settings(BaseSettings):
         "replay", description="Events the server skipped when it re-created a subscription: replay or skip them."
     )
 
+    # Live changes: a reload (`Runner.reload`, SIGHUP, `pullwake reload`) reads these from the new configuration
+    delete_removed_subscriptions: bool = Field(
+        False,
+        description="A reload deletes on the server each managed subscription it removed, once its claim in "
+        "flight has ended; otherwise the server keeps it (and its events pile up).",
+    )
+    on_subscription_changed: Literal["keep", "replace"] = Field(
+        "keep",
+        description="A reload that changes a managed subscription's pattern, streams, lease or description: "
+        "'keep' the server's version (one warning says what differs) or 'replace' it (delete and create: "
+        "streams are linked again at their tail and the gap is replayed from the acknowledged offsets).",
+    )
+
     # A fleet (docs/design.md §8)
     fleet: bool = Field(True, description="Know the other runners of this wake stream: one claimant per wake.")
     fleet_stream: str | None = Field(
@@ -341,6 +354,17 @@ class Settings(BaseSettings):
         path = _toml_file.get()
         file_values = _read_toml(path) if path is not None else {}
         return init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=file_values)
+
+
+LIVE_SETTINGS = frozenset({"subscriptions", "delete_removed_subscriptions", "on_subscription_changed"})
+"""What a reload applies; every other setting keeps the value the run started with."""
+
+
+def fixed_settings_changed(old: Settings, new: Settings) -> list[str]:
+    """The settings that differ between `old` and `new` but cannot change while running (names, never values)."""
+    return sorted(
+        name for name in Settings.model_fields if name not in LIVE_SETTINGS and getattr(old, name) != getattr(new, name)
+    )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -7,7 +7,9 @@ skipped; a sweep (a wake of the runner's own, without a generation) always
 counts. The work nursery belongs to the whole run, never to a lifecycle state:
 losing the wake stream never interrupts a handler. Stopping drains: no new
 work, in-flight claims get until the drain deadline, then they are cancelled
-and their finalizers hand the claims back.
+and their finalizers hand the claims back. A reload adds subscriptions and
+retires others (`add`, `retire`): a retired one takes no new wake, and its claim
+in flight runs to its end, as in a drain but without a deadline.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ class Dispatcher:
         self._idle.set()
         self._closed = False
         self._peers = peers
+        self._retiring: dict[str, tuple[_Subscription, trio.Event]] = {}
+        """Retired subscriptions whose claim is still in flight, and what is set when it ends."""
         self._owned = set(self._subscriptions)
         """The subscriptions this runner sweeps: all of them, until its peers say otherwise."""
         self.cleanup_errors: list[BaseException] = []
@@ -170,8 +174,16 @@ class Dispatcher:
     def served(self) -> list[str]:
         return sorted(self._subscriptions)
 
+    def serves(self, subscription: str) -> bool:
+        return subscription in self._subscriptions
+
     def _workers(self) -> list[Worker]:
-        return [sub.worker for sub in self._subscriptions.values() if sub.worker is not None]
+        subs = [*self._subscriptions.values(), *(sub for sub, _ in self._retiring.values())]
+        return [sub.worker for sub in subs if sub.worker is not None]
+
+    def _serving(self, sub: _Subscription) -> bool:
+        """May `sub` start another claim? Not once the runner drains, nor once a reload retired it."""
+        return not self._closed and self._subscriptions.get(sub.id) is sub
 
     def in_flight(self) -> list[InFlightClaim]:
         return [worker.describe() for worker in self._workers()]
@@ -220,9 +232,48 @@ class Dispatcher:
         self.sweep(sorted(owned - self._owned))
         self._owned = owned
 
+    def add(self, subscription: str, context: ClaimContext) -> None:
+        """Serve `subscription` (a reload added it), and sweep it; a served one gets `context` from its next claim.
+
+        One still retiring is served again as it is: its claim in flight stays the only one.
+        """
+        sub = self._subscriptions.get(subscription)
+        if sub is None:
+            if subscription in self._retiring:
+                sub, retired = self._retiring.pop(subscription)
+                retired.set()  # whoever waits for it finds it served again (`serves`)
+            else:
+                sub = _Subscription(subscription, context)
+            self._subscriptions[subscription] = sub
+        sub.context = context
+        if self._peers is None or self._peers.rank(subscription) == 0:
+            self._owned.add(subscription)
+        if not self._closed:
+            self.sweep([subscription])
+
+    def retire(self, subscription: str) -> trio.Event:
+        """Serve `subscription` no more; the event is set once its claim in flight (if any) has ended.
+
+        The claim is not cut: it acks what it finishes and hands the claim back (done), as
+        it would at the end of any claim. Only a wait for its turn (a cooldown, a free slot,
+        a peer) is cancelled: no claim was made yet, so none is left behind.
+        """
+        ended = trio.Event()
+        sub = self._subscriptions.pop(subscription, None)
+        self._owned.discard(subscription)
+        if sub is None or sub.worker is None:
+            ended.set()
+            return ended
+        sub.again = None
+        sub.worker.waiting.cancel()
+        self._retiring[subscription] = (sub, ended)
+        return ended
+
     def abort(self, subscription: str, *, cooldown: float | None = None) -> bool:
         """Abort the subscription's in-flight claim, if any; it then rests for `cooldown`."""
         sub = self._subscriptions.get(subscription)
+        if sub is None and subscription in self._retiring:
+            sub = self._retiring[subscription][0]
         if sub is None or sub.worker is None:
             return False
         rest = cooldown if cooldown is not None else sub.context.settings.cooldown
@@ -273,7 +324,7 @@ class Dispatcher:
         booked = False
         try:
             with worker.scope:
-                while not self._closed:
+                while self._serving(sub):
                     our_turn = False
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
@@ -300,7 +351,7 @@ class Dispatcher:
                     worker.waiting, worker.run = trio.CancelScope(), None
                     # `next_wake` only counts after a claim that handed something over: a server
                     # that keeps saying "more" without giving any cannot drive a claim loop.
-                    if not (sub.take_again() or (result.next_wake and run.batches_done)):
+                    if not self._serving(sub) or not (sub.take_again() or (result.next_wake and run.batches_done)):
                         break
                     if result.next_wake:
                         sub.announced, sub.asked = True, None
@@ -313,8 +364,10 @@ class Dispatcher:
                 sub.worker = None
             # A wake that came in while this worker was winding down (an abort's finalizer,
             # say) must not be forgotten: the server writes one wake and then waits for a claim.
-            if not self._closed and sub.worker is None and sub.take_again():
+            if self._serving(sub) and sub.worker is None and sub.take_again():
                 self._start(sub)
+            elif sub.worker is None and sub.id in self._retiring and self._retiring[sub.id][0] is sub:
+                self._retiring.pop(sub.id)[1].set()
             self._vitals.in_flight(len(self._workers()))
             if not self._workers():
                 self._idle.set()

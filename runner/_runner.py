@@ -30,7 +30,7 @@ from machine import Effect, Event, State, Step
 from ._claims.claim import ClaimContext
 from ._claims.delivery import DeadLetters, Delivery
 from ._claims.recovery import return_held_claims
-from ._config import Settings, check_state_dir
+from ._config import LIVE_SETTINGS, Settings, check_state_dir, fixed_settings_changed
 from ._dispatch import Dispatcher, Wake
 from ._driver import Driver, Envelope, StateContext
 from ._fleet.peers import Fleet
@@ -51,6 +51,7 @@ from ._wake.follower import WakeFollower
 from ._wake.liveness import Liveness
 from ._wake.reading import Tally
 from ._wake.reconnect import BackoffActivity
+from ._wake.reload import Reloaded, apply_reload
 from ._wake.subscriptions import SubscriptionKeeper
 from ._wire.client import StreamsClient, build_http, tls_context
 from ._wire.retrying import Backoff
@@ -69,6 +70,8 @@ class _Active:
     driver: Driver
     dispatcher: Dispatcher
     liveness: Liveness
+    reload: Callable[[Settings, dict[str, AsyncHandler], Mapping[str, WorkflowHandler]], Awaitable[Reloaded]]
+    """Apply a new configuration's subscriptions (`Runner.reload`), given its handlers."""
 
 
 class Runner:
@@ -117,6 +120,7 @@ class Runner:
         self._listeners: list[Callable[[State], None]] = []
         self._tls: ssl.SSLContext | None = None
         self._stop_requested = False
+        self._reloading = trio.Lock()
 
     def __repr__(self) -> str:
         return f"<Runner {self.settings.runner_id!r} {self.state.value}>"
@@ -165,10 +169,11 @@ class Runner:
         if (state_dir := self.settings.state_dir) is not None:
             check_state_dir(Path(state_dir))
 
-    def _workflow_handlers(self) -> dict[str, WorkflowHandler]:
+    def _workflow_handlers(self, settings: Settings | None = None) -> dict[str, WorkflowHandler]:
         """Workflows from code and from the configuration, each made a handler; ConfigError on a clash."""
+        settings = settings or self.settings
         workflows: dict[str, WorkflowHandler] = {}
-        for spec in self.settings.subscriptions:
+        for spec in settings.subscriptions:
             if spec.workflow:
                 if spec.id in self._workflows or spec.id in self._handlers:
                     raise ConfigError(
@@ -178,14 +183,17 @@ class Runner:
         for subscription, function in self._workflows.items():
             workflows[subscription] = WorkflowHandler(subscription, function)
         for subscription, handler in workflows.items():
-            if (served := self.settings.subscription(subscription)) is not None:
+            if (served := settings.subscription(subscription)) is not None:
                 check_journal_outside(subscription, served.pattern, served.streams)
                 handler.hold = served.lease_ttl_ms / 1000  # a live holder says so within its lease
         return workflows
 
-    def _resolved_handlers(self, workflows: Mapping[str, WorkflowHandler] | None = None) -> dict[str, AsyncHandler]:
-        workflows = self._workflow_handlers() if workflows is None else workflows
-        return resolve_handlers(self.settings, {**self._handlers, **workflows})
+    def _resolved_handlers(
+        self, workflows: Mapping[str, WorkflowHandler] | None = None, settings: Settings | None = None
+    ) -> dict[str, AsyncHandler]:
+        settings = settings or self.settings
+        workflows = self._workflow_handlers(settings) if workflows is None else workflows
+        return resolve_handlers(settings, {**self._handlers, **workflows})
 
     # -- observation -----------------------------------------------------------------------
 
@@ -286,6 +294,24 @@ class Runner:
         """
         return self._active is not None and self._active.dispatcher.abort(subscription_id, cooldown=cooldown)
 
+    async def reload(self, settings: Settings) -> Reloaded:
+        """Apply `settings`' subscriptions to the running runner; returns what changed.
+
+        Added subscriptions are created on the server, served and swept; removed ones take no
+        new wake, their claim in flight runs to its end, and then (`delete_removed_subscriptions`)
+        they are deleted on the server; a changed one is kept or replaced (`on_subscription_changed`).
+        Other settings cannot change while running: the answer names those that differ, and
+        they keep their values. Raises `ConfigError`, having changed nothing, if a handler of the
+        new configuration cannot be had; `RunnerError` if the runner is not running.
+        """
+        async with self._reloading:
+            active = self._active
+            if active is None:
+                raise RunnerError("the runner is not running: there is nothing to reload")
+            workflows = self._workflow_handlers(settings)
+            handlers = self._resolved_handlers(workflows, settings)
+            return await active.reload(settings, handlers, workflows)
+
     # -- the run ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -383,21 +409,21 @@ class Runner:
             replay=settings.on_subscription_lost == "replay",
         )
         dead_letters = DeadLetters(wire)
-        for subscription in handlers:
+
+        def context_of(settings: Settings, handlers: Mapping[str, AsyncHandler], subscription: str) -> ClaimContext:
             self._vitals.pending(subscription, 0)
-        contexts = {
-            subscription: ClaimContext(
+            return ClaimContext(
                 wire,
                 settings,
                 self._vitals,
                 journal,
-                Delivery(subscription, handler, settings, self._vitals, dead_letters, self._tracing),
+                Delivery(subscription, handlers[subscription], settings, self._vitals, dead_letters, self._tracing),
                 keeper.ensure,
                 self.redactor,
                 tracing=self._tracing,
             )
-            for subscription, handler in handlers.items()
-        }
+
+        contexts = {subscription: context_of(settings, handlers, subscription) for subscription in handlers}
         async with http, trio.open_nursery() as lifetime:
             # Before any claim: every journal write from here on is off the event loop.
             await lifetime.start(partial(journal.keep, interval=settings.checkpoint_interval), name="journal")
@@ -462,9 +488,35 @@ class Runner:
                     threshold=settings.heartbeat_failure_threshold,
                     answered=follower.server_answered,
                 )
+
+                async def reload(
+                    new: Settings, handlers: dict[str, AsyncHandler], workflows: Mapping[str, WorkflowHandler]
+                ) -> Reloaded:
+                    old = self.settings
+                    kept = fixed_settings_changed(old, new)
+                    if kept:
+                        log.warning(
+                            "reload.settings_kept",
+                            settings=kept,
+                            detail="these cannot change while running: they keep their values until a restart",
+                        )
+                    applied = old.model_copy(update={name: getattr(new, name) for name in LIVE_SETTINGS})
+                    self._runs.bind(wire, workflows.values(), self._tracing)
+                    self.settings = applied
+                    return await apply_reload(
+                        old,
+                        applied,
+                        handlers,
+                        dispatcher=dispatcher,
+                        keeper=keeper,
+                        context_of=partial(context_of, applied, handlers),
+                        background=lifetime,
+                        kept_settings=kept,
+                    )
+
                 async with trio.open_nursery() as driving:
                     await driving.start(driver.run)
-                    self._active = _Active(driver, dispatcher, liveness)
+                    self._active = _Active(driver, dispatcher, liveness, reload)
                     await driver.send(Event.START)
                     if self._stop_requested:
                         await driver.send(Event.STOP)  # stop() was called while the run was starting

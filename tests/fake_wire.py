@@ -45,6 +45,7 @@ from runner._wire.protocol import (
     LiveRead,
     Producer,
     ReadResult,
+    ServerSubscription,
     is_after,
 )
 from runner.errors import (
@@ -392,9 +393,14 @@ class FakeWire:
         )
         return Links(True, dict(self.subscriptions[subscription_id].acked))
 
-    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
-        await self._call("linked_streams", subscription_id)
-        return dict(self._subscription(subscription_id, f"read subscription {subscription_id}").acked)
+    async def read_subscription(self, subscription_id: str) -> ServerSubscription:
+        await self._call("read_subscription", subscription_id)
+        sub = self._subscription(subscription_id, f"read subscription {subscription_id}")
+        return ServerSubscription(subscription_id, None, None, (), sub.lease_ttl_ms, None, dict(sub.acked))
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        await self._call("delete_subscription", subscription_id)
+        self.subscriptions.pop(subscription_id, None)
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"

@@ -687,3 +687,74 @@ async def test_a_cooldown_is_listed_until_the_moment_it_ends(autojump_clock: tri
         assert set(scene.dispatcher.cooldowns()) == {SUB}
         await trio.sleep_until(aborted_at + 5)
         assert scene.dispatcher.cooldowns() == {}
+
+
+# -- a reload: retiring and adding subscriptions ----------------------------------------------------
+
+
+async def test_a_retired_subscriptions_claim_in_flight_runs_to_its_end_and_no_other_follows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = stream_of(SUB)
+    async with dispatching(server(messages=3), Recorder(sleep_for(10))) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(5)
+        ended = scene.dispatcher.retire(SUB)
+        scene.wire.add_stream(stream, jobs(2, stream))  # pending when the claim ends: `next_wake`
+        scene.dispatcher.wake(scene.wire.wake(SUB))  # not served any more
+        assert not ended.is_set()
+        await ended.wait()
+        assert trio.current_time() == pytest.approx(20), "two batches of 10 s: not cut short"
+        await trio.sleep(60)
+        assert scene.outcomes == {Outcome.COMPLETED: 1}
+        handled = sum(len(batch) for batch in scene.handler.messages)
+        assert handled < 5, "what came after its claim is left for whoever serves it"
+        assert scene.wire.acked(SUB) == {stream: offset_of(handled)}, "acknowledged as far as it handled"
+        assert scene.wire.holder(SUB) is None, "and handed back"
+        assert len(scene.claims_at(SUB)) == 1
+        assert scene.dispatcher.served == []
+        assert scene.dispatcher.in_flight() == []
+
+
+async def test_retiring_a_subscription_that_waits_out_a_cooldown_ends_its_wait_without_a_claim(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(), Recorder(fail), handler_max_attempts=1) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(1)
+        assert scene.outcomes == {Outcome.FAILED: 1}
+        scene.dispatcher.wake(SWEEP)  # waits for the cooldown
+        await trio.sleep(1)
+        assert len(scene.dispatcher.in_flight()) == 1
+        ended = scene.dispatcher.retire(SUB)
+        await ended.wait()
+        assert trio.current_time() < COOLDOWN
+        assert len(scene.claims_at(SUB)) == 1
+
+
+async def test_a_subscription_added_back_while_it_drains_keeps_one_claim_at_a_time_and_is_swept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    overlap: list[int] = []
+    busy = 0
+
+    async def counted(batch: Batch) -> HandlerResult:
+        nonlocal busy
+        busy += 1
+        overlap.append(busy)
+        await trio.sleep(10)
+        busy -= 1
+        return None
+
+    async with dispatching(server(messages=1), Recorder(counted)) as scene:
+        context = make_context(scene.wire, scene.handler, vitals=scene.vitals, cooldown=COOLDOWN)
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(5)
+        ended = scene.dispatcher.retire(SUB)
+        scene.dispatcher.add(SUB, context)
+        assert ended.is_set(), "whoever waited for the drain learns it is served again"
+        scene.wire.add_stream(stream_of(SUB), jobs(1, stream_of(SUB)))
+        await trio.sleep(60)
+        assert max(overlap) == 1
+        assert scene.dispatcher.served == [SUB]
+        assert scene.outcomes == {Outcome.COMPLETED: 2}, "served again: the pending event was claimed"

@@ -22,7 +22,7 @@ def logged(log: Path, event: str) -> list[dict[str, object]]:
     return found
 
 
-async def test_sighup_is_logged_once_and_the_daemon_keeps_working(
+async def test_sighup_with_an_unchanged_configuration_changes_nothing_and_the_daemon_keeps_working(
     world: World, record_file: Path, tmp_path: Path
 ) -> None:
     await world.create("a")
@@ -32,7 +32,7 @@ async def test_sighup_is_logged_once_and_the_daemon_keeps_working(
     try:
         await eventually(lambda: '"target": "streaming"' in log.read_text(), what="the runner to stream")
         process.send_signal(signal.SIGHUP)
-        await eventually(lambda: bool(logged(log, "signal.ignored")), what="the SIGHUP log line")
+        await eventually(lambda: bool(logged(log, "reload.applied")), what="the reload after SIGHUP")
         await world.append("a", {"n": 1})
         await eventually(lambda: len(lines(record_file)) == 1, what="the runner to handle an event after SIGHUP")
         assert process.poll() is None, "SIGHUP did not end the daemon"
@@ -42,5 +42,7 @@ async def test_sighup_is_logged_once_and_the_daemon_keeps_working(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
-    assert len(logged(log, "signal.ignored")) == 1
+    [applied] = logged(log, "reload.applied")
+    assert (applied["added"], applied["removed"], applied["changed"], applied["kept_settings"]) == ([], [], {}, [])
+    assert [entry["signal"] for entry in logged(log, "signal.reload")] == ["SIGHUP"]
     assert [entry["signal"] for entry in logged(log, "signal.stop")] == ["SIGTERM"]

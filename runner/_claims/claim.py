@@ -178,6 +178,7 @@ class ClaimRun:
     stream: str | None = None
     batches_done: int = 0
     messages_read: int = 0
+    replayed_to: dict[str, str] = field(default_factory=dict)
     result: ClaimResult | None = field(default=None, init=False)
     """Set however the claim ends, cancellation included."""
 
@@ -408,6 +409,9 @@ class _Held:
         for index, stream in enumerate(pending):
             self.run.stream = stream.path
             offset = stream.acked_offset
+            if is_after(replayed := self.run.replayed_to.get(stream.path, offset), offset):
+                offset = replayed  # the gap replay before this claim read on past the gap: handed over
+                self.progress.finish(stream.path, offset)
             while is_after(stream.tail_offset, offset):
                 result = await self._read(stream.path, offset)
                 self.run.messages_read += len(result.messages)

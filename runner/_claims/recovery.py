@@ -78,6 +78,9 @@ class ReplayRun(Protocol):
     subscription: str
     stream: str | None
     batches_done: int
+    replayed_to: dict[str, str]
+    """Stream -> where a replay's last batch ended, when that is past its gap (a read returns what is
+    there): the claim that follows starts there rather than hand those events over twice."""
 
     @property
     def context(self) -> ReplayContext: ...
@@ -170,6 +173,8 @@ async def _replay_gap(run: ReplayRun, gap: Gap) -> Outcome | None:
         ):
             return Outcome.FAILED
         run.batches_done += 1
+        if is_after(result.next_offset, gap.end):
+            run.replayed_to[gap.stream] = result.next_offset
         remaining = context.journal.replayed(subscription, remaining, result.next_offset)
     return None
 

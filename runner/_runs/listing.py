@@ -35,7 +35,7 @@ async def run_paths(wire: Wire, settings: Settings, subscription: str) -> list[s
     spec = settings.subscription(subscription)
     paths = set(spec.streams) if spec is not None else set()
     with suppress(SubscriptionNotFound):  # forgotten by the server: only the configured streams are known
-        paths |= set(await wire.linked_streams(subscription))
+        paths |= set((await wire.read_subscription(subscription)).linked)
     return sorted(path for path in paths if not path.startswith(JOURNAL_PREFIX))
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,7 +19,7 @@ import machine
 
 from .._config import Settings, load_settings, operator_warnings
 from .._runner import Runner
-from ..errors import ConfigError, RunnerError
+from ..errors import ClientError, ConfigError, RunnerError
 from .logs import LEVELS, configure_logging
 
 EX_OK = 0
@@ -34,11 +35,15 @@ def _fail_config(error: ConfigError) -> NoReturn:
 
 
 def _settings(config: Path | None, **flags: Any) -> Settings:
-    overrides = {key: value for key, value in flags.items() if value is not None}
     try:
-        settings = load_settings(config, overrides)
+        return _load(config, flags)
     except ConfigError as error:
         _fail_config(error)
+
+
+def _load(config: Path | None, flags: dict[str, Any]) -> Settings:
+    """The settings from `config`, the environment and the flags given; `ConfigError` says what is wrong."""
+    settings = load_settings(config, {key: value for key, value in flags.items() if value is not None})
     # systemd hands us these directories (StateDirectory=, RuntimeDirectory=); explicit settings win.
     defaults: dict[str, Any] = {}
     if settings.state_dir is None and (state := os.environ.get("STATE_DIRECTORY")):
@@ -73,7 +78,10 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
 def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> None:
-    """Run the worker until SIGTERM or SIGINT (a second signal skips the drain wait)."""
+    """Run the worker until SIGTERM or SIGINT (a second signal skips the drain wait).
+
+    SIGHUP (`systemctl reload`) re-reads the configuration and applies its subscriptions.
+    """
     settings = _settings(config, **flags)
     runner = Runner(settings)
     try:
@@ -86,7 +94,7 @@ def run(config: Path | None, log_level: str, log_format: str, **flags: Any) -> N
     from .daemon import serve
 
     try:
-        exit_status = trio.run(serve, runner)
+        exit_status = trio.run(serve, runner, partial(_load, config, flags))
     except (ConfigError, BaseExceptionGroup) as error:
         # What fails inside trio (binding the control socket or the metrics port) comes wrapped
         # in trio's exception groups: a ConfigError among them is the same one line and 78.
@@ -258,6 +266,106 @@ def abort(subscription: str, config: Path | None, socket_path: Path | None, time
         return
     click.echo(f"pullwake: {answer.get('error', answer)}", err=True)
     sys.exit(EX_FAILURE)
+
+
+@main.command()
+@config_option
+@socket_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the runner's answer (it creates added subscriptions on the server first).",
+)
+def reload(config: Path | None, socket_path: Path | None, timeout: float) -> None:
+    """Have the running runner re-read its configuration and apply its subscriptions; print what changed."""
+    code, answer = _ask(socket_path, config, "POST", "/reload", timeout)
+    if code != 200:
+        click.echo(f"pullwake: reload failed, nothing changed: {answer.get('error', answer)}", err=True)
+        sys.exit(EX_FAILURE)
+    for key, label in (("added", "added"), ("removed", "removed")):
+        for subscription in answer[key]:
+            click.echo(f"{label:<8} {subscription}")
+    for subscription, what in answer["changed"].items():
+        click.echo(f"changed  {subscription} ({what})")
+    if not (answer["added"] or answer["removed"] or answer["changed"]):
+        click.echo("no subscription changed")
+    if answer["draining"]:
+        click.echo(f"draining {', '.join(answer['draining'])}: their claims in flight finish first")
+    if answer["kept_settings"]:
+        click.echo(f"pullwake: warning: these need a restart to change: {', '.join(answer['kept_settings'])}", err=True)
+    for problem in answer["problems"]:
+        click.echo(f"pullwake: {problem}", err=True)
+    sys.exit(EX_FAILURE if answer["problems"] else EX_OK)
+
+
+@main.group("subscriptions", invoke_without_command=True)
+@click.pass_context
+def subscriptions_group(context: click.Context) -> None:
+    """The subscriptions on the server: list them, delete one (with or without a runner up)."""
+    if context.invoked_subcommand is None:
+        click.echo(context.get_help())
+
+
+@subscriptions_group.command("list")
+@click.argument("extra", nargs=-1, metavar="[ID]...")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def subscriptions_list(extra: tuple[str, ...], config: Path | None, as_json: bool) -> None:
+    """Show each configured subscription (and each ID named) as the server has it.
+
+    The protocol offers no listing of a server's subscriptions: only those named are read.
+    """
+    from .._wake.subscriptions import list_subscriptions
+
+    found = _on_the_server(list_subscriptions, _settings(config), extra)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for entry in found:
+        if not entry["on_server"]:
+            state = "MISSING" if entry["configured"] else "not on the server"
+            click.echo(f"{entry['id']:<32} {state}")
+            continue
+        what = entry["pattern"] or ", ".join(entry["streams"]) or "-"
+        match = "" if not entry["configured"] else " differs" if entry["differs"] else " as configured"
+        click.echo(
+            f"{entry['id']:<32} {what:<28} lease {entry['lease_ttl_ms']} ms, "
+            f"{len(entry['linked'])} stream(s) linked{match}"
+        )
+        for difference in entry["differs"] or ():
+            click.echo(f"    {difference}")
+
+
+@subscriptions_group.command("delete")
+@click.argument("subscription")
+@config_option
+def subscriptions_delete(subscription: str, config: Path | None) -> None:
+    """Delete SUBSCRIPTION on the server (its claim, if held, is void; its acknowledged offsets are lost)."""
+    from .._wake.subscriptions import delete_subscription
+
+    settings = _settings(config)
+    _on_the_server(delete_subscription, settings, subscription)
+    click.echo(f"deleted {subscription}")
+    spec = settings.subscription(subscription)
+    if spec is not None and spec.manage:
+        click.echo(
+            f"pullwake: note: {subscription} is in the configuration with manage = true: a runner serving it "
+            "creates it again; remove it from the configuration and reload first",
+            err=True,
+        )
+
+
+def _on_the_server(function: Any, *args: Any) -> Any:
+    """Run `function(*args)` against the server; a failure is one line and exit 1."""
+    try:
+        return trio.run(function, *args)
+    except ConfigError as error:
+        _fail_config(error)
+    except ClientError as error:
+        click.echo(f"pullwake: {error}", err=True)
+        sys.exit(EX_FAILURE)
 
 
 @main.group("config")

@@ -1,4 +1,4 @@
-"""The local control surface (docs/design.md §7.5): health, status, in-flight claims, abort, metrics.
+"""The local control surface (docs/design.md §7.5): health, status, in-flight claims, abort, reload, metrics.
 
 Served by Hypercorn (trio worker) from a Starlette app, on a Unix socket that only
 the runner's user can open, and optionally on a loopback TCP port for scrapers
@@ -13,11 +13,11 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import structlog
@@ -32,6 +32,9 @@ from starlette.routing import Route
 from .._config import unix_socket_path_problem
 from .._health import Health
 from ..errors import ConfigError, RunnerError
+
+if TYPE_CHECKING:
+    from .._wake.reload import Reloaded
 
 
 class Controlled(Protocol):
@@ -54,7 +57,13 @@ _SERVER_LOG = logging.getLogger("pullwake.control.server")
 _PROBE_TIMEOUT = 1.0
 
 
-def control_app(runner: Controlled, *, stuck_after: float, with_abort: bool = True) -> Starlette:
+def control_app(
+    runner: Controlled,
+    *,
+    stuck_after: float,
+    with_abort: bool = True,
+    reload: Callable[[], Awaitable[Reloaded]] | None = None,
+) -> Starlette:
     async def health(request: Request) -> Response:
         snapshot = runner.health()
         ok, reason = snapshot.verdict(stuck_after=stuck_after)
@@ -73,6 +82,17 @@ def control_app(runner: Controlled, *, stuck_after: float, with_abort: bool = Tr
             return JSONResponse({"aborted": subscription}, status_code=202)
         return JSONResponse({"error": f"no claim of {subscription!r} is in flight"}, status_code=404)
 
+    async def reloading(request: Request) -> Response:
+        if reload is None:
+            return JSONResponse({"error": "this runner has no configuration file to re-read"}, status_code=409)
+        try:
+            reloaded = await reload()
+        except ConfigError as error:
+            return JSONResponse({"error": str(error)}, status_code=422)
+        except RunnerError as error:
+            return JSONResponse({"error": str(error)}, status_code=409)
+        return JSONResponse(reloaded.to_dict())
+
     async def metrics(request: Request) -> Response:
         body, content_type = runner.metrics_exposition()
         return Response(body, media_type=content_type)
@@ -87,6 +107,7 @@ def control_app(runner: Controlled, *, stuck_after: float, with_abort: bool = Tr
             Route("/status", status),
             Route("/claims", claims),
             Route("/claims/{subscription}/abort", abort, methods=["POST"]),
+            Route("/reload", reloading, methods=["POST"]),
         ]
     return Starlette(routes=routes)
 
@@ -208,7 +229,12 @@ def _config(bind: str) -> Config:
 
 
 async def serve_control(
-    runner: Controlled, path: Path, *, stuck_after: float, task_status: trio.TaskStatus[None]
+    runner: Controlled,
+    path: Path,
+    *,
+    stuck_after: float,
+    reload: Callable[[], Awaitable[Reloaded]] | None = None,
+    task_status: trio.TaskStatus[None],
 ) -> None:
     """Serve the control app on a Unix socket until cancelled; the socket file goes with it.
 
@@ -217,7 +243,8 @@ async def serve_control(
     fd = bind_owner_only(path)
     ours = os.stat(path).st_ino
     try:
-        await _serve(control_app(runner, stuck_after=stuck_after), _config(f"fd://{fd}"), task_status)
+        app = control_app(runner, stuck_after=stuck_after, reload=reload)
+        await _serve(app, _config(f"fd://{fd}"), task_status)
     finally:
         with suppress(FileNotFoundError):  # only our own socket file: never one that replaced it
             if os.stat(path).st_ino == ours:
@@ -247,7 +274,7 @@ async def _serve(app: Starlette, config: Config, task_status: trio.TaskStatus[An
         task_status.started(bound[0] if bound else None)
 
 
-# -- the client side, for `pullwake status` and `pullwake abort` -------------------------
+# -- the client side, for `pullwake status`, `pullwake abort` and `pullwake reload` ------
 
 
 def _client(path: Path, timeout: float) -> httpx.Client:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 import trio
 
-from .._config import SubscriptionSpec
+from .._config import Settings, SubscriptionSpec
 from .._health import Vitals
+from .._runs.listing import open_wire
 from .._state.journal import Journal
-from .._wire.protocol import Wire
-from ..errors import ClientError, StreamConflict, SubscriptionConflict
+from .._wire.protocol import ServerSubscription, Wire
+from ..errors import ClientError, StreamConflict, SubscriptionConflict, SubscriptionNotFound
 
 log = structlog.get_logger("pullwake.subscriptions")
 
@@ -26,7 +28,8 @@ class SubscriptionKeeper:
     the first connect of a run (concurrently, and with a fleet only this runner's share),
     and then whenever a claim finds one gone (after a server restart, the sweep of the new
     connection finds them all). A subscription that exists with another configuration is
-    reported and left alone: the operator decides which one is right. When one
+    reported, with what differs, and left alone: the operator decides which one is right
+    (a reload may replace it, `replace`). When one
     the journal knew had to be created again, the server forgot it and linked its
     streams past events nobody handled: those ranges go to the journal as gaps
     to replay (or are only reported, with `on_subscription_lost = "skip"`).
@@ -46,9 +49,16 @@ class SubscriptionKeeper:
         self._journal = journal
         self._vitals = vitals
         self._replay = replay
-        self._specs = {spec.id: spec for spec in specs if spec.manage}
+        self._specs: dict[str, SubscriptionSpec] = {}
         self._wake_stream = wake_stream
         self.conflicts: set[str] = set()
+        self.update(specs)
+
+    def update(self, specs: Sequence[SubscriptionSpec]) -> None:
+        """Manage these from now on (a reload); a changed one's conflict is reported again."""
+        managed = {spec.id: spec for spec in specs if spec.manage}
+        self.conflicts -= {sub for sub in self.conflicts if managed.get(sub) != self._specs.get(sub)}
+        self._specs = managed
 
     @property
     def managed(self) -> bool:
@@ -108,13 +118,15 @@ class SubscriptionKeeper:
             )
         except SubscriptionConflict:
             if spec.id not in self.conflicts:
+                self.conflicts.add(spec.id)
                 log.error(
                     "subscription.conflict",
                     subscription=spec.id,
-                    detail="a subscription with this id exists with a different configuration; "
-                    "serving it as it is. Delete it on the server or change the id to apply ours.",
+                    differs=await self.differences(spec),
+                    detail="a subscription with this id exists with a different configuration; serving it as "
+                    "it is. To apply ours: reload with on_subscription_changed = 'replace', or delete it "
+                    "(pullwake subscriptions delete) and restart, or change the id.",
                 )
-            self.conflicts.add(spec.id)
             return False
         self.conflicts.discard(spec.id)
         if links.created:
@@ -132,3 +144,78 @@ class SubscriptionKeeper:
             if not self._replay:
                 self._vitals.gap("skipped")
         return True
+
+    async def differences(self, spec: SubscriptionSpec) -> list[str] | None:
+        """What the server's version of `spec` has otherwise (`key: server ... configured ...`); None if unreadable."""
+        try:
+            return differences(spec, self._wake_stream, await self._wire.read_subscription(spec.id))
+        except ClientError:
+            return None
+
+    async def replace(self, subscription_id: str) -> bool:
+        """Delete the server's version and create ours; True if ours is there now.
+
+        The server links the streams of a new subscription at their tail: what lay between the
+        acknowledged offsets and the tail comes back as gaps the next claim replays (`ensure`).
+        """
+        await self._wire.delete_subscription(subscription_id)
+        self.conflicts.discard(subscription_id)
+        return await self.ensure(subscription_id)
+
+    async def delete(self, subscription_id: str) -> None:
+        await self._wire.delete_subscription(subscription_id)
+
+
+def differences(spec: SubscriptionSpec, wake_stream: str, found: ServerSubscription) -> list[str]:
+    """Where the server's version of a subscription differs from `spec`, one `key: server ..., configured ...` each."""
+    ours = {
+        "wake_stream": wake_stream,
+        "pattern": spec.pattern or None,
+        "streams": tuple(sorted(spec.streams)),
+        "lease_ttl_ms": spec.lease_ttl_ms,
+        "description": spec.description,
+    }
+    theirs = {
+        "wake_stream": found.wake_stream,
+        "pattern": found.pattern or None,
+        "streams": found.explicit,
+        "lease_ttl_ms": found.lease_ttl_ms,
+        "description": found.description,
+    }
+    return [
+        f"{key}: server {theirs[key]!r}, configured {value!r}" for key, value in ours.items() if theirs[key] != value
+    ]
+
+
+async def list_subscriptions(settings: Settings, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The configured subscriptions (and `extra` ids) as the server has them, read from the server alone.
+
+    The protocol cannot list a server's subscriptions: only those named can be read.
+    """
+    listed: list[dict[str, Any]] = []
+    async with open_wire(settings) as wire:
+        for subscription in dict.fromkeys([*(spec.id for spec in settings.subscriptions), *extra]):
+            spec = settings.subscription(subscription)
+            entry: dict[str, Any] = {"id": subscription, "configured": spec is not None, "on_server": False}
+            try:
+                found = await wire.read_subscription(subscription)
+            except SubscriptionNotFound:
+                listed.append(entry)
+                continue
+            entry.update(
+                on_server=True,
+                differs=differences(spec, settings.wake_stream, found) if spec is not None else None,
+                wake_stream=found.wake_stream,
+                pattern=found.pattern,
+                streams=list(found.explicit),
+                lease_ttl_ms=found.lease_ttl_ms,
+                description=found.description,
+                linked=found.linked,
+            )
+            listed.append(entry)
+    return listed
+
+
+async def delete_subscription(settings: Settings, subscription: str) -> None:
+    async with open_wire(settings) as wire:
+        await wire.delete_subscription(subscription)

@@ -43,7 +43,7 @@ from ..errors import (
     TokenInvalid,
     TokenRefused,
 )
-from .protocol import JSON, Frame, ReadResult
+from .protocol import JSON, Frame, ReadResult, ServerSubscription
 
 NEXT_OFFSET = "Stream-Next-Offset"
 UP_TO_DATE = "Stream-Up-To-Date"
@@ -292,6 +292,36 @@ def linked_streams(response: httpx.Response) -> dict[str, str]:
         and isinstance(stream.get("path"), str)
         and isinstance(stream.get("acked_offset"), str)
     }
+
+
+def server_subscription(subscription_id: str, response: httpx.Response, *, what: str) -> ServerSubscription:
+    """A subscription's document; fields of the wrong type read as absent (it is shown, never acted on)."""
+    document = json_of(response, what=what)
+    if not isinstance(document, dict):
+        raise ProtocolError(f"{what}: a subscription must be a JSON object, got {type(document).__name__}")
+    links = document.get("streams")
+    links = links if isinstance(links, list) else []
+
+    def text(key: str) -> str | None:
+        value = document.get(key)
+        return value if isinstance(value, str) else None
+
+    ttl = document.get("lease_ttl_ms")
+    return ServerSubscription(
+        id=subscription_id,
+        wake_stream=text("wake_stream"),
+        pattern=text("pattern"),
+        explicit=tuple(
+            sorted(
+                link["path"]
+                for link in links
+                if isinstance(link, dict) and isinstance(link.get("path"), str) and link.get("link_type") == "explicit"
+            )
+        ),
+        lease_ttl_ms=ttl if type(ttl) is int else None,
+        description=text("description"),
+        linked=linked_streams(response),
+    )
 
 
 def check_sse_answer(response: httpx.Response, *, what: str) -> None:

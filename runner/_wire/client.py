@@ -13,7 +13,7 @@ import functools
 import json
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, contextmanager, suppress
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -21,7 +21,7 @@ import httpx
 import structlog
 from pydantic import SecretStr
 
-from ..errors import ProtocolError, RequestError, TransportError
+from ..errors import ProtocolError, RequestError, SubscriptionNotFound, TransportError
 from .answers import (
     KNOWN_CODES,
     ClaimAnswer,
@@ -36,8 +36,21 @@ from .answers import (
     raise_for_status,
     read_result,
     refreshed_token,
+    server_subscription,
 )
-from .protocol import ALREADY_APPENDED, JSON, Ack, AckAnswer, Claim, ClaimedStream, Frame, Links, Producer, ReadResult
+from .protocol import (
+    ALREADY_APPENDED,
+    JSON,
+    Ack,
+    AckAnswer,
+    Claim,
+    ClaimedStream,
+    Frame,
+    Links,
+    Producer,
+    ReadResult,
+    ServerSubscription,
+)
 from .sse import OVERSIZE, sse_events
 from .transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
 
@@ -394,10 +407,19 @@ class StreamsClient:
         )
         return Links(response.status_code == 201, linked_streams(response))
 
-    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
+    async def read_subscription(self, subscription_id: str) -> ServerSubscription:
         what = f"read subscription {subscription_id}"
-        response = await self._request("GET", self.subscription_url(subscription_id), what=what)
-        return linked_streams(response)
+        response = await self._request("GET", self.subscription_url(subscription_id), what=what, route="subscription")
+        return server_subscription(subscription_id, response, what=what)
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        with suppress(SubscriptionNotFound):  # gone already (a server that answers 404 or 410 for it)
+            await self._request(
+                "DELETE",
+                self.subscription_url(subscription_id),
+                what=f"delete subscription {subscription_id}",
+                route="subscription",
+            )
 
     async def claim(self, subscription_id: str, worker: str) -> Claim:
         what = f"claim {subscription_id}"

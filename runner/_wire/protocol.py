@@ -116,6 +116,21 @@ class Links:
     which the server linked it (its tail then)."""
 
 
+@dataclass(frozen=True)
+class ServerSubscription:
+    """A subscription as the server keeps it (GET of the subscription)."""
+
+    id: str
+    wake_stream: str | None
+    pattern: str | None
+    explicit: tuple[str, ...]
+    """The streams it names (`streams` when created), as opposed to those its pattern matched."""
+    lease_ttl_ms: int | None
+    description: str | None
+    linked: dict[str, str]
+    """Every linked stream and its acknowledged offset."""
+
+
 class LiveRead(Protocol):
     """An open `live=sse` read of one stream. The owner must `aclose()` it."""
 
@@ -173,8 +188,12 @@ class Wire(Protocol):
         """Create or confirm a pull-wake subscription."""
         ...
 
-    async def linked_streams(self, subscription_id: str) -> dict[str, str]:
-        """The streams a subscription links, with their acknowledged offsets (GET, changes nothing)."""
+    async def read_subscription(self, subscription_id: str) -> ServerSubscription:
+        """The subscription as the server keeps it; `SubscriptionNotFound` if it has none."""
+        ...
+
+    async def delete_subscription(self, subscription_id: str) -> None:
+        """Delete the subscription (a missing one is no error): its claim, if held, is void."""
         ...
 
     async def claim(self, subscription_id: str, worker: str) -> Claim: ...
