@@ -637,7 +637,7 @@ async def test_a_read_that_keeps_failing_abandons_the_claim_and_hands_it_back(
     wire.answer("read")
     wire.fail_transport("read", times=5)
     result = await claim(make_context(wire, handler, vitals=vitals))
-    assert result == ClaimResult(Outcome.ERROR, generation=1)
+    assert result == ClaimResult(Outcome.ERROR, generation=1, unanswered=True), "tried again soon, not cooled down"
     assert len(handler.seen) == 1
     assert wire.acked(SUB) == {JOBS: offset_of(1)}
     assert len(wire.called("release")) == 1
@@ -649,6 +649,7 @@ async def test_acks_the_server_refuses_as_invalid_abandon_the_claim(autojump_clo
     wire.fail("ack", InvalidOffset("ack: 409 INVALID_OFFSET", status=409, code="INVALID_OFFSET"))
     result = await claim(make_context(wire, Recorder()))
     assert result.outcome is Outcome.ERROR
+    assert not result.unanswered, "the server's verdict: the subscription rests"
     assert wire.acked(SUB) == {JOBS: offset_of(1)}, "the hand-back acks what was finished"
     assert len(wire.called("release")) == 1
 
