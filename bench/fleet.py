@@ -380,7 +380,9 @@ async def _restart(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
         await trio.sleep(2)
-        await trio.to_thread.run_sync(server.stop)
+        stopping = time.perf_counter()
+        await trio.to_thread.run_sync(server.stop)  # SIGTERM: it answers (without subscriptions) until it exits
+        stopped = time.perf_counter()
         await trio.sleep(scale.fleet_down_seconds)
         await trio.to_thread.run_sync(server.start)
         back, back_wall = time.perf_counter(), time.time()
@@ -394,6 +396,7 @@ async def _restart(
     again = [min((t for t in _log_times(member.log)[1] if t > back_wall), default=None) for member in members]
     return {
         "events": len(appended),
+        "stopping_s": stopped - stopping,
         "duplicates": sum(len(handled.get(i, [])) > 1 for i in appended),
         "duplicates_pct": 100 * sum(len(handled.get(i, [])) > 1 for i in appended) / len(appended),
         "lost": sum(i not in handled for i in appended),
