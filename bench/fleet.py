@@ -264,7 +264,13 @@ async def _snapshot(members: list[Member], server: DevServer) -> Snapshot:
 
 
 async def _produce(
-    producer: StreamsClient, streams: list[str], rate: float, rng: random.Random, first: int, until: trio.Event
+    producer: StreamsClient,
+    streams: list[str],
+    rate: float,
+    rng: random.Random,
+    first: int,
+    until: trio.Event,
+    where: dict[int, str] | None = None,
 ) -> dict[int, float]:
     """Append {"i": n} to a random stream `rate` times a second until `until`; n -> when the append returned.
 
@@ -273,9 +279,12 @@ async def _produce(
     appended: dict[int, float] = {}
     slot, n = trio.current_time(), first
     while not until.is_set():
+        stream = rng.choice(streams)
         try:
-            await producer.append(rng.choice(streams), {"i": n})
+            await producer.append(stream, {"i": n})
             appended[n] = time.perf_counter()
+            if where is not None:
+                where[n] = stream
         except Exception:  # the server may be the fault
             pass
         n += 1
@@ -372,10 +381,11 @@ async def _restart(
     before = await _snapshot(members, server)
     done = trio.Event()
     appended: dict[int, float] = {}
+    where: dict[int, str] = {}
     back = back_wall = 0.0
 
     async def produce() -> None:
-        appended.update(await _produce(producer, streams, scale.fleet_rate, rng, first, done))
+        appended.update(await _produce(producer, streams, scale.fleet_rate, rng, first, done, where))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
@@ -393,13 +403,16 @@ async def _restart(
     metrics = after.metrics - before.metrics
     new = {i: at for i, at in appended.items() if at > back}
     waits = [handled[i][0][0] - at for i, at in new.items() if i in handled]
+    lost = sorted(i for i in appended if i not in handled)
     again = [min((t for t in _log_times(member.log)[1] if t > back_wall), default=None) for member in members]
     return {
         "events": len(appended),
         "stopping_s": stopped - stopping,
         "duplicates": sum(len(handled.get(i, [])) > 1 for i in appended),
         "duplicates_pct": 100 * sum(len(handled.get(i, [])) > 1 for i in appended) / len(appended),
-        "lost": sum(i not in handled for i in appended),
+        "lost": len(lost),
+        "lost_events": lost,
+        "lost_not_on_server": await _not_on_server(producer, {i: where[i] for i in lost}),
         "streaming_again_s": max(t - back_wall for t in again) if None not in again else None,  # type: ignore[operator]
         "first_new_handled_s": min((handled[i][0][0] for i in new if i in handled), default=back) - back,
         "new_events": len(new),
@@ -407,6 +420,21 @@ async def _restart(
         "new_wait_max_s": max(waits, default=0.0),
         "gaps_replayed": metrics["gaps_replayed"],
     }
+
+
+async def _not_on_server(producer: StreamsClient, lost: dict[int, str]) -> list[int]:
+    """Of the events no runner handled, those the server itself no longer has (its append answered,
+    then its restart lost them): the runners could not have handled those."""
+    found: set[int] = set()
+    for stream in set(lost.values()):
+        offset = "-1"
+        while True:
+            result = await producer.read(stream, offset)
+            found.update(m["i"] for m in result.messages if isinstance(m, dict) and isinstance(m.get("i"), int))
+            if result.up_to_date or not result.messages:
+                break
+            offset = result.next_offset
+    return sorted(set(lost) - found)
 
 
 # -- the table ---------------------------------------------------------------------------------------
@@ -435,7 +463,7 @@ def render(results: dict[str, Any]) -> str:
                 f"{start['requests']} / {start['budget']}",
                 f"{start['streaming_s_max']:.2f}",
                 f"{restart['duplicates_pct']:.1f} %",
-                f"{restart['lost']}",
+                f"{restart['lost']}" + (f" ({len(gone)} gone)" if (gone := restart["lost_not_on_server"]) else ""),
                 f"{_f(restart['streaming_again_s'])}",
                 f"{restart['new_wait_max_s']:.2f}",
             ]

@@ -283,23 +283,27 @@ class Dispatcher:
                         our_turn = await self._our_turn(sub)
                     if worker.waiting.cancelled_caught:
                         break
-                    if not our_turn:
+                    run = ClaimRun(
+                        sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
+                    )
+                    if not our_turn and not sub.context.journal.gaps(sub.id):
                         if sub.take_again():
                             worker.waiting = trio.CancelScope()
                             continue
                         break
-                    run = ClaimRun(
-                        sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
-                    )
                     sub.woken_at, worker.run = None, run
                     try:
-                        result = await self._replay_then_claim(sub, worker, run)
+                        result = await self._replay_then_claim(sub, worker, run, claim=our_turn)
                     finally:
                         self._ended(sub, worker, run.result)
                         booked = True
                     worker.waiting, worker.run = trio.CancelScope(), None
                     if result is None:
-                        break  # the drain began while it waited for a slot
+                        # Replayed only (a peer claims), or the drain began while it waited for a slot.
+                        if sub.take_again():
+                            booked = False
+                            continue
+                        break
                     # `next_wake` only counts after a claim that handed something over: a server
                     # that keeps saying "more" without giving any cannot drive a claim loop.
                     if not (sub.take_again() or (result.next_wake and run.batches_done)):
@@ -321,18 +325,24 @@ class Dispatcher:
             if not self._workers():
                 self._idle.set()
 
-    async def _replay_then_claim(self, sub: _Subscription, worker: Worker, run: ClaimRun) -> ClaimResult | None:
-        """The subscription's gaps (if any), then the claim in a slot; None if the drain came first.
+    async def _replay_then_claim(
+        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, claim: bool
+    ) -> ClaimResult | None:
+        """The subscription's gaps (if any), then the claim in a slot if `claim`; None when no
+        claim was made (not this runner's turn, or the drain came first).
 
         Replays take no claim slot: they have a lane of their own, as wide, so new events on
         other subscriptions never queue behind the replays a server restart leaves (the
-        subscription's own new events come after its gap, in order).
+        subscription's own new events come after its gap, in order). And whoever holds a gap
+        replays it, first in line or not: it is the only runner that knows of those events.
         """
         if sub.context.journal.gaps(sub.id):
             async with self._replaying:
                 if (ended := await replay_gaps(run)) is not None:
                     run.result = ClaimResult(ended)
                     return run.result
+        if not claim:
+            return None
         worker.waiting = trio.CancelScope()  # a drain cancels the wait for a slot, never a replay
         if self._closed:
             return None

@@ -597,6 +597,21 @@ async def test_a_forgotten_subscription_that_cannot_be_created_again_is_an_error
         assert result == ClaimResult(Outcome.ERROR, restarted=True)
 
 
+async def test_a_subscription_that_could_not_be_put_back_for_want_of_an_answer_is_tried_again_soon(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server shutting down answers the claim (404: it no longer has its subscriptions) and then
+    not the create: no verdict on the subscription, so no cooldown (new events would wait 30 s)."""
+
+    async def unreachable(subscription: str) -> bool:
+        raise TransportError("ensure: ConnectError: refused")
+
+    wire = server((JOBS, 1))
+    wire.forget_subscriptions()
+    result = await claim(make_context(wire, Recorder(), recreate=unreachable))
+    assert result == ClaimResult(Outcome.ERROR, restarted=True, unanswered=True)
+
+
 async def test_a_claim_request_that_fails_briefly_is_retried(autojump_clock: trio.testing.MockClock) -> None:
     wire = server((JOBS, 1))
     wire.fail_transport("claim", times=4)

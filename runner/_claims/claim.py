@@ -283,7 +283,7 @@ class ClaimRun:
                 recreated = await context.recreate(subscription)
             except ClientError as exc:
                 log.warning("subscription.ensure_failed", subscription=subscription, error=str(exc))
-                return ClaimResult(Outcome.ERROR, restarted=True)
+                return ClaimResult(Outcome.ERROR, restarted=True, unanswered=exc.retryable)
             if recreated:
                 # Put back by this claim, or meanwhile by the connect: either way claim it again now.
                 log.warning("subscription.was_missing", subscription=subscription, action="put back")
