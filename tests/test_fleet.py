@@ -197,6 +197,22 @@ async def test_acknowledged_offsets_travel_to_every_member(autojump_clock: trio.
         assert [(gap.start, gap.end) for gap in gaps] == [(offset_of(5), offset_of(9))]
 
 
+async def test_a_subscription_one_member_created_is_known_to_the_others_before_any_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each runner confirms only its share at start. A peer that must put back a subscription it
+    never served after a server restart still replays from where it was linked: before, it saw a
+    subscription it did not know, computed no gap, and the events in between were lost."""
+    wire = FakeWire()
+    journals = Journal(None, server_url="x"), Journal(None, server_url="x")
+    a, b = member(wire, "a", journals[0]), member(wire, "b", journals[1])
+    journals[0].linked("s1", {"jobs/1": offset_of(2)}, created=True)  # created by "a", alone so far
+    async with fleet_of(wire, a, b):
+        await trio.sleep(INTERVAL + 0.1)
+        gaps = journals[1].linked("s1", {"jobs/1": offset_of(9)}, created=True)
+        assert [(gap.start, gap.end) for gap in gaps] == [(offset_of(2), offset_of(9))]
+
+
 # -- with the dispatcher ----------------------------------------------------------------------------
 
 
