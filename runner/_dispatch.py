@@ -283,14 +283,14 @@ class Dispatcher:
                         our_turn = await self._our_turn(sub)
                     if worker.waiting.cancelled_caught:
                         break
-                    run = ClaimRun(
-                        sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
-                    )
                     if not our_turn and not sub.context.journal.gaps(sub.id):
                         if sub.take_again():
                             worker.waiting = trio.CancelScope()
                             continue
                         break
+                    run = ClaimRun(
+                        sub.context, sub.id, woken_at=sub.woken_at, read_early=sub.announced and sub.won_last
+                    )
                     sub.woken_at, worker.run = None, run
                     try:
                         result = await self._replay_then_claim(sub, worker, run, claim=our_turn)
