@@ -5,8 +5,10 @@ wake-to-handler latency and CPU per event (bench/latency.py), throughput with 1/
 subscriptions (bench/throughput.py), recovery from faults (bench/recovery.py), idle and
 peak footprint, start() and stop() times (bench/footprint.py), what traces cost
 (bench/tracing.py), what a claim costs the journal at 10 and 1,000 subscriptions
-(bench/journal.py). Latency, CPU and throughput are also measured for a bare-httpx
-baseline (bench/baseline.py) and printed as ratios, with issue 15's goals.
+(bench/journal.py), a fleet of 1/4/12 runner processes on one wake stream with 200 and 1,000
+subscriptions, its start and a server restart under load (bench/fleet.py). Latency, CPU and
+throughput are also measured for a bare-httpx baseline (bench/baseline.py) and printed as
+ratios, with issue 15's goals (issue 22's for the fleet).
 Writes a table to stdout and JSON to bench/results/latest.json.
 
     python -m bench                      # everything (several minutes)
@@ -15,11 +17,14 @@ Writes a table to stdout and JSON to bench/results/latest.json.
     python -m bench --only tracing       # the latency workload with traces off, API only, and an SDK
     python -m bench --only journal       # claimed → fsynced, and event-loop CPU, per claim, old and new
     python -m bench --only runs          # durable runs: a step, resuming, replaying 1,000 steps, kill -9 chaos
+    python -m bench --only fleet         # N runner processes x M subscriptions: claims per wake, CPU, restart
+    python -m bench --only fleet --fleet-seconds 60 --fleet-rate 40   # a longer steady phase
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,6 +38,8 @@ import trio
 
 from bench import core
 from bench.core import FULL, RESULTS, SMOKE, Bench, Scale
+from bench.fleet import fleet
+from bench.fleet import render as render_fleet
 from bench.footprint import footprint, start, stop
 from bench.journal import journal
 from bench.journal import render as render_journal
@@ -57,6 +64,7 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "tracing": tracing,
     "journal": journal,
     "runs": runs,
+    "fleet": fleet,
 }
 
 
@@ -91,6 +99,8 @@ def cli() -> None:
         help="the Python that runs `pullwake run` processes, e.g. a venv with `pip install .` and no dev extra "
         "(this source tree comes first on its path)",
     )
+    parser.add_argument("--fleet-seconds", type=float, help="steady phase of each fleet row, s (default 20)")
+    parser.add_argument("--fleet-rate", type=float, help="events/s the fleet section appends (default 40)")
     options = parser.parse_args()
     if options.runner_python:
         core.RUNNER_PYTHON[0] = options.runner_python
@@ -102,11 +112,23 @@ def cli() -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    results = trio.run(main, SMOKE if options.smoke else FULL, sections)
+    scale = SMOKE if options.smoke else FULL
+    if options.fleet_seconds is not None:
+        scale = dataclasses.replace(scale, fleet_seconds=options.fleet_seconds)
+    if options.fleet_rate is not None:
+        scale = dataclasses.replace(scale, fleet_rate=options.fleet_rate)
+    results = trio.run(main, scale, sections)
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))
-    print(render(results) + render_tracing(results) + render_journal(results) + render_runs(results), end="")
+    print(
+        render(results)
+        + render_tracing(results)
+        + render_journal(results)
+        + render_runs(results)
+        + render_fleet(results),
+        end="",
+    )
     print(f"(JSON: {options.out})", file=sys.stderr)
 
 

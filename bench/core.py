@@ -49,6 +49,16 @@ class Scale:
     starts: int = 10
     repeats: int = 3
     """Runs of the quick after-fault rows (kill -9, server restart gap); the table shows median and worst."""
+    fleet_runners: tuple[int, ...] = (1, 4, 12)
+    fleet_subscriptions: tuple[int, ...] = (200, 1000)
+    fleet_rate: float = 40.0
+    """Events per second the fleet section's producer appends, to random subscriptions."""
+    fleet_seconds: float = 20.0
+    """How long the steady phase of each fleet row appends."""
+    fleet_down_seconds: float = 5.0
+    """How long the server is down in each fleet row's restart under load."""
+    fleet_after_seconds: float = 8.0
+    """How long the producer goes on after the restarted server answers."""
 
 
 FULL = Scale()
@@ -65,6 +75,12 @@ SMOKE = Scale(
     gap_events=6,
     starts=3,
     repeats=1,
+    fleet_runners=(1, 2),
+    fleet_subscriptions=(20,),
+    fleet_rate=20.0,
+    fleet_seconds=2.0,
+    fleet_down_seconds=1.0,
+    fleet_after_seconds=2.0,
 )
 
 
@@ -83,7 +99,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
+async def until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str, *, every: float = 0.01
+) -> None:
     with trio.move_on_after(timeout):
         while True:
             result = predicate()
@@ -91,7 +109,7 @@ async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float,
                 result = await result
             if result:
                 return
-            await trio.sleep(0.01)
+            await trio.sleep(every)
     raise TimeoutError(f"gave up after {timeout:g} s waiting for {what}")
 
 

@@ -236,7 +236,7 @@ def recovery_table(after: dict[str, Any]) -> list[str]:
     )
 
 
-def _verdict(figure: float, goal: float, unit: str) -> str:
+def verdict(figure: float, goal: float, unit: str) -> str:
     if figure <= goal:
         return f"met, {goal - figure:.2f}{unit} under"
     return f"MISSED by {figure - goal:.2f}{unit} ({(figure / goal - 1) * 100:+.0f} %)"
@@ -254,7 +254,7 @@ def goals_table(results: dict[str, Any]) -> list[str]:
                     f"append -> handler {key} (in-process)",
                     f"<= {GOALS[key]:.2f}x raw",
                     f"{figure:.2f}x ({r[name]:.2f} / {b[name]:.2f} ms)",
-                    _verdict(figure, GOALS[key], "x"),
+                    verdict(figure, GOALS[key], "x"),
                 ]
             )
         if processes := latency.get("processes"):
@@ -265,7 +265,7 @@ def goals_table(results: dict[str, Any]) -> list[str]:
                     "CPU per event, latency mode",
                     f"<= {GOALS['cpu_per_event']:.2f}x raw",
                     f"{figure:.2f}x ({rc:.2f} / {bc:.2f} ms)",
-                    _verdict(figure, GOALS["cpu_per_event"], "x"),
+                    verdict(figure, GOALS["cpu_per_event"], "x"),
                 ]
             )
     if backlog := results.get("throughput", {}).get("backlog"):
@@ -281,7 +281,7 @@ def goals_table(results: dict[str, Any]) -> list[str]:
     if footprint := results.get("footprint"):
         rss = footprint["rss_mb"]
         goal = GOALS["idle_rss_mib"]
-        rows.append(["idle RSS", f"<= {goal:.0f} MiB", f"{rss:.1f} MiB", _verdict(rss, goal, " MiB")])
+        rows.append(["idle RSS", f"<= {goal:.0f} MiB", f"{rss:.1f} MiB", verdict(rss, goal, " MiB")])
     if not rows:
         return []
     return table("Goals (issue 15)", ["", "goal", "this run", ""], rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -18,10 +19,14 @@ class Proxy:
     - `refuse()`: cut every open connection and answer every new request with 503, as an
       overloaded load balancer would; `thaw()` ends it. `refuse(401)`: a gateway that refuses
       the token for a while (a rotation gone wrong).
+
+    `on_request(method, target)` is called for every HTTP/1.1 request a client sends through
+    it (bodies framed by Content-Length, as the runner's client sends them): a request count.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, on_request: Callable[[str, str], None] | None = None) -> None:
         self.upstream_port = upstream_port
+        self._on_request = on_request
         self.port = 0
         self.connections = 0
         self._gates: dict[int, trio.Event] = {}
@@ -84,7 +89,8 @@ class Proxy:
                     await client.aclose()
                     return
                 async with client, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(partial(self._pump, client, upstream, ident, nursery.cancel_scope))
+                    heads = RequestHeads(self._on_request) if self._on_request is not None else None
+                    nursery.start_soon(partial(self._pump, client, upstream, ident, nursery.cancel_scope, heads))
                     nursery.start_soon(partial(self._pump, upstream, client, ident, nursery.cancel_scope))
         finally:
             self._scopes.pop(ident, None)
@@ -107,7 +113,12 @@ class Proxy:
                 pass
 
     async def _pump(
-        self, source: trio.SocketStream, sink: trio.SocketStream, ident: int, both: trio.CancelScope
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        ident: int,
+        both: trio.CancelScope,
+        heads: RequestHeads | None = None,
     ) -> None:
         try:
             while True:
@@ -115,8 +126,39 @@ class Proxy:
                 data = await source.receive_some(65536)
                 if not data:
                     break
+                if heads is not None:
+                    heads.feed(data)
                 await self._gates[ident].wait()
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         both.cancel()
+
+
+class RequestHeads:
+    """Finds the request lines in one connection's client-to-server bytes."""
+
+    def __init__(self, on_request: Callable[[str, str], None]) -> None:
+        self._on_request = on_request
+        self._buffer = b""
+        self._body_left = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            if self._body_left:
+                skipped = min(self._body_left, len(self._buffer))
+                self._buffer, self._body_left = self._buffer[skipped:], self._body_left - skipped
+                if self._body_left:
+                    return
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self._buffer = self._buffer[:end].decode("latin-1"), self._buffer[end + 4 :]
+            request_line, *headers = head.split("\r\n")
+            method, target, *_ = request_line.split(" ")
+            for header in headers:
+                name, _, value = header.partition(":")
+                if name.strip().lower() == "content-length":
+                    self._body_left = int(value)
+            self._on_request(method, target)

@@ -24,6 +24,7 @@ import trio
 
 from ._claims.claim import ClaimContext, ClaimResult, ClaimRun
 from ._claims.outcome import SUCCEEDED, Outcome
+from ._claims.recovery import replay_gaps
 from ._health import InFlightClaim, Vitals
 from ._wire.retrying import Backoff
 
@@ -157,6 +158,7 @@ class Dispatcher:
         self._vitals = vitals
         self._nursery = nursery
         self._slots = trio.CapacityLimiter(max_concurrent)
+        self._replaying = trio.CapacityLimiter(max_concurrent)
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
@@ -329,11 +331,10 @@ class Dispatcher:
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
                             await trio.sleep_until(sub.cooldown_until)
-                        if our_turn := await self._our_turn(sub):
-                            await self._slots.acquire_on_behalf_of(worker)
+                        our_turn = await self._our_turn(sub)
                     if worker.waiting.cancelled_caught:
                         break
-                    if not our_turn:
+                    if not our_turn and not sub.context.journal.gaps(sub.id):
                         if sub.take_again():
                             worker.waiting = trio.CancelScope()
                             continue
@@ -343,12 +344,17 @@ class Dispatcher:
                     )
                     sub.woken_at, worker.run = None, run
                     try:
-                        result = await run.run()
+                        result = await self._replay_then_claim(sub, worker, run, claim=our_turn)
                     finally:
-                        self._slots.release_on_behalf_of(worker)
                         self._ended(sub, worker, run.result)
                         booked = True
                     worker.waiting, worker.run = trio.CancelScope(), None
+                    if result is None:
+                        # Replayed only (a peer claims), or the drain began while it waited for a slot.
+                        if sub.take_again():
+                            booked = False
+                            continue
+                        break
                     # `next_wake` only counts after a claim that handed something over: a server
                     # that keeps saying "more" without giving any cannot drive a claim loop.
                     if not self._serving(sub) or not (sub.take_again() or (result.next_wake and run.batches_done)):
@@ -371,6 +377,36 @@ class Dispatcher:
             self._vitals.in_flight(len(self._workers()))
             if not self._workers():
                 self._idle.set()
+
+    async def _replay_then_claim(
+        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, claim: bool
+    ) -> ClaimResult | None:
+        """The subscription's gaps (if any), then the claim in a slot if `claim`; None when no
+        claim was made (not this runner's turn, or the drain came first).
+
+        Replays take no claim slot: they have a lane of their own, as wide, so new events on
+        other subscriptions never queue behind the replays a server restart leaves (the
+        subscription's own new events come after its gap, in order). And whoever holds a gap
+        replays it, first in line or not: it is the only runner that knows of those events.
+        """
+        if sub.context.journal.gaps(sub.id):
+            async with self._replaying:
+                if (ended := await replay_gaps(run)) is not None:
+                    run.result = ClaimResult(ended)
+                    return run.result
+        if not claim:
+            return None
+        worker.waiting = trio.CancelScope()  # a drain cancels the wait for a slot, never a replay
+        if self._closed:
+            return None
+        with worker.waiting:
+            await self._slots.acquire_on_behalf_of(worker)
+        if worker.waiting.cancelled_caught:
+            return None
+        try:
+            return await run.run()
+        finally:
+            self._slots.release_on_behalf_of(worker)
 
     async def _our_turn(self, sub: _Subscription) -> bool:
         """Is the next claim this runner's to make (now), or left to a peer?"""

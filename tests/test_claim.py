@@ -597,6 +597,21 @@ async def test_a_forgotten_subscription_that_cannot_be_created_again_is_an_error
         assert result == ClaimResult(Outcome.ERROR, restarted=True)
 
 
+async def test_a_subscription_that_could_not_be_put_back_for_want_of_an_answer_is_tried_again_soon(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server shutting down answers the claim (404: it no longer has its subscriptions) and then
+    not the create: no verdict on the subscription, so no cooldown (new events would wait 30 s)."""
+
+    async def unreachable(subscription: str) -> bool:
+        raise TransportError("ensure: ConnectError: refused")
+
+    wire = server((JOBS, 1))
+    wire.forget_subscriptions()
+    result = await claim(make_context(wire, Recorder(), recreate=unreachable))
+    assert result == ClaimResult(Outcome.ERROR, restarted=True, unanswered=True)
+
+
 async def test_a_claim_request_that_fails_briefly_is_retried(autojump_clock: trio.testing.MockClock) -> None:
     wire = server((JOBS, 1))
     wire.fail_transport("claim", times=4)
@@ -637,7 +652,7 @@ async def test_a_read_that_keeps_failing_abandons_the_claim_and_hands_it_back(
     wire.answer("read")
     wire.fail_transport("read", times=5)
     result = await claim(make_context(wire, handler, vitals=vitals))
-    assert result == ClaimResult(Outcome.ERROR, generation=1)
+    assert result == ClaimResult(Outcome.ERROR, generation=1, unanswered=True), "tried again soon, not cooled down"
     assert len(handler.seen) == 1
     assert wire.acked(SUB) == {JOBS: offset_of(1)}
     assert len(wire.called("release")) == 1
@@ -649,6 +664,7 @@ async def test_acks_the_server_refuses_as_invalid_abandon_the_claim(autojump_clo
     wire.fail("ack", InvalidOffset("ack: 409 INVALID_OFFSET", status=409, code="INVALID_OFFSET"))
     result = await claim(make_context(wire, Recorder()))
     assert result.outcome is Outcome.ERROR
+    assert not result.unanswered, "the server's verdict: the subscription rests"
     assert wire.acked(SUB) == {JOBS: offset_of(1)}, "the hand-back acks what was finished"
     assert len(wire.called("release")) == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 import trio
@@ -196,6 +197,22 @@ async def test_acknowledged_offsets_travel_to_every_member(autojump_clock: trio.
         assert [(gap.start, gap.end) for gap in gaps] == [(offset_of(5), offset_of(9))]
 
 
+async def test_a_subscription_one_member_created_is_known_to_the_others_before_any_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each runner confirms only its share at start. A peer that must put back a subscription it
+    never served after a server restart still replays from where it was linked: before, it saw a
+    subscription it did not know, computed no gap, and the events in between were lost."""
+    wire = FakeWire()
+    journals = Journal(None, server_url="x"), Journal(None, server_url="x")
+    a, b = member(wire, "a", journals[0]), member(wire, "b", journals[1])
+    journals[0].linked("s1", {"jobs/1": offset_of(2)}, created=True)  # created by "a", alone so far
+    async with fleet_of(wire, a, b):
+        await trio.sleep(INTERVAL + 0.1)
+        gaps = journals[1].linked("s1", {"jobs/1": offset_of(9)}, created=True)
+        assert [(gap.start, gap.end) for gap in gaps] == [(offset_of(2), offset_of(9))]
+
+
 # -- with the dispatcher ----------------------------------------------------------------------------
 
 
@@ -230,3 +247,32 @@ async def test_two_dispatchers_make_one_claim_per_wake(autojump_clock: trio.test
         assert all(Outcome.SKIPPED not in vitals.claims for vitals in vitals_of), "no lost race, no wasted claim"
         for dispatcher in dispatchers:
             dispatcher.interrupt_all()
+
+
+async def test_a_gap_is_replayed_by_the_runner_that_holds_it_first_in_line_or_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The runner that put back a subscription the server forgot holds its gap: the only one that
+    knows of those events. It replays them even where a peer is first in line (seen in the fleet
+    bench: a gap found by a runner second in line was never replayed, its events lost), and leaves
+    the claim to that peer."""
+    wire = FakeWire()
+    sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b"])[0] == "a")
+    stream = f"jobs/{sub}"
+    wire.add_stream(stream, jobs(3, stream))
+    wire.subscribe(sub, [stream])
+    journal = Journal(None, server_url="x")
+    journal.linked(sub, {stream: offset_of(0)}, created=False)
+    journal.linked(sub, {stream: offset_of(3)}, created=True)  # re-created past three events
+    handler = Recorder()
+    b = member(wire, "b")
+    async with fleet_of(wire, member(wire, "a"), b), trio.open_nursery() as work:
+        context = replace(make_context(wire, handler, runner_id="b"), journal=journal)
+        dispatcher = Dispatcher({sub: context}, Vitals("b"), work, max_concurrent=1, peers=b)
+        dispatcher.sweep()
+        await trio.sleep(10)
+        assert [message for batch in handler.seen for message in batch.messages] == jobs(3, stream)
+        assert all(batch.replayed for batch in handler.seen)
+        assert journal.gaps(sub) == []
+        assert wire.called("claim") == [], "the claim is the first in line's"
+        dispatcher.interrupt_all()

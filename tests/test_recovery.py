@@ -18,7 +18,7 @@ import trio
 
 from faults.proxy import Proxy
 from machine import State
-from runner import Runner
+from runner import Batch, Runner
 from runner._service.devserver import DevServer
 from runner._state.journal import Journal
 from tests.support import Recorder, World, captured_logs, eventually, running
@@ -235,3 +235,51 @@ async def test_a_token_accepted_again_ends_the_reconnect_wait(world: World, nurs
     assert proxy.refused >= 2
     assert recovered < 3.0, f"all handled {recovered:.2f} s after the token was accepted again"
     print(f"401 storm: all handled {recovered:.2f} s after it ended (backoff then 8 s)")
+
+
+async def test_a_replay_in_progress_holds_up_no_other_subscription_and_its_own_new_events_follow_it(
+    own_world: World, own_proxy: Proxy
+) -> None:
+    """Issue 22: after a server restart, new events are not queued behind replays. Subscription A's
+    gap replay is held in its handler; B's new events are handled meanwhile, and A's new events
+    come right after A's gap, in order."""
+    world = own_world
+    await world.create("a", "b")
+    held, release = trio.Event(), trio.Event()
+
+    async def hold_replays(batch: Batch) -> None:
+        if batch.replayed:
+            held.set()
+            await release.wait()
+        await a_handled(batch)
+
+    a_handled, b_handled = Recorder(), Recorder()
+    a, b = f"{world.sub}-a", f"{world.sub}-b"
+    settings = world.settings(
+        server_url=own_proxy.url,
+        max_concurrent_claims=1,  # a replay takes no claim slot: one is enough for B
+        subscriptions=(world.spec(a, pattern=world.stream("a")), world.spec(b, pattern=world.stream("b"))),
+    )
+    runner = Runner(settings, handlers={a: hold_replays, b: b_handled})
+    async with running(runner):
+        await world.append("a", {"n": 0})
+        await world.append("b", {"n": 0})
+        await eventually(lambda: a_handled.count == b_handled.count == 1, what="the events before the restart")
+        await eventually(lambda: not runner.health().in_flight, what="their done acks")
+        own_proxy.freeze()
+        await trio.to_thread.run_sync(world.server.restart)
+        for n in (1, 2):  # skipped by the re-created subscriptions: A's and B's gaps
+            await world.append("a", {"n": n})
+            await world.append("b", {"n": n})
+        own_proxy.thaw()
+        with trio.fail_after(20):
+            await held.wait()
+        await eventually(lambda: b_handled.count == 3, timeout=10, what="B's gap, beside A's held replay")
+        await world.append("b", {"n": 3})
+        await world.append("a", {"n": 3})
+        await eventually(lambda: b_handled.count == 4, timeout=10, what="B's new event while A's replay is held")
+        assert a_handled.count == 1, "A's replay was still held all along"
+        release.set()
+        await eventually(lambda: a_handled.count == 4, timeout=10, what="A's gap, then its new event")
+    assert [m["n"] for m in a_handled.messages()] == [0, 1, 2, 3], "A's new event came after its gap"
+    assert [m["n"] for m in b_handled.messages()] == [0, 1, 2, 3]

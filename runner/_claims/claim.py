@@ -141,8 +141,8 @@ class ClaimResult:
     cleanup_error: BaseException | None = None
     """The finalizer of a cancelled claim could not hand the claim back."""
     unanswered: bool = False
-    """The claim itself got no usable answer (the server was unreachable or failing): it is
-    tried again soon, not cooled down like a claim the server refused."""
+    """The claim, or a read of its events, got no usable answer (the server was unreachable or
+    failing): it is tried again soon, not cooled down like a claim the server refused."""
 
 
 class Progress:
@@ -248,7 +248,7 @@ class ClaimRun:
                 raise
             finally:
                 held.forget_refreshed_tokens()
-        self.result = ClaimResult(outcome, claim.generation, next_wake, restarted=held.gone)
+        self.result = ClaimResult(outcome, claim.generation, next_wake, restarted=held.gone, unanswered=held.unanswered)
         return self.result
 
     async def _obtain(self) -> tuple[Claim, Lease, Written] | ClaimResult:
@@ -284,7 +284,7 @@ class ClaimRun:
                 recreated = await context.recreate(subscription)
             except ClientError as exc:
                 log.warning("subscription.ensure_failed", subscription=subscription, error=str(exc))
-                return ClaimResult(Outcome.ERROR, restarted=True)
+                return ClaimResult(Outcome.ERROR, restarted=True, unanswered=exc.retryable)
             if recreated:
                 # Put back by this claim, or meanwhile by the connect: either way claim it again now.
                 log.warning("subscription.was_missing", subscription=subscription, action="put back")
@@ -331,6 +331,8 @@ class _Held:
         self.lost: LeaseLost | None = None
         self.gone = False
         """The subscription was found gone: the dispatcher has it put back, and claims again, at once."""
+        self.unanswered = False
+        """The claim was abandoned because the server stopped answering: tried again soon, not cooled down."""
         self.dead_lettered = 0
         self.refreshed: list[SecretStr] = []
         """Claim tokens the server refreshed in ack answers, redacted while the claim is held."""
@@ -352,8 +354,11 @@ class _Held:
                 finally:
                     nursery.cancel_scope.cancel()
         except* ClaimAbandoned as group:
-            log.warning("claim.abandoned", error=str(group.exceptions[0]))
-            self.vitals.error(group.exceptions[0])
+            abandoned = group.exceptions[0]
+            log.warning("claim.abandoned", error=str(abandoned))
+            self.vitals.error(abandoned)
+            # A read the server never answered (down, restarting) says nothing about the work.
+            self.unanswered = isinstance(cause := abandoned.__cause__, ClientError) and cause.retryable
             outcome = Outcome.ERROR
         if self.lost is not None:
             self._report_lost(self.lost)

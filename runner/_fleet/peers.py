@@ -181,8 +181,9 @@ class Fleet:
         while True:
             await trio.sleep(self.interval)
             record: dict[str, Any] = {"type": "alive"}
-            fresh = self._journal.take_fresh() if self._journal is not None else {}
-            if fresh and self.peers():
+            # Kept while alone: the first peer to join hears what was confirmed before it came.
+            fresh = self._journal.take_fresh() if self._journal is not None and self.peers() else {}
+            if fresh:
                 record["acked"] = fresh
             await self._append(record)
             self._membership()

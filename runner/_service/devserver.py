@@ -147,6 +147,11 @@ class DevServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (for what it costs in CPU)."""
+        return self._process.pid if self.running and self._process is not None else None
+
     def start(self, *, timeout: float = 30.0) -> str:
         if self.running:
             raise DevServerError("the reference server is already running")

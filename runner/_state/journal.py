@@ -85,7 +85,7 @@ class Journal:
         """Told how every write ended: a failed one is a degraded runner (health, metrics)."""
         self._state = JournalState()
         self._fresh: dict[str, dict[str, str]] = {}
-        """Offsets acknowledged by this runner since `take_fresh` last took them (for its peers)."""
+        """Offsets acknowledged or linked (without a gap) since `take_fresh` last took them (for its peers)."""
         self._pending: list[Record] = []
         """Records applied in memory, not written yet (in order)."""
         self._urgent = False
@@ -222,6 +222,13 @@ class Journal:
                     gaps.append(Gap(stream, start, end))
         kept = [asdict(gap) for gap in gaps] if keep_gaps else []
         self._record({"op": "linked", "sub": subscription, "offsets": dict(linked), "gaps": kept}, urgent=True)
+        if not gaps:
+            # Peers learn that the subscription exists and from where nothing is owed: one that
+            # must put it back without having served it computes the gap from here. Not past a
+            # gap: only this runner holds those events until it has replayed them.
+            fresh = self._fresh.setdefault(subscription, {})
+            for stream, offset in linked.items():
+                advance(fresh, stream, offset)
         return gaps
 
     def gaps(self, subscription: str) -> list[Gap]:
