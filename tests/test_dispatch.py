@@ -316,6 +316,33 @@ async def test_a_claim_that_got_no_answer_is_tried_again_soon_not_cooled_down(
         assert all(gap < COOLDOWN / 3 for gap in gaps), gaps
 
 
+async def test_claims_that_get_no_answer_are_paced_by_a_growing_backoff_that_starts_over_after_an_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server that is down is not hammered: each claim that got no answer waits longer than the last
+    before the next (jittered down by at most a fifth); one answer and the next outage starts short again."""
+
+    def rests() -> list[float]:
+        """From each claim's last unanswered attempt to the next claim's first."""
+        at = scene.claims_at()
+        return [at[n + 5] - at[n + 4] for n in range(0, len(at) - 5, 5)]
+
+    async with dispatching(server(messages=1), backoff_initial=1.0, backoff_max=8.0) as scene:
+        scene.wire.fail_transport("claim", times=5 * 3)
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(COOLDOWN)
+        assert scene.outcomes == {Outcome.ERROR: 3, Outcome.COMPLETED: 1}
+        for rest, delay in zip(rests(), [1.0, 2.0, 4.0], strict=True):
+            assert 0.8 * delay <= rest <= delay
+        answered = len(scene.claims_at())
+        scene.wire.fail_transport("claim", times=5)
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(COOLDOWN)
+        at = scene.claims_at()[answered:]
+        assert len(at) == 6
+        assert 0.8 <= at[5] - at[4] <= 1.0, "the backoff started over"
+
+
 async def ends_with_an_error(scene: Scene) -> None:
     """The server refuses the claim (a 4xx it does not explain): its verdict, so the subscription rests."""
     scene.wire.fail("claim", RequestError("claim s1: 400 INVALID_REQUEST", status=400, code="INVALID_REQUEST"))
@@ -665,6 +692,23 @@ async def test_an_abort_while_waiting_for_a_slot_is_booked_and_rests(autojump_cl
         assert scene.outcomes.get(Outcome.ABORTED) == 1
         assert set(scene.dispatcher.cooldowns()) == {"b"}
         assert scene.claims_at("b") == [], "it never got as far as claiming"
+
+
+async def test_an_abort_while_waiting_for_a_slot_to_claim_again_is_booked_and_rests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server("a", "b"), Recorder(sleep_for(10)), max_concurrent=1) as scene:
+        scene.dispatcher.wake(Wake("b"))
+        await trio.sleep(1)
+        scene.dispatcher.wake(Wake("b"))  # remembered: b claims again when this claim ends
+        scene.dispatcher.wake(Wake("a"))  # first in line for the only slot
+        await trio.sleep(10)  # b's claim ended, a's took the slot: b waits for it again
+        assert [claim.subscription for claim in scene.dispatcher.in_flight()] == ["a", "b"]
+        assert scene.dispatcher.abort("b", cooldown=7.0)
+        await trio.sleep(0.1)
+        assert scene.outcomes == {Outcome.COMPLETED: 1, Outcome.ABORTED: 1}
+        assert set(scene.dispatcher.cooldowns()) == {"b"}
+        assert len(scene.claims_at("b")) == 1, "its second claim never went out"
 
 
 async def test_a_resync_claims_every_served_subscription_once(autojump_clock: trio.testing.MockClock) -> None:

@@ -27,6 +27,7 @@ import runner._state.journal
 from runner._state import journal_files
 from runner._state.journal import Journal
 from runner._state.journal_files import LogWriter, logs
+from runner._state.journal_records import Gap
 from runner._wire.protocol import Ack, Claim, ClaimedStream
 from tests.support import captured_logs
 
@@ -270,3 +271,179 @@ def test_a_journal_of_the_old_single_file_format_is_read(tmp_path: Path) -> None
     assert [(h.subscription, h.generation) for h in journal.held_claims()] == [("s1", 2)]
     journal.ended("s1", "w1")
     assert journal_at(tmp_path).held_claims() == []
+
+
+# -- what a start reads back ------------------------------------------------------------------------
+
+HEADER = {"version": 2, "server_url": SERVER, "stream_root": "/v1/stream"}
+
+
+def claim_of(wake_id: str, subscription: str, token: str, acked_offset: str = "-1") -> Claim:
+    return Claim(
+        subscription, wake_id, 3, (ClaimedStream(STREAM, acked_offset, "00000009", True),), 30_000, SecretStr(token)
+    )
+
+
+def memory(journal: Journal, *subscriptions: str) -> list[Any]:
+    """What a restart must find again: held claims (with their newest token), offsets and gaps."""
+    return [
+        sorted((h.subscription, h.wake_id, h.generation, h.token, h.renewed_at) for h in journal.held_claims()),
+        [journal.sole_stream(sub) for sub in subscriptions],
+        [journal.gaps(sub) for sub in subscriptions],
+    ]
+
+
+def test_every_kind_of_change_comes_back_after_a_restart_from_the_log_and_from_the_snapshot(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim_of("w1", "s1", "t1"))
+    journal.acked(claim_of("w1", "s1", "t1-refreshed"), [Ack(STREAM, "00000004")])
+    journal.claimed(claim_of("w2", "s2", "t2"))
+    journal.ended("s2", "w2")
+    journal.ended("s1", "w-other")  # not the claim held: it stays held
+    journal.learn("s3", {STREAM: "00000007"})  # a peer acknowledged it
+    journal.learn("s3", {STREAM: "00000006"})  # an older word changes nothing
+    journal.claimed(claim_of("w4", "s3", "t4", acked_offset="00000005"))  # offsets never go back
+    journal.linked("s4", {STREAM: "00000002"}, created=False)
+    journal.linked("s4", {STREAM: "00000009", "jobs/b": "00000003"}, created=True)  # the server forgot it
+    partly, whole = journal.gaps("s4")
+    assert journal.replayed("s4", partly, "00000005") == Gap(STREAM, "00000005", "00000009")
+    assert journal.replayed("s4", whole, "00000003") is None
+    journal.linked("s5", {STREAM: "00000001"}, created=False)
+    [only] = journal.linked("s5", {STREAM: "00000004"}, created=True)
+    journal.replayed("s5", only, "00000004")  # its only gap: nothing left to replay
+
+    subscriptions = ("s1", "s2", "s3", "s4", "s5")
+    expected = memory(journal, *subscriptions)
+    assert expected[0][0][:4] == ("s1", "w1", 3, "t1-refreshed")
+    assert expected[0][1][:4] == ("s3", "w4", 3, "t4")
+    assert expected[1] == [(STREAM, "00000004"), (STREAM, "-1"), (STREAM, "00000007"), None, (STREAM, "00000004")]
+    assert expected[2] == [[], [], [], [Gap(STREAM, "00000005", "00000009")], []]
+    assert logs(tmp_path / "journal.json"), "the records are in the log, not yet in a snapshot"
+    with captured_logs() as entries:
+        from_the_log = journal_at(tmp_path)
+    assert memory(from_the_log, *subscriptions) == expected
+    assert [e for e in entries if e["log_level"] == "warning"] == []
+    from_the_log.flush()
+    assert logs(tmp_path / "journal.json") == [], "one snapshot now"
+    assert memory(journal_at(tmp_path), *subscriptions) == expected
+
+
+def test_records_for_claims_a_lost_snapshot_held_are_replayed_without_them(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim_of("w1", "s1", "t1"))
+    journal.claimed(claim_of("w2", "s2", "t2"))
+    journal.flush()  # both claims in the snapshot only
+    journal = journal_at(tmp_path)
+    journal.acked(claim_of("w1", "s1", "t1"), [Ack(STREAM, "00000004")])
+    journal.ended("s2", "w2")
+    (tmp_path / "journal.json").write_text("{damaged")
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [e["event"] for e in entries if e["log_level"] == "warning"] == ["state.unusable"]
+    assert restarted.held_claims() == [], "what only the snapshot knew is lost, and only that"
+    assert restarted.sole_stream("s1") == (STREAM, "00000004")
+
+
+def write_log(directory: Path, *records: Any) -> None:
+    lines = [HEADER | {"generation": 1}, *records]
+    (directory / "journal.1.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+GOOD = {
+    "claimed": {"op": "claimed", "sub": "s", "wake_id": "w", "generation": 1, "token": "t", "at": 1, "offsets": {}},
+    "acked": {"op": "acked", "sub": "s", "wake_id": "w", "token": "t", "at": 1.5, "offsets": {STREAM: "00000001"}},
+    "ended": {"op": "ended", "sub": "s", "wake_id": "w"},
+    "learned": {"op": "learned", "sub": "s", "offsets": {STREAM: "00000001"}},
+    "linked": {"op": "linked", "sub": "s", "offsets": {}, "gaps": [{"stream": STREAM, "start": "1", "end": "2"}]},
+    "replayed": {"op": "replayed", "sub": "s", "gap": {"stream": STREAM, "start": "1", "end": "2"}, "offset": "2"},
+}
+
+
+def damaged(op: str, **changes: Any) -> dict[str, Any]:
+    return {key: value for key, value in (GOOD[op] | changes).items() if value is not ...}
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ([1], "line 3 is not a JSON object; the records after it are lost"),
+        ({"sub": "s"}, "record op: NoneType where str belongs"),
+        ({"op": "forgot", "sub": "s"}, "unknown record op 'forgot'"),
+        (damaged("claimed", sub=None), "claimed sub: NoneType where str belongs"),
+        (damaged("claimed", wake_id=...), "claimed wake_id: NoneType"),
+        (damaged("acked", wake_id=2), "acked wake_id: int"),
+        (damaged("ended", wake_id=...), "ended wake_id: NoneType"),
+        (damaged("claimed", token=...), "claimed token: NoneType"),
+        (damaged("acked", token=[]), "acked token: list"),
+        (damaged("claimed", at="1"), "claimed at: str where int or float belongs"),
+        (damaged("acked", at=True), "acked at: bool"),
+        (damaged("claimed", generation="1"), "claimed generation: str where int belongs"),
+        (damaged("claimed", offsets=[]), "claimed offsets: list where dict belongs"),
+        (damaged("acked", offsets={STREAM: 1}), "offset in acked offsets: int"),
+        (damaged("learned", offsets=...), "learned offsets: NoneType"),
+        (damaged("linked", offsets="x"), "linked offsets: str"),
+        (damaged("linked", gaps={}), "linked gaps: dict where list belongs"),
+        (damaged("linked", gaps=[{"stream": STREAM, "start": "1"}]), "gap end of a linked gap: NoneType"),
+        (damaged("replayed", gap=...), "a replayed gap: NoneType where dict belongs"),
+        (damaged("replayed", offset=5), "replayed offset: int where str belongs"),
+    ],
+)
+def test_a_damaged_record_of_any_kind_is_named_and_what_preceded_it_is_kept(
+    tmp_path: Path, record: Any, reason: str
+) -> None:
+    before = GOOD["claimed"] | {"sub": "s0"}
+    after = GOOD["claimed"] | {"sub": "s9"}
+    write_log(tmp_path, before, record, after)
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [held.subscription for held in restarted.held_claims()] == ["s0"]
+    [warning] = [e for e in entries if e["event"] == "state.unusable"]
+    assert reason in warning["reason"]
+    assert not (tmp_path / "journal.1.log").exists(), "set aside"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"version": 3}, "unknown version '3'"),
+        ({"generation": "1"}, "generation: str where int belongs"),
+        ({"claims": []}, "claims: list where dict belongs"),
+        ({"claims": {"s": 1}}, "claims.s: int where dict belongs"),
+        ({"claims": {"s": {"wake_id": "w"}}}, "claim subscription: NoneType"),
+        ({"claims": {"s": {"subscription": "s"}}}, "claim wake_id: NoneType"),
+        ({"claims": {"s": {"subscription": "s", "wake_id": "w"}}}, "claim generation: NoneType"),
+        ({"claims": {"s": {"subscription": "s", "wake_id": "w", "generation": 1}}}, "claim token: NoneType"),
+        (
+            {"claims": {"s": {"subscription": "s", "wake_id": "w", "generation": 1, "token": "t"}}},
+            "claim renewed_at: NoneType",
+        ),
+        ({"acked": None}, "acked: NoneType where dict belongs"),
+        ({"acked": {"s": {STREAM: 4}}}, "offset in acked.s: int"),
+        ({"gaps": 1}, "gaps: int where dict belongs"),
+        ({"gaps": {"s": {}}}, "gaps.s: dict where list belongs"),
+        ({"gaps": {"s": [{"stream": STREAM, "start": "1", "end": 2}]}}, "gap end of a gap of s: int"),
+    ],
+)
+def test_a_damaged_snapshot_is_named_and_set_aside(tmp_path: Path, changes: dict[str, Any], reason: str) -> None:
+    snapshot = HEADER | {"generation": 1, "claims": {}, "acked": {}, "gaps": {}} | changes
+    (tmp_path / "journal.json").write_text(json.dumps(snapshot))
+    with captured_logs() as entries:
+        journal_at(tmp_path)
+    [warning] = [e for e in entries if e["event"] == "state.unusable"]
+    assert reason in warning["reason"]
+
+
+def test_a_log_of_another_generation_than_its_name_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "journal.2.log").write_text(json.dumps(HEADER | {"generation": 1}) + "\n")
+    (tmp_path / "journal.3.log").write_text(json.dumps(HEADER | {"generation": "3"}) + "\n")
+    (tmp_path / "journal.4.log").write_text("{\n")
+    (tmp_path / "journal.5.log").write_text(json.dumps(HEADER | {"version": 1, "generation": 5}) + "\n")
+    with captured_logs() as entries:
+        journal_at(tmp_path)
+    reasons = [e["reason"] for e in entries if e["event"] == "state.unusable"]
+    assert reasons == [
+        "a header of generation '1' in the log of 2",
+        "a header of generation '3' in the log of 3",
+        "the header is damaged (JSONDecodeError); the records after it are lost",
+        "unknown version '1'",
+    ]
