@@ -345,14 +345,13 @@ async def test_a_sender_waiting_on_a_full_inbox_when_the_driver_goes_away_closes
     fakes.scripts["consume"] = stubborn
     driver = fakes.driver(buffer=1)
     connection = FakeConnection()
-    async with trio.open_nursery() as outside:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(driver.run)
-            await drive_to(driver, State.STREAMING)
-            await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)  # leaving streaming takes 10 s
-            await driver.send(Event.STOP)  # the inbox is full
-            outside.start_soon(lambda: driver.send(Event.CONNECTED, payload=connection))
-            await trio.sleep(1)
-            assert not connection.closed, "still waiting to be delivered"
-            nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
+    async with trio.open_nursery() as outside, trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)  # leaving streaming takes 10 s
+        await driver.send(Event.STOP)  # the inbox is full
+        outside.start_soon(lambda: driver.send(Event.CONNECTED, payload=connection))
+        await trio.sleep(1)
+        assert not connection.closed, "still waiting to be delivered"
+        nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
     assert connection.closed, "a connection nobody will take over is closed, not leaked"
