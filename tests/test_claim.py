@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from runner._claims.claim import ClaimContext, ClaimResult, ClaimRun
-from runner._claims.outcome import Outcome
+from runner._claims.outcome import HANDLER_FAILING, Outcome
 from runner._claims.recovery import return_held_claims
 from runner._config import SubscriptionSpec
 from runner._handlers.batch import SUSPEND, Batch, HandlerResult
@@ -512,6 +512,27 @@ async def test_a_dead_letter_stream_that_cannot_be_written_fails_the_claim(
     assert result.outcome is Outcome.FAILED
     assert len(wire.called("release")) == 1
     assert vitals.batches == {"failed": 1}
+
+
+async def test_a_batch_the_handler_cannot_get_past_degrades_its_subscription_until_one_gets_past(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Blocked on a batch (no dead-letter stream, or one that cannot be written): health names the
+    subscription; a batch handled or dead-lettered clears it."""
+    wire, vitals = server((JOBS, 1)), Vitals("test")
+    await claim(make_context(wire, fails_on(0), vitals=vitals, handler_max_attempts=1))
+    assert vitals.problems[HANDLER_FAILING] == {SUB}
+    await claim(make_context(wire, Recorder(), vitals=vitals))
+    assert vitals.problems[HANDLER_FAILING] == set()
+
+    wire.add_stream(JOBS, jobs(2)[1:])
+    wire.fail("create_stream", RequestError("create stream dead/letters: 403 forbidden", status=403))
+    dead_letters = {"handler_max_attempts": 1, "dead_letter_stream": "dead/letters"}
+    await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))
+    assert vitals.problems[HANDLER_FAILING] == {SUB}
+    await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))
+    assert len(wire.streams["dead/letters"]) == 1
+    assert vitals.problems[HANDLER_FAILING] == set(), "dead-lettered: the subscription moves again"
 
 
 async def test_a_handler_over_its_timeout_is_cancelled_and_retried(autojump_clock: trio.testing.MockClock) -> None:

@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from runner._claims.claim import ClaimContext, ClaimRun
-from runner._claims.outcome import Outcome
+from runner._claims.outcome import GAP_REPLAY_FAILED, Outcome
 from runner._claims.recovery import replay_gaps, return_held_claims
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import Vitals
@@ -128,6 +128,28 @@ async def test_a_read_that_keeps_failing_keeps_the_gap_for_later(autojump_clock:
     assert handler.seen == []
     assert vitals.last_error == "TransportError: read: ConnectError: refused"
     assert not replayed_count(vitals)
+
+
+async def test_a_replay_failing_for_now_degrades_its_subscription_until_a_replay_succeeds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(JOBS, jobs(4))
+    wire.add_stream(OTHER, [])  # shorter than its gap: dropped
+    wire.fail_transport("read", times=5)  # one replay's retries
+    vitals = Vitals("test")
+    context = make_context(wire, Recorder(), vitals=vitals)
+    with_gaps(wire, context, (JOBS, 0, 4), (OTHER, 0, 2))
+    run = ClaimRun(context, SUB)
+    assert await replay_gaps(run) is None
+    assert vitals.problems[GAP_REPLAY_FAILED] == {SUB}
+    counted = vitals.metrics.registry.get_sample_value
+    assert counted("pullwake_subscription_gaps_total", {"action": "replay_failed"}) == 1
+    await trio.sleep(3600)  # the replay's own backoff
+    assert await replay_gaps(run) is None
+    assert vitals.problems[GAP_REPLAY_FAILED] == set()
+    assert counted("pullwake_subscription_gaps_total", {"action": "replayed"}) == 2, "the dropped one too"
+    assert context.journal.gaps(SUB) == []
 
 
 async def test_a_read_that_fails_briefly_is_retried(autojump_clock: trio.testing.MockClock) -> None:
