@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,9 +179,31 @@ async def test_gaps_found_and_replayed_are_fsynced_at_once(
     assert [(g.start, g.end) for g in journal_at(tmp_path).gaps("s1")] == [("00000005", "00000009")]
 
 
-def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: Disk) -> None:
+async def test_an_ack_that_refreshed_the_claims_token_is_fsynced_at_once(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A restart hands the claim back with the newest token: that ack does not wait for the interval."""
+    journal = journal_at(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
+        await journal.claimed(claim()).wait()
+        journal.acked(claim(), [Ack(STREAM, "00000001")])  # same token: waits for the interval
+        journal.acked(claim("w-other"), [Ack(STREAM, "00000002")])  # not the claim held: no hurry
+        await settle()
+        assert disk.appends[-1] == (["claimed"], True)
+        refreshed = replace(claim(), token=SecretStr("t2"))
+        journal.acked(refreshed, [Ack(STREAM, "00000003")])
+        await settle()
+        assert disk.appends[-1] == (["acked"] * 3, True)
+        nursery.cancel_scope.cancel()
+    assert [held.token for held in journal_at(tmp_path).held_claims()] == ["t2"]
+
+
+async def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: Disk) -> None:
     journal = journal_at(tmp_path)
     written = journal.claimed(claim())
+    with trio.fail_after(1):
+        assert await written.wait() is True, "on disk already"
     journal.acked(claim(), [Ack(STREAM, "00000003")])
     journal.ended("s1", "w1")
     assert disk.ops() == [["claimed"], ["acked"], ["ended"]]
@@ -303,21 +325,41 @@ def test_every_kind_of_change_comes_back_after_a_restart_from_the_log_and_from_t
     journal.learn("s3", {STREAM: "00000007"})  # a peer acknowledged it
     journal.learn("s3", {STREAM: "00000006"})  # an older word changes nothing
     journal.claimed(claim_of("w4", "s3", "t4", acked_offset="00000005"))  # offsets never go back
+    journal.linked("s4", {STREAM: "00000001"}, created=False)
+    assert journal.linked("s4", {STREAM: "00000003"}, created=False) == [], "a confirm finds no gap"
     journal.linked("s4", {STREAM: "00000002"}, created=False)
-    journal.linked("s4", {STREAM: "00000009", "jobs/b": "00000003"}, created=True)  # the server forgot it
+    found = journal.linked("s4", {STREAM: "00000009", "jobs/b": "00000003"}, created=True)  # the server forgot it
+    assert found == [Gap(STREAM, "00000002", "00000009"), Gap("jobs/b", "-1", "00000003")], (
+        "a new stream from its start"
+    )
     partly, whole = journal.gaps("s4")
+    assert (partly, whole) == tuple(found)
     assert journal.replayed("s4", partly, "00000005") == Gap(STREAM, "00000005", "00000009")
     assert journal.replayed("s4", whole, "00000003") is None
     journal.linked("s5", {STREAM: "00000001"}, created=False)
     [only] = journal.linked("s5", {STREAM: "00000004"}, created=True)
     journal.replayed("s5", only, "00000004")  # its only gap: nothing left to replay
+    assert journal.replayed("s6", only, "00000004") is None, "no such gap"
+    journal.ended("s6", "w6")  # held by nobody: nothing to end
+    journal.linked("s6", {STREAM: "00000001"}, created=False)
+    assert journal.linked("s6", {STREAM: "00000002"}, created=True, keep_gaps=False) == [
+        Gap(STREAM, "00000001", "00000002")
+    ]
+    assert journal.gaps("s6") == [], "found, not kept"
 
-    subscriptions = ("s1", "s2", "s3", "s4", "s5")
+    subscriptions = ("s1", "s2", "s3", "s4", "s5", "s6")
     expected = memory(journal, *subscriptions)
     assert expected[0][0][:4] == ("s1", "w1", 3, "t1-refreshed")
     assert expected[0][1][:4] == ("s3", "w4", 3, "t4")
-    assert expected[1] == [(STREAM, "00000004"), (STREAM, "-1"), (STREAM, "00000007"), None, (STREAM, "00000004")]
-    assert expected[2] == [[], [], [], [Gap(STREAM, "00000005", "00000009")], []]
+    assert expected[1] == [
+        (STREAM, "00000004"),
+        (STREAM, "-1"),
+        (STREAM, "00000007"),
+        None,
+        (STREAM, "00000004"),
+        (STREAM, "00000002"),
+    ]
+    assert expected[2] == [[], [], [], [Gap(STREAM, "00000005", "00000009")], [], []]
     assert logs(tmp_path / "journal.json"), "the records are in the log, not yet in a snapshot"
     with captured_logs() as entries:
         from_the_log = journal_at(tmp_path)
