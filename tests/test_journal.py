@@ -214,6 +214,44 @@ async def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, 
     assert restarted.sole_stream("s1") == (STREAM, "00000003")
 
 
+def test_the_journal_is_private_to_its_owner_and_its_directory_is_made_on_the_first_write(tmp_path: Path) -> None:
+    """The log holds claim tokens: owner-only (0600), like the snapshot."""
+    writes: list[bool] = []
+    journal = Journal(tmp_path / "state" / "of" / "journal.json", server_url=SERVER, on_write=writes.append)
+    journal.claimed(claim())
+    journal.acked(claim(), [Ack(STREAM, "00000001")])
+    [(_, log)] = logs(tmp_path / "state" / "of" / "journal.json")
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state" / "of" / "journal.json").stat().st_mode & 0o777 == 0o600
+    assert writes
+    assert all(writes), "every write said so"
+
+
+def test_a_failed_fsync_is_reported_and_its_records_reach_the_next_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bool] = []
+    journal = Journal(tmp_path / "journal.json", server_url=SERVER, on_write=writes.append)
+    journal.claimed(claim("w1", "s1"))
+    fsync = os.fsync
+
+    def failing(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".log"):
+            raise OSError(5, "Input/output error")
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with captured_logs() as entries:
+        written = journal.claimed(claim("w2", "s2"))
+    assert written.ok is False
+    assert writes[-2:] == [False, True], "the append failed; the snapshot written after it did not"
+    assert "journal.sync_failed" in [e["event"] for e in entries]
+    snapshot = json.loads((tmp_path / "journal.json").read_text())
+    assert set(snapshot["claims"]) == {"s1", "s2"}, "the sealed log's records are in the snapshot"
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert {held.subscription for held in journal_at(tmp_path).held_claims()} == {"s1", "s2"}
+
+
 def test_a_torn_last_line_is_ignored_and_what_came_before_is_kept(tmp_path: Path) -> None:
     journal = journal_at(tmp_path)
     journal.claimed(claim("w1", "s1"))
