@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from runner._claims.outcome import Outcome
-from runner._dispatch import Dispatcher, Wake
+from runner._dispatch import Dispatcher, Peers, Wake
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import InFlightClaim, Vitals
 from runner.errors import RequestError, TransportError
@@ -60,7 +60,12 @@ class Scene:
 
 @asynccontextmanager
 async def dispatching(
-    wire: FakeWire, handler: Recorder | None = None, *, max_concurrent: int = 16, **overrides: Any
+    wire: FakeWire,
+    handler: Recorder | None = None,
+    *,
+    max_concurrent: int = 16,
+    peers: Peers | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Scene]:
     """Run a dispatcher serving every subscription of `wire`; whatever is still running at the end is interrupted."""
     handler = handler if handler is not None else Recorder()
@@ -69,7 +74,7 @@ async def dispatching(
     contexts = {sub: make_context(wire, handler, vitals=vitals, **overrides) for sub in wire.subscriptions}
     with trio.fail_after(24 * 3600):  # a broken rule must fail the test, not hang it
         async with trio.open_nursery() as nursery:
-            dispatcher = Dispatcher(contexts, vitals, nursery, max_concurrent=max_concurrent)
+            dispatcher = Dispatcher(contexts, vitals, nursery, max_concurrent=max_concurrent, peers=peers)
             yield Scene(wire, handler, vitals, dispatcher)
             dispatcher.interrupt_all()
 
@@ -731,3 +736,60 @@ async def test_a_cooldown_is_listed_until_the_moment_it_ends(autojump_clock: tri
         assert set(scene.dispatcher.cooldowns()) == {SUB}
         await trio.sleep_until(aborted_at + 5)
         assert scene.dispatcher.cooldowns() == {}
+
+
+# -- with peers -------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """Peers as the dispatcher sees them: who is first for what, and whose turn each claim is."""
+
+    def __init__(self, first_for: set[str]) -> None:
+        self.first_for = first_for
+        self.asked: list[tuple[str, int | None]] = []
+
+    def rank(self, subscription: str) -> int:
+        return 0 if subscription in self.first_for else 1
+
+    async def may_claim(self, subscription: str, generation: int | None) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.asked.append((subscription, generation))
+        return subscription in self.first_for
+
+
+async def test_when_the_fleet_changes_only_the_subscriptions_that_became_this_runners_are_swept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet({"a", "b"})
+    async with dispatching(server("a", "b", "c", "d"), peers=fleet) as scene:
+        scene.dispatcher.reshare()  # nothing changed hands yet: all four were assumed this runner's
+        await trio.sleep(1)
+        assert scene.claims_at() == []
+        fleet.first_for = {"a", "c"}  # a peer left: c is this runner's now, b went to a peer
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["c"]
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert len(scene.claims_at()) == 1, "swept once, when it changed hands"
+        fleet.first_for = {"a", "b", "c"}
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert sorted(call.args[0] for call in scene.wire.called("claim")) == ["b", "c"]
+
+
+async def test_each_claim_asks_the_fleet_for_its_turn_with_the_generation_of_its_wake(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet({SUB})
+    async with dispatching(server(messages=1), Recorder(sleep_for(10)), peers=fleet) as scene:
+        scene.dispatcher.wake(Wake(SUB, generation=4))
+        await trio.sleep(1)
+        scene.dispatcher.wake(Wake(SUB, generation=5))  # remembered while busy
+        await trio.sleep(30)
+        assert fleet.asked == [(SUB, 4), (SUB, 5)]
+        fleet.first_for = set()  # a peer's turn now: no claim
+        scene.dispatcher.wake(Wake(SUB, generation=6))
+        await trio.sleep(30)
+        assert fleet.asked[-1] == (SUB, 6)
+        assert len(scene.claims_at()) == 2

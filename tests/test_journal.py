@@ -24,6 +24,7 @@ import trio.testing
 from pydantic import SecretStr
 
 import runner._state.journal
+import runner._state.journal_records
 from runner._state import journal_files
 from runner._state.journal import Journal
 from runner._state.journal_files import LogWriter, logs
@@ -155,6 +156,7 @@ async def test_a_claim_does_not_wait_for_a_compaction_or_for_records_made_after_
             assert await first.wait()
         disk.compaction_gate.set()
         await settle()
+        assert len(logs(tmp_path / "journal.json")) == 1, "compacted while the run goes on"
         nursery.cancel_scope.cancel()
     assert {held.subscription for held in journal_at(tmp_path).held_claims()} == {"s1", "s2", "s3"}
 
@@ -527,3 +529,41 @@ def test_a_log_of_another_generation_than_its_name_is_set_aside(tmp_path: Path) 
         "the header is damaged (JSONDecodeError); the records after it are lost",
         "unknown version '1'",
     ]
+
+
+async def test_a_first_change_that_is_no_hurry_is_written_at_once_later_ones_wait_for_the_interval(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = journal_at(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
+        await settle()
+        journal.learn("s1", {STREAM: "00000001"})
+        await settle()
+        assert disk.ops() == [["learned"]], "nothing was written for an interval: no reason to wait"
+        journal.learn("s1", {STREAM: "00000002"})
+        await settle()
+        assert len(disk.appends) == 1
+        await trio.sleep(INTERVAL)
+        await settle()
+        assert disk.ops() == [["learned"], ["learned"]]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_streams_acknowledged_longest_ago_are_forgotten_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner._state.journal_records, "MAX_STREAMS", 3)
+    journal = journal_at(tmp_path)
+    journal.learn("s1", {"jobs/a": "00000001", "jobs/b": "00000001", "jobs/c": "00000001"})
+    journal.learn("s1", {"jobs/a": "00000002"})  # acknowledged again: the newest now
+    journal.learn("s1", {"jobs/d": "00000001"})
+    restarted = journal_at(tmp_path)  # read back before the checks below change the journal
+    for each in (journal, restarted):
+        gaps = each.linked("s1", dict.fromkeys(["jobs/a", "jobs/b", "jobs/c", "jobs/d"], "00000009"), created=True)
+        assert [(gap.stream, gap.start) for gap in gaps] == [
+            ("jobs/a", "00000002"),
+            ("jobs/b", "-1"),
+            ("jobs/c", "00000001"),
+            ("jobs/d", "00000001"),
+        ], "jobs/b is forgotten: replayed from its start"
