@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -527,7 +528,7 @@ async def test_a_batch_the_handler_cannot_get_past_degrades_its_subscription_unt
 
     wire.add_stream(JOBS, jobs(2)[1:])
     wire.fail("create_stream", RequestError("create stream dead/letters: 403 forbidden", status=403))
-    dead_letters = {"handler_max_attempts": 1, "dead_letter_stream": "dead/letters"}
+    dead_letters: dict[str, Any] = {"handler_max_attempts": 1, "dead_letter_stream": "dead/letters"}
     await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))
     assert vitals.problems[HANDLER_FAILING] == {SUB}
     await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))

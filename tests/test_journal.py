@@ -337,7 +337,7 @@ def test_a_journal_of_the_old_single_file_format_is_read(tmp_path: Path) -> None
 
 # -- what a start reads back ------------------------------------------------------------------------
 
-HEADER = {"version": 2, "server_url": SERVER, "stream_root": "/v1/stream"}
+HEADER: dict[str, Any] = {"version": 2, "server_url": SERVER, "stream_root": "/v1/stream"}
 
 
 def claim_of(wake_id: str, subscription: str, token: str, acked_offset: str = "-1") -> Claim:
@@ -431,7 +431,7 @@ def write_log(directory: Path, *records: Any) -> None:
     (directory / "journal.1.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-GOOD = {
+GOOD: dict[str, dict[str, Any]] = {
     "claimed": {"op": "claimed", "sub": "s", "wake_id": "w", "generation": 1, "token": "t", "at": 1, "offsets": {}},
     "acked": {"op": "acked", "sub": "s", "wake_id": "w", "token": "t", "at": 1.5, "offsets": {STREAM: "00000001"}},
     "ended": {"op": "ended", "sub": "s", "wake_id": "w"},
