@@ -59,7 +59,7 @@ class Fakes:
     def running(self) -> list[Life]:
         return [life for life in self.lives if not life.finished]
 
-    def driver(self, **effects: Callable[[Envelope], None]) -> Driver:
+    def driver(self, *, buffer: int = 256, **effects: Callable[[Envelope], None]) -> Driver:
         def record(effect: Effect) -> Callable[[Envelope], None]:
             def call(envelope: Envelope) -> None:
                 self.effects.append((effect, envelope))
@@ -72,6 +72,7 @@ class Fakes:
         return Driver(
             {name: self.activity(name) for name in ("connect", "consume", "backoff", "drain")},
             {effect: record(effect) for effect in Effect},
+            buffer=buffer,
         )
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 from runner._claims.claim import ClaimContext, ClaimResult, ClaimRun
-from runner._claims.outcome import Outcome
+from runner._claims.outcome import HANDLER_FAILING, Outcome
 from runner._claims.recovery import return_held_claims
 from runner._config import SubscriptionSpec
 from runner._handlers.batch import SUSPEND, Batch, HandlerResult
@@ -19,7 +20,7 @@ from runner._health import Vitals
 from runner._secrets import Redactor
 from runner._state.journal import Journal
 from runner._wire.protocol import Ack
-from runner.errors import InvalidOffset, PermanentFailure, RequestError, SubscriptionNotFound, TransportError
+from runner.errors import Fenced, InvalidOffset, PermanentFailure, RequestError, SubscriptionNotFound, TransportError
 from tests.claim_harness import JOBS, SUB, Recorder, forever, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, offset_of
 from tests.support import captured_logs
@@ -514,6 +515,27 @@ async def test_a_dead_letter_stream_that_cannot_be_written_fails_the_claim(
     assert vitals.batches == {"failed": 1}
 
 
+async def test_a_batch_the_handler_cannot_get_past_degrades_its_subscription_until_one_gets_past(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Blocked on a batch (no dead-letter stream, or one that cannot be written): health names the
+    subscription; a batch handled or dead-lettered clears it."""
+    wire, vitals = server((JOBS, 1)), Vitals("test")
+    await claim(make_context(wire, fails_on(0), vitals=vitals, handler_max_attempts=1))
+    assert vitals.problems[HANDLER_FAILING] == {SUB}
+    await claim(make_context(wire, Recorder(), vitals=vitals))
+    assert vitals.problems[HANDLER_FAILING] == set()
+
+    wire.add_stream(JOBS, jobs(2)[1:])
+    wire.fail("create_stream", RequestError("create stream dead/letters: 403 forbidden", status=403))
+    dead_letters: dict[str, Any] = {"handler_max_attempts": 1, "dead_letter_stream": "dead/letters"}
+    await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))
+    assert vitals.problems[HANDLER_FAILING] == {SUB}
+    await claim(make_context(wire, fails_on(1), vitals=vitals, **dead_letters))
+    assert len(wire.streams["dead/letters"]) == 1
+    assert vitals.problems[HANDLER_FAILING] == set(), "dead-lettered: the subscription moves again"
+
+
 async def test_a_handler_over_its_timeout_is_cancelled_and_retried(autojump_clock: trio.testing.MockClock) -> None:
     calls = 0
 
@@ -752,6 +774,32 @@ async def test_a_failed_hand_back_of_a_cancelled_claim_is_reported(autojump_cloc
     assert isinstance(run.result.cleanup_error, TransportError)
 
 
+async def test_a_claim_cancelled_during_an_ack_hands_back_with_the_token_its_last_ack_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = server((JOBS, 2), chunk=1)
+    wire.refresh_tokens = True  # the hand-back's ack answers a new token; the old one is refused
+    wire.hang("ack")
+    run = ClaimRun(make_context(wire, Recorder()), SUB)
+    await cancel_at(5, run)
+    assert run.result == ClaimResult(None, generation=1)
+    assert wire.acked(SUB) == {JOBS: offset_of(1)}
+    assert wire.holder(SUB) is None, "released: the next holder starts at once"
+
+
+async def test_a_handler_fenced_by_the_server_ends_the_claim_as_fenced_and_touches_nothing_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def fenced(batch: Batch) -> HandlerResult:
+        raise Fenced("append jobs/out: 403 fenced by a newer claim", status=403, code="FENCED")
+
+    wire = server((JOBS, 1))
+    result = await claim(make_context(wire, Recorder(fenced)))
+    assert result == ClaimResult(Outcome.FENCED, generation=1)
+    assert wire.called("release") == []
+    assert wire.called("ack") == []
+
+
 async def test_a_claim_cancelled_before_it_was_granted_leaves_no_result(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -933,6 +981,38 @@ async def test_a_claim_granted_with_nothing_pending_is_released_at_once_and_skip
     assert handler.seen == []
     assert [call.method for call in wire.calls] == ["claim", "release"]  # no read, no ack
     assert wire.holder(SUB) is None
+
+
+async def test_a_claim_another_runner_holds_is_a_race_lost_one_an_earlier_run_of_this_runner_holds_is_not(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    vitals = Vitals("test")
+    wire = server((JOBS, 1))
+    wire.take_over(SUB)
+    assert await claim(make_context(wire, Recorder(), vitals=vitals)) == ClaimResult(Outcome.SKIPPED)
+    assert sample(vitals, "pullwake_claim_races_lost_total") == 1
+    wire.take_over(SUB, worker="runner-1")  # this runner's id, from a run that left no journal
+    with captured_logs() as logs:
+        assert await claim(make_context(wire, Recorder(), vitals=vitals)) == ClaimResult(Outcome.SKIPPED)
+    assert sample(vitals, "pullwake_claim_races_lost_total") == 1
+    assert "claim.held_by_an_earlier_run" in [entry["event"] for entry in logs if entry["log_level"] == "warning"]
+
+
+async def test_the_pending_streams_gauge_follows_the_servers_word(autojump_clock: trio.testing.MockClock) -> None:
+    vitals = Vitals("test")
+    wire = server((JOBS, 2), ("jobs/b", 1), chunk=1)
+    seen: list[float | None] = []
+
+    async def look(batch: Batch) -> HandlerResult:
+        seen.append(sample(vitals, "pullwake_pending_streams", subscription=SUB))
+        return None
+
+    await claim(make_context(wire, Recorder(look), vitals=vitals))
+    assert seen == [2, 2, 2], "as the claim's answer said"
+    assert sample(vitals, "pullwake_pending_streams", subscription=SUB) == 0, "the done ack: nothing more"
+    vitals.pending(SUB, 5)
+    assert await claim(make_context(wire, Recorder(), vitals=vitals)) == ClaimResult(Outcome.SKIPPED)
+    assert sample(vitals, "pullwake_pending_streams", subscription=SUB) == 0, "NO_PENDING_WORK"
 
 
 GONE = SubscriptionNotFound("ack s1: 410 SUBSCRIPTION_GONE deleted", status=410, code="SUBSCRIPTION_GONE")

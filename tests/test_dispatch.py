@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from runner._claims.outcome import Outcome
-from runner._dispatch import Dispatcher, Wake
+from runner._dispatch import Dispatcher, Peers, Wake
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import InFlightClaim, Vitals
 from runner.errors import RequestError, TransportError
@@ -60,7 +60,12 @@ class Scene:
 
 @asynccontextmanager
 async def dispatching(
-    wire: FakeWire, handler: Recorder | None = None, *, max_concurrent: int = 16, **overrides: Any
+    wire: FakeWire,
+    handler: Recorder | None = None,
+    *,
+    max_concurrent: int = 16,
+    peers: Peers | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Scene]:
     """Run a dispatcher serving every subscription of `wire`; whatever is still running at the end is interrupted."""
     handler = handler if handler is not None else Recorder()
@@ -69,7 +74,7 @@ async def dispatching(
     contexts = {sub: make_context(wire, handler, vitals=vitals, **overrides) for sub in wire.subscriptions}
     with trio.fail_after(24 * 3600):  # a broken rule must fail the test, not hang it
         async with trio.open_nursery() as nursery:
-            dispatcher = Dispatcher(contexts, vitals, nursery, max_concurrent=max_concurrent)
+            dispatcher = Dispatcher(contexts, vitals, nursery, max_concurrent=max_concurrent, peers=peers)
             yield Scene(wire, handler, vitals, dispatcher)
             dispatcher.interrupt_all()
 
@@ -314,6 +319,33 @@ async def test_a_claim_that_got_no_answer_is_tried_again_soon_not_cooled_down(
         starts = scene.claims_at()[::5]
         gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
         assert all(gap < COOLDOWN / 3 for gap in gaps), gaps
+
+
+async def test_claims_that_get_no_answer_are_paced_by_a_growing_backoff_that_starts_over_after_an_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server that is down is not hammered: each claim that got no answer waits longer than the last
+    before the next (jittered down by at most a fifth); one answer and the next outage starts short again."""
+
+    def rests() -> list[float]:
+        """From each claim's last unanswered attempt to the next claim's first."""
+        at = scene.claims_at()
+        return [at[n + 5] - at[n + 4] for n in range(0, len(at) - 5, 5)]
+
+    async with dispatching(server(messages=1), backoff_initial=1.0, backoff_max=8.0) as scene:
+        scene.wire.fail_transport("claim", times=5 * 3)
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(COOLDOWN)
+        assert scene.outcomes == {Outcome.ERROR: 3, Outcome.COMPLETED: 1}
+        for rest, delay in zip(rests(), [1.0, 2.0, 4.0], strict=True):
+            assert 0.8 * delay <= rest <= delay
+        answered = len(scene.claims_at())
+        scene.wire.fail_transport("claim", times=5)
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(COOLDOWN)
+        at = scene.claims_at()[answered:]
+        assert len(at) == 6
+        assert 0.8 <= at[5] - at[4] <= 1.0, "the backoff started over"
 
 
 async def ends_with_an_error(scene: Scene) -> None:
@@ -667,6 +699,23 @@ async def test_an_abort_while_waiting_for_a_slot_is_booked_and_rests(autojump_cl
         assert scene.claims_at("b") == [], "it never got as far as claiming"
 
 
+async def test_an_abort_while_waiting_for_a_slot_to_claim_again_is_booked_and_rests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server("a", "b"), Recorder(sleep_for(10)), max_concurrent=1) as scene:
+        scene.dispatcher.wake(Wake("b"))
+        await trio.sleep(1)
+        scene.dispatcher.wake(Wake("b"))  # remembered: b claims again when this claim ends
+        scene.dispatcher.wake(Wake("a"))  # first in line for the only slot
+        await trio.sleep(10)  # b's claim ended, a's took the slot: b waits for it again
+        assert [claim.subscription for claim in scene.dispatcher.in_flight()] == ["a", "b"]
+        assert scene.dispatcher.abort("b", cooldown=7.0)
+        await trio.sleep(0.1)
+        assert scene.outcomes == {Outcome.COMPLETED: 1, Outcome.ABORTED: 1}
+        assert set(scene.dispatcher.cooldowns()) == {"b"}
+        assert len(scene.claims_at("b")) == 1, "its second claim never went out"
+
+
 async def test_a_resync_claims_every_served_subscription_once(autojump_clock: trio.testing.MockClock) -> None:
     async with dispatching(server("a", "b", "c")) as scene:
         scene.dispatcher.resync()
@@ -758,3 +807,60 @@ async def test_a_subscription_added_back_while_it_drains_keeps_one_claim_at_a_ti
         assert max(overlap) == 1
         assert scene.dispatcher.served == [SUB]
         assert scene.outcomes == {Outcome.COMPLETED: 2}, "served again: the pending event was claimed"
+
+
+# -- with peers -------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """Peers as the dispatcher sees them: who is first for what, and whose turn each claim is."""
+
+    def __init__(self, first_for: set[str]) -> None:
+        self.first_for = first_for
+        self.asked: list[tuple[str, int | None]] = []
+
+    def rank(self, subscription: str) -> int:
+        return 0 if subscription in self.first_for else 1
+
+    async def may_claim(self, subscription: str, generation: int | None) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.asked.append((subscription, generation))
+        return subscription in self.first_for
+
+
+async def test_when_the_fleet_changes_only_the_subscriptions_that_became_this_runners_are_swept(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet({"a", "b"})
+    async with dispatching(server("a", "b", "c", "d"), peers=fleet) as scene:
+        scene.dispatcher.reshare()  # nothing changed hands yet: all four were assumed this runner's
+        await trio.sleep(1)
+        assert scene.claims_at() == []
+        fleet.first_for = {"a", "c"}  # a peer left: c is this runner's now, b went to a peer
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["c"]
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert len(scene.claims_at()) == 1, "swept once, when it changed hands"
+        fleet.first_for = {"a", "b", "c"}
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert sorted(call.args[0] for call in scene.wire.called("claim")) == ["b", "c"]
+
+
+async def test_each_claim_asks_the_fleet_for_its_turn_with_the_generation_of_its_wake(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet({SUB})
+    async with dispatching(server(messages=1), Recorder(sleep_for(10)), peers=fleet) as scene:
+        scene.dispatcher.wake(Wake(SUB, generation=4))
+        await trio.sleep(1)
+        scene.dispatcher.wake(Wake(SUB, generation=5))  # remembered while busy
+        await trio.sleep(30)
+        assert fleet.asked == [(SUB, 4), (SUB, 5)]
+        fleet.first_for = set()  # a peer's turn now: no claim
+        scene.dispatcher.wake(Wake(SUB, generation=6))
+        await trio.sleep(30)
+        assert fleet.asked[-1] == (SUB, 6)
+        assert len(scene.claims_at()) == 2

@@ -299,3 +299,59 @@ async def test_a_driver_cancelled_from_outside_still_closes_the_connection_its_s
         assert driver.state is State.STREAMING
         nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
     assert connection.closed, "disposal is shielded from the cancellation that caused it"
+
+
+async def stubborn(context: StateContext) -> None:
+    """An activity that takes 10 s to end once cancelled: the transition away from its state waits."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(10)
+
+
+async def test_a_flood_of_events_waits_for_room_in_the_inbox_instead_of_queueing_without_bound(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fakes = Fakes()
+    fakes.scripts["consume"] = stubborn
+    driver = fakes.driver(buffer=2)
+    assert driver.busy_for() == 0.0, "not running, so not busy"
+    sent = 0
+
+    async def send_stop() -> None:
+        nonlocal sent
+        await driver.send(Event.STOP)
+        sent += 1
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)  # leaving streaming takes 10 s
+        for _ in range(3):
+            nursery.start_soon(send_stop)
+        await trio.sleep(5)
+        assert sent == 2, "two fit in the inbox; the third sender waits"
+        await trio.sleep(10)
+        assert sent == 3
+        assert driver.state is State.STOPPING
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_sender_waiting_on_a_full_inbox_when_the_driver_goes_away_closes_its_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fakes = Fakes()
+    fakes.scripts["consume"] = stubborn
+    driver = fakes.driver(buffer=1)
+    connection = FakeConnection()
+    async with trio.open_nursery() as outside, trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)  # leaving streaming takes 10 s
+        await driver.send(Event.STOP)  # the inbox is full
+        outside.start_soon(lambda: driver.send(Event.CONNECTED, payload=connection))
+        await trio.sleep(1)
+        assert not connection.closed, "still waiting to be delivered"
+        nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
+    assert connection.closed, "a connection nobody will take over is closed, not leaked"

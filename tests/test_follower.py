@@ -28,6 +28,7 @@ from runner.errors import (
     ProtocolError,
     StreamNotFound,
     StreamRewound,
+    StreamSilent,
     TransportError,
     WakeStreamClosed,
 )
@@ -253,6 +254,31 @@ async def test_wakes_become_wake_events_and_the_offset_follows_each_frame(
     assert context.events[-1] is Event.STREAM_END
     assert position.offset == "00000003"
     assert vitals.events_received == 3
+
+
+async def test_a_live_read_silent_past_the_keepalive_timeout_ends_and_each_frame_or_answering_probe_extends_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keep_alive = Frame([], "00000001")  # an empty frame: the server's keep-alive
+    read = ScriptedRead(*[step for _ in range(5) for step in (8.0, keep_alive)], 1000.0)
+    wake, _, _ = follower(FakeWire(), "00000001", keepalive_timeout=10.0)
+    start = trio.current_time()
+    ended = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def probe_answers_at_45() -> None:
+            await trio.sleep(45)
+            wake.server_answered()  # an idle server that sends no keep-alive: trusted 10 s more
+            ended.set()
+
+        nursery.start_soon(probe_answers_at_45)
+        context = await consume(wake, read)
+    assert ended.is_set()
+    assert context.events == [Event.STREAM_ERROR]
+    assert trio.current_time() - start == 45 + 10, "silent from 40 s, vouched for at 45 s"
+    assert isinstance(context.last.error, StreamSilent)
+    assert "silent for 10 s" in str(context.last.error)
+    wake.server_answered()  # no live read: nothing to extend, nothing breaks
 
 
 async def test_the_first_frame_sets_an_offset_never_set(autojump_clock: trio.testing.MockClock) -> None:

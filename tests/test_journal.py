@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,11 @@ import trio.testing
 from pydantic import SecretStr
 
 import runner._state.journal
+import runner._state.journal_records
 from runner._state import journal_files
 from runner._state.journal import Journal
 from runner._state.journal_files import LogWriter, logs
+from runner._state.journal_records import Gap
 from runner._wire.protocol import Ack, Claim, ClaimedStream
 from tests.support import captured_logs
 
@@ -154,6 +156,7 @@ async def test_a_claim_does_not_wait_for_a_compaction_or_for_records_made_after_
             assert await first.wait()
         disk.compaction_gate.set()
         await settle()
+        assert len(logs(tmp_path / "journal.json")) == 1, "compacted while the run goes on"
         nursery.cancel_scope.cancel()
     assert {held.subscription for held in journal_at(tmp_path).held_claims()} == {"s1", "s2", "s3"}
 
@@ -178,9 +181,31 @@ async def test_gaps_found_and_replayed_are_fsynced_at_once(
     assert [(g.start, g.end) for g in journal_at(tmp_path).gaps("s1")] == [("00000005", "00000009")]
 
 
-def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: Disk) -> None:
+async def test_an_ack_that_refreshed_the_claims_token_is_fsynced_at_once(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A restart hands the claim back with the newest token: that ack does not wait for the interval."""
+    journal = journal_at(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
+        await journal.claimed(claim()).wait()
+        journal.acked(claim(), [Ack(STREAM, "00000001")])  # same token: waits for the interval
+        journal.acked(claim("w-other"), [Ack(STREAM, "00000002")])  # not the claim held: no hurry
+        await settle()
+        assert disk.appends[-1] == (["claimed"], True)
+        refreshed = replace(claim(), token=SecretStr("t2"))
+        journal.acked(refreshed, [Ack(STREAM, "00000003")])
+        await settle()
+        assert disk.appends[-1] == (["acked"] * 3, True)
+        nursery.cancel_scope.cancel()
+    assert [held.token for held in journal_at(tmp_path).held_claims()] == ["t2"]
+
+
+async def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: Disk) -> None:
     journal = journal_at(tmp_path)
     written = journal.claimed(claim())
+    with trio.fail_after(1):
+        assert await written.wait() is True, "on disk already"
     journal.acked(claim(), [Ack(STREAM, "00000003")])
     journal.ended("s1", "w1")
     assert disk.ops() == [["claimed"], ["acked"], ["ended"]]
@@ -189,6 +214,44 @@ def test_without_a_keeper_every_change_is_written_through(tmp_path: Path, disk: 
     restarted = journal_at(tmp_path)
     assert restarted.held_claims() == []
     assert restarted.sole_stream("s1") == (STREAM, "00000003")
+
+
+def test_the_journal_is_private_to_its_owner_and_its_directory_is_made_on_the_first_write(tmp_path: Path) -> None:
+    """The log holds claim tokens: owner-only (0600), like the snapshot."""
+    writes: list[bool] = []
+    journal = Journal(tmp_path / "state" / "of" / "journal.json", server_url=SERVER, on_write=writes.append)
+    journal.claimed(claim())
+    journal.acked(claim(), [Ack(STREAM, "00000001")])
+    [(_, log)] = logs(tmp_path / "state" / "of" / "journal.json")
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state" / "of" / "journal.json").stat().st_mode & 0o777 == 0o600
+    assert writes
+    assert all(writes), "every write said so"
+
+
+def test_a_failed_fsync_is_reported_and_its_records_reach_the_next_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bool] = []
+    journal = Journal(tmp_path / "journal.json", server_url=SERVER, on_write=writes.append)
+    journal.claimed(claim("w1", "s1"))
+    fsync = os.fsync
+
+    def failing(descriptor: int) -> None:
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".log"):
+            raise OSError(5, "Input/output error")
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with captured_logs() as entries:
+        written = journal.claimed(claim("w2", "s2"))
+    assert written.ok is False
+    assert writes[-2:] == [False, True], "the append failed; the snapshot written after it did not"
+    assert "journal.sync_failed" in [e["event"] for e in entries]
+    snapshot = json.loads((tmp_path / "journal.json").read_text())
+    assert set(snapshot["claims"]) == {"s1", "s2"}, "the sealed log's records are in the snapshot"
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert {held.subscription for held in journal_at(tmp_path).held_claims()} == {"s1", "s2"}
 
 
 def test_a_torn_last_line_is_ignored_and_what_came_before_is_kept(tmp_path: Path) -> None:
@@ -270,3 +333,237 @@ def test_a_journal_of_the_old_single_file_format_is_read(tmp_path: Path) -> None
     assert [(h.subscription, h.generation) for h in journal.held_claims()] == [("s1", 2)]
     journal.ended("s1", "w1")
     assert journal_at(tmp_path).held_claims() == []
+
+
+# -- what a start reads back ------------------------------------------------------------------------
+
+HEADER: dict[str, Any] = {"version": 2, "server_url": SERVER, "stream_root": "/v1/stream"}
+
+
+def claim_of(wake_id: str, subscription: str, token: str, acked_offset: str = "-1") -> Claim:
+    return Claim(
+        subscription, wake_id, 3, (ClaimedStream(STREAM, acked_offset, "00000009", True),), 30_000, SecretStr(token)
+    )
+
+
+def memory(journal: Journal, *subscriptions: str) -> list[Any]:
+    """What a restart must find again: held claims (with their newest token), offsets and gaps."""
+    return [
+        sorted((h.subscription, h.wake_id, h.generation, h.token, h.renewed_at) for h in journal.held_claims()),
+        [journal.sole_stream(sub) for sub in subscriptions],
+        [journal.gaps(sub) for sub in subscriptions],
+    ]
+
+
+def test_every_kind_of_change_comes_back_after_a_restart_from_the_log_and_from_the_snapshot(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim_of("w1", "s1", "t1"))
+    journal.acked(claim_of("w1", "s1", "t1-refreshed"), [Ack(STREAM, "00000004")])
+    journal.claimed(claim_of("w2", "s2", "t2"))
+    journal.ended("s2", "w2")
+    journal.ended("s1", "w-other")  # not the claim held: it stays held
+    journal.learn("s3", {STREAM: "00000007"})  # a peer acknowledged it
+    journal.learn("s3", {STREAM: "00000006"})  # an older word changes nothing
+    journal.claimed(claim_of("w4", "s3", "t4", acked_offset="00000005"))  # offsets never go back
+    journal.linked("s4", {STREAM: "00000001"}, created=False)
+    assert journal.linked("s4", {STREAM: "00000003"}, created=False) == [], "a confirm finds no gap"
+    journal.linked("s4", {STREAM: "00000002"}, created=False)
+    found = journal.linked("s4", {STREAM: "00000009", "jobs/b": "00000003"}, created=True)  # the server forgot it
+    assert found == [Gap(STREAM, "00000002", "00000009"), Gap("jobs/b", "-1", "00000003")], (
+        "a new stream from its start"
+    )
+    partly, whole = journal.gaps("s4")
+    assert (partly, whole) == tuple(found)
+    assert journal.replayed("s4", partly, "00000005") == Gap(STREAM, "00000005", "00000009")
+    assert journal.replayed("s4", whole, "00000003") is None
+    journal.linked("s5", {STREAM: "00000001"}, created=False)
+    [only] = journal.linked("s5", {STREAM: "00000004"}, created=True)
+    journal.replayed("s5", only, "00000004")  # its only gap: nothing left to replay
+    assert journal.replayed("s6", only, "00000004") is None, "no such gap"
+    journal.ended("s6", "w6")  # held by nobody: nothing to end
+    journal.linked("s6", {STREAM: "00000001"}, created=False)
+    assert journal.linked("s6", {STREAM: "00000002"}, created=True, keep_gaps=False) == [
+        Gap(STREAM, "00000001", "00000002")
+    ]
+    assert journal.gaps("s6") == [], "found, not kept"
+
+    subscriptions = ("s1", "s2", "s3", "s4", "s5", "s6")
+    expected = memory(journal, *subscriptions)
+    assert expected[0][0][:4] == ("s1", "w1", 3, "t1-refreshed")
+    assert expected[0][1][:4] == ("s3", "w4", 3, "t4")
+    assert expected[1] == [
+        (STREAM, "00000004"),
+        (STREAM, "-1"),
+        (STREAM, "00000007"),
+        None,
+        (STREAM, "00000004"),
+        (STREAM, "00000002"),
+    ]
+    assert expected[2] == [[], [], [], [Gap(STREAM, "00000005", "00000009")], [], []]
+    assert logs(tmp_path / "journal.json"), "the records are in the log, not yet in a snapshot"
+    with captured_logs() as entries:
+        from_the_log = journal_at(tmp_path)
+    assert memory(from_the_log, *subscriptions) == expected
+    assert [e for e in entries if e["log_level"] == "warning"] == []
+    from_the_log.flush()
+    assert logs(tmp_path / "journal.json") == [], "one snapshot now"
+    assert memory(journal_at(tmp_path), *subscriptions) == expected
+
+
+def test_records_for_claims_a_lost_snapshot_held_are_replayed_without_them(tmp_path: Path) -> None:
+    journal = journal_at(tmp_path)
+    journal.claimed(claim_of("w1", "s1", "t1"))
+    journal.claimed(claim_of("w2", "s2", "t2"))
+    journal.flush()  # both claims in the snapshot only
+    journal = journal_at(tmp_path)
+    journal.acked(claim_of("w1", "s1", "t1"), [Ack(STREAM, "00000004")])
+    journal.ended("s2", "w2")
+    (tmp_path / "journal.json").write_text("{damaged")
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [e["event"] for e in entries if e["log_level"] == "warning"] == ["state.unusable"]
+    assert restarted.held_claims() == [], "what only the snapshot knew is lost, and only that"
+    assert restarted.sole_stream("s1") == (STREAM, "00000004")
+
+
+def write_log(directory: Path, *records: Any) -> None:
+    lines = [HEADER | {"generation": 1}, *records]
+    (directory / "journal.1.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+GOOD: dict[str, dict[str, Any]] = {
+    "claimed": {"op": "claimed", "sub": "s", "wake_id": "w", "generation": 1, "token": "t", "at": 1, "offsets": {}},
+    "acked": {"op": "acked", "sub": "s", "wake_id": "w", "token": "t", "at": 1.5, "offsets": {STREAM: "00000001"}},
+    "ended": {"op": "ended", "sub": "s", "wake_id": "w"},
+    "learned": {"op": "learned", "sub": "s", "offsets": {STREAM: "00000001"}},
+    "linked": {"op": "linked", "sub": "s", "offsets": {}, "gaps": [{"stream": STREAM, "start": "1", "end": "2"}]},
+    "replayed": {"op": "replayed", "sub": "s", "gap": {"stream": STREAM, "start": "1", "end": "2"}, "offset": "2"},
+}
+
+
+def damaged(op: str, **changes: Any) -> dict[str, Any]:
+    return {key: value for key, value in (GOOD[op] | changes).items() if value is not ...}
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        ([1], "line 3 is not a JSON object; the records after it are lost"),
+        ({"sub": "s"}, "record op: NoneType where str belongs"),
+        ({"op": "forgot", "sub": "s"}, "unknown record op 'forgot'"),
+        (damaged("claimed", sub=None), "claimed sub: NoneType where str belongs"),
+        (damaged("claimed", wake_id=...), "claimed wake_id: NoneType"),
+        (damaged("acked", wake_id=2), "acked wake_id: int"),
+        (damaged("ended", wake_id=...), "ended wake_id: NoneType"),
+        (damaged("claimed", token=...), "claimed token: NoneType"),
+        (damaged("acked", token=[]), "acked token: list"),
+        (damaged("claimed", at="1"), "claimed at: str where int or float belongs"),
+        (damaged("acked", at=True), "acked at: bool"),
+        (damaged("claimed", generation="1"), "claimed generation: str where int belongs"),
+        (damaged("claimed", offsets=[]), "claimed offsets: list where dict belongs"),
+        (damaged("acked", offsets={STREAM: 1}), "offset in acked offsets: int"),
+        (damaged("learned", offsets=...), "learned offsets: NoneType"),
+        (damaged("linked", offsets="x"), "linked offsets: str"),
+        (damaged("linked", gaps={}), "linked gaps: dict where list belongs"),
+        (damaged("linked", gaps=[{"stream": STREAM, "start": "1"}]), "gap end of a linked gap: NoneType"),
+        (damaged("replayed", gap=...), "a replayed gap: NoneType where dict belongs"),
+        (damaged("replayed", offset=5), "replayed offset: int where str belongs"),
+    ],
+)
+def test_a_damaged_record_of_any_kind_is_named_and_what_preceded_it_is_kept(
+    tmp_path: Path, record: Any, reason: str
+) -> None:
+    before = GOOD["claimed"] | {"sub": "s0"}
+    after = GOOD["claimed"] | {"sub": "s9"}
+    write_log(tmp_path, before, record, after)
+    with captured_logs() as entries:
+        restarted = journal_at(tmp_path)
+    assert [held.subscription for held in restarted.held_claims()] == ["s0"]
+    [warning] = [e for e in entries if e["event"] == "state.unusable"]
+    assert reason in warning["reason"]
+    assert not (tmp_path / "journal.1.log").exists(), "set aside"
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"version": 3}, "unknown version '3'"),
+        ({"generation": "1"}, "generation: str where int belongs"),
+        ({"claims": []}, "claims: list where dict belongs"),
+        ({"claims": {"s": 1}}, "claims.s: int where dict belongs"),
+        ({"claims": {"s": {"wake_id": "w"}}}, "claim subscription: NoneType"),
+        ({"claims": {"s": {"subscription": "s"}}}, "claim wake_id: NoneType"),
+        ({"claims": {"s": {"subscription": "s", "wake_id": "w"}}}, "claim generation: NoneType"),
+        ({"claims": {"s": {"subscription": "s", "wake_id": "w", "generation": 1}}}, "claim token: NoneType"),
+        (
+            {"claims": {"s": {"subscription": "s", "wake_id": "w", "generation": 1, "token": "t"}}},
+            "claim renewed_at: NoneType",
+        ),
+        ({"acked": None}, "acked: NoneType where dict belongs"),
+        ({"acked": {"s": {STREAM: 4}}}, "offset in acked.s: int"),
+        ({"gaps": 1}, "gaps: int where dict belongs"),
+        ({"gaps": {"s": {}}}, "gaps.s: dict where list belongs"),
+        ({"gaps": {"s": [{"stream": STREAM, "start": "1", "end": 2}]}}, "gap end of a gap of s: int"),
+    ],
+)
+def test_a_damaged_snapshot_is_named_and_set_aside(tmp_path: Path, changes: dict[str, Any], reason: str) -> None:
+    snapshot = HEADER | {"generation": 1, "claims": {}, "acked": {}, "gaps": {}} | changes
+    (tmp_path / "journal.json").write_text(json.dumps(snapshot))
+    with captured_logs() as entries:
+        journal_at(tmp_path)
+    [warning] = [e for e in entries if e["event"] == "state.unusable"]
+    assert reason in warning["reason"]
+
+
+def test_a_log_of_another_generation_than_its_name_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "journal.2.log").write_text(json.dumps(HEADER | {"generation": 1}) + "\n")
+    (tmp_path / "journal.3.log").write_text(json.dumps(HEADER | {"generation": "3"}) + "\n")
+    (tmp_path / "journal.4.log").write_text("{\n")
+    (tmp_path / "journal.5.log").write_text(json.dumps(HEADER | {"version": 1, "generation": 5}) + "\n")
+    with captured_logs() as entries:
+        journal_at(tmp_path)
+    reasons = [e["reason"] for e in entries if e["event"] == "state.unusable"]
+    assert reasons == [
+        "a header of generation '1' in the log of 2",
+        "a header of generation '3' in the log of 3",
+        "the header is damaged (JSONDecodeError); the records after it are lost",
+        "unknown version '1'",
+    ]
+
+
+async def test_a_first_change_that_is_no_hurry_is_written_at_once_later_ones_wait_for_the_interval(
+    tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = journal_at(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: journal.keep(interval=INTERVAL, task_status=task_status))
+        await settle()
+        journal.learn("s1", {STREAM: "00000001"})
+        await settle()
+        assert disk.ops() == [["learned"]], "nothing was written for an interval: no reason to wait"
+        journal.learn("s1", {STREAM: "00000002"})
+        await settle()
+        assert len(disk.appends) == 1
+        await trio.sleep(INTERVAL)
+        await settle()
+        assert disk.ops() == [["learned"], ["learned"]]
+        nursery.cancel_scope.cancel()
+
+
+def test_the_streams_acknowledged_longest_ago_are_forgotten_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner._state.journal_records, "MAX_STREAMS", 3)
+    journal = journal_at(tmp_path)
+    journal.learn("s1", {"jobs/a": "00000001", "jobs/b": "00000001", "jobs/c": "00000001"})
+    journal.learn("s1", {"jobs/a": "00000002"})  # acknowledged again: the newest now
+    journal.learn("s1", {"jobs/d": "00000001"})
+    restarted = journal_at(tmp_path)  # read back before the checks below change the journal
+    for each in (journal, restarted):
+        gaps = each.linked("s1", dict.fromkeys(["jobs/a", "jobs/b", "jobs/c", "jobs/d"], "00000009"), created=True)
+        assert [(gap.stream, gap.start) for gap in gaps] == [
+            ("jobs/a", "00000002"),
+            ("jobs/b", "-1"),
+            ("jobs/c", "00000001"),
+            ("jobs/d", "00000001"),
+        ], "jobs/b is forgotten: replayed from its start"

@@ -12,14 +12,14 @@ import trio
 import trio.testing
 
 from runner._claims.claim import ClaimContext, ClaimRun
-from runner._claims.outcome import Outcome
+from runner._claims.outcome import GAP_REPLAY_FAILED, Outcome
 from runner._claims.recovery import replay_gaps, return_held_claims
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import Vitals
 from runner._secrets import Redactor
 from runner._state.journal import Gap, Journal
 from runner._wire.protocol import ReadResult
-from runner.errors import PermanentFailure, SubscriptionNotFound, TransportError
+from runner.errors import PermanentFailure, RequestError, SubscriptionNotFound, TransportError
 from tests.claim_harness import JOBS, SUB, Recorder, jobs, make_context
 from tests.fake_wire import FakeWire, offset_of
 
@@ -128,6 +128,67 @@ async def test_a_read_that_keeps_failing_keeps_the_gap_for_later(autojump_clock:
     assert handler.seen == []
     assert vitals.last_error == "TransportError: read: ConnectError: refused"
     assert not replayed_count(vitals)
+
+
+async def test_a_replay_failing_for_now_degrades_its_subscription_until_a_replay_succeeds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(JOBS, jobs(4))
+    wire.add_stream(OTHER, [])  # shorter than its gap: dropped
+    wire.fail_transport("read", times=5)  # one replay's retries
+    vitals = Vitals("test")
+    context = make_context(wire, Recorder(), vitals=vitals)
+    with_gaps(wire, context, (JOBS, 0, 4), (OTHER, 0, 2))
+    run = ClaimRun(context, SUB)
+    assert await replay_gaps(run) is None
+    assert vitals.problems[GAP_REPLAY_FAILED] == {SUB}
+    counted = vitals.metrics.registry.get_sample_value
+    assert counted("pullwake_subscription_gaps_total", {"action": "replay_failed"}) == 1
+    await trio.sleep(3600)  # the replay's own backoff
+    assert await replay_gaps(run) is None
+    assert vitals.problems[GAP_REPLAY_FAILED] == set()
+    assert counted("pullwake_subscription_gaps_total", {"action": "replayed"}) == 2, "the dropped one too"
+    assert context.journal.gaps(SUB) == []
+
+
+async def test_a_gap_the_server_refuses_to_read_for_good_is_dropped_counted_and_forgotten(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(JOBS, jobs(4))
+    wire.add_stream(OTHER, jobs(1, OTHER))
+    wire.fail("read", RequestError("read jobs/a: 400 Invalid offset format", status=400))
+    vitals = Vitals("test")
+    handler = Recorder()
+    context = make_context(wire, handler, vitals=vitals)
+    with_gaps(wire, context, (JOBS, 0, 4), (OTHER, 0, 1))
+    assert await replay_gaps(ClaimRun(context, SUB)) is None
+    counted = vitals.metrics.registry.get_sample_value
+    assert counted("pullwake_subscription_gaps_total", {"action": "dropped"}) == 1
+    assert [batch.stream for batch in handler.seen] == [OTHER], "the other gap is replayed"
+    assert context.journal.gaps(SUB) == [], "not tried again at the next claim"
+
+
+async def test_a_failed_replay_waits_for_its_backoff_and_a_success_clears_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(JOBS, jobs(4))
+    context = make_context(wire, Recorder())
+    with_gaps(wire, context, (JOBS, 0, 2))
+    run = ClaimRun(context, SUB)
+    wire.fail_transport("read", times=5)  # one replay's retries
+    assert await replay_gaps(run) is None
+    reads = len(wire.called("read"))
+    assert await replay_gaps(run) is None, "the next claim, at once"
+    assert len(wire.called("read")) == reads, "not before the replay's backoff"
+    await trio.sleep(60)
+    assert await replay_gaps(run) is None
+    assert context.journal.gaps(SUB) == []
+    with_gaps(wire, context, (JOBS, 2, 4))  # lost again later
+    assert await replay_gaps(run) is None, "a success started the pacing over"
+    assert context.journal.gaps(SUB) == []
 
 
 async def test_a_read_that_fails_briefly_is_retried(autojump_clock: trio.testing.MockClock) -> None:

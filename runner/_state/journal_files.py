@@ -236,11 +236,6 @@ class Compactor:
                 self._state.apply(record)
         self._write(self._state, sealed[-1].generation)
 
-    def replace(self, state: JournalState, generation: int) -> None:
-        """Write `state` as the snapshot of `generation` (it holds everything before that log). OSError: not."""
-        self._state = state
-        self._write(state, generation)
-
     def _write(self, state: JournalState, generation: int) -> None:
         document = {"version": VERSION, **self._identity, "generation": generation, **state.document()}
         encoded = json.dumps(document, separators=(",", ":")).encode()
