@@ -111,6 +111,9 @@ class _Subscription:
     subscription and another won the last one, a read sent beside the claim is likely wasted."""
     retry: Backoff | None = None
     """Paces claims that got no answer (the server down or failing): soon, then less often."""
+    put_back_in_a_row: int = 0
+    """Claims in a row that found the subscription gone: a server that forgets it again at once
+    (one shutting down still answers, without its subscriptions) must not drive a claim loop."""
     worker: Worker | None = None
     asked: Wake | None = None
     """The wake the worker's next claim answers; None when it goes on by itself (`next_wake`)."""
@@ -428,12 +431,16 @@ class Dispatcher:
         if result.restarted:
             sub.handled = -1
             sub.remember(Wake(sub.id))  # replay what the server skipped now, not at the next wake
+            sub.put_back_in_a_row += 1
+        else:
+            sub.put_back_in_a_row = 0
         if result.cleanup_error is not None:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
-        if result.unanswered:
+        if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.
+            # The first put-back is claimed again at once; a second in a row is paced like no answer.
             settings = sub.context.settings
             sub.retry = sub.retry or Backoff(
                 settings.backoff_initial, max(settings.backoff_max, settings.backoff_initial)

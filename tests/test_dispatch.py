@@ -282,6 +282,38 @@ async def test_a_subscription_created_again_starts_its_generations_over(
         assert scene.handler.messages[-1] == [{"job": "new"}]
 
 
+class ForgetfulServer(FakeWire):
+    """A server shutting down: it still answers, but forgets every subscription put back at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spinning = trio.Event()
+
+    async def claim(self, subscription_id: str, worker: str) -> Any:
+        if len(self.called("claim")) >= 1_000:  # a spin in no virtual time: stop it, so the test can say so
+            self.spinning.set()
+            await trio.sleep_forever()
+        self.forget_subscriptions()
+        return await super().claim(subscription_id, worker)
+
+
+async def test_a_server_that_forgets_a_put_back_subscription_at_once_drives_no_claim_loop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = ForgetfulServer()
+    wire.add_stream(stream_of(SUB), jobs(1, stream_of(SUB)))
+    wire.subscribe(SUB, [stream_of(SUB)])
+    async with dispatching(wire) as scene:
+        scene.dispatcher.wake(wire.wake(SUB))
+        with trio.move_on_after(60):
+            await wire.spinning.wait()
+        claims = scene.claims_at(SUB)
+        assert trio.current_time() == pytest.approx(60), f"{len(claims)} claims in {trio.current_time():g} s"
+        assert len(claims) < 30, "after the first put-back, claims are paced like ones that got no answer"
+        assert claims[1] - claims[0] < 0.1, "the first put-back is claimed again at once"
+        assert claims[-1] - claims[-2] >= 1, "later ones wait longer"
+
+
 async def test_more_work_at_the_done_ack_is_claimed_again_at_once(autojump_clock: trio.testing.MockClock) -> None:
     wire = server()
     appended = False
