@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     backoff_jitter: float = Field(0.2, ge=0, lt=1, description="Fraction by which a delay may be shortened.")
 
     # Work
-    max_concurrent_claims: int = Field(16, ge=1, description="Claims worked on at the same time.")
+    max_concurrent_claims: int = Field(16, ge=1, description="Claims worked on at once (gap replays: as many again).")
     sweep_interval: float = Field(300.0, gt=0, description="How often every served subscription is claimed.")
     handler_max_attempts: int = Field(3, ge=1, description="Tries per batch before giving up on it.")
     handler_retry_initial: float = Field(1.0, gt=0, description="Delay before the first retry of a batch.")
