@@ -311,7 +311,22 @@ async def test_a_server_that_forgets_a_put_back_subscription_at_once_drives_no_c
         assert trio.current_time() == pytest.approx(60), f"{len(claims)} claims in {trio.current_time():g} s"
         assert len(claims) < 30, "after the first put-back, claims are paced like ones that got no answer"
         assert claims[1] - claims[0] < 0.1, "the first put-back is claimed again at once"
+        assert claims[2] - claims[1] >= 0.5, "a second put-back in a row waits"
         assert claims[-1] - claims[-2] >= 1, "later ones wait longer"
+
+
+async def test_a_put_back_after_a_claim_that_went_well_is_claimed_again_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(messages=1)) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(1)
+        assert scene.outcomes == {Outcome.COMPLETED: 1}
+        scene.wire.forget_subscriptions()  # a server restart: the next claim finds it gone, puts it back
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(10)
+        [_, forgotten, again] = scene.claims_at(SUB)[:3]
+        assert again - forgotten < 0.1, "only put-backs in a row are paced: the count starts over after a claim"
 
 
 async def test_more_work_at_the_done_ack_is_claimed_again_at_once(autojump_clock: trio.testing.MockClock) -> None:
@@ -841,6 +856,68 @@ async def test_a_subscription_added_back_while_it_drains_keeps_one_claim_at_a_ti
         assert scene.outcomes == {Outcome.COMPLETED: 2}, "served again: the pending event was claimed"
 
 
+async def test_a_subscription_added_by_a_reload_is_served_and_swept_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(messages=1)) as scene:
+        scene.wire.add_stream(stream_of("s2"), jobs(2, stream_of("s2")))
+        scene.wire.subscribe("s2", [stream_of("s2")])
+        added = Recorder()
+        scene.dispatcher.add("s2", make_context(scene.wire, added, vitals=scene.vitals, cooldown=COOLDOWN))
+        await trio.sleep(1)
+        assert scene.dispatcher.served == [SUB, "s2"]
+        assert added.messages == [jobs(2, stream_of("s2"))], "claimed without a wake, by its own handler"
+        assert scene.handler.messages == []
+        assert scene.claims_at(SUB) == [], "only the added one is swept"
+
+
+async def test_adding_a_served_subscription_again_keeps_its_claim_in_flight_and_the_next_claim_takes_the_new_context(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stream = stream_of(SUB)
+    async with dispatching(server(messages=1), Recorder(sleep_for(10))) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(5)
+        changed = Recorder()
+        scene.dispatcher.add(SUB, make_context(scene.wire, changed, vitals=scene.vitals, cooldown=COOLDOWN))
+        scene.wire.add_stream(stream, jobs(2, stream)[1:])
+        await trio.sleep(60)
+        first, second = scene.claims_at(SUB)
+        assert second >= first + 10, "one claim at a time: the sweep waited for the claim in flight"
+        assert scene.handler.messages == [jobs(1, stream)]
+        assert changed.messages == [jobs(2, stream)[1:]]
+        assert scene.outcomes == {Outcome.COMPLETED: 2}
+
+
+async def test_retiring_a_subscription_with_no_claim_in_flight_ends_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server("a", "b")) as scene:
+        assert scene.dispatcher.serves("a")
+        assert scene.dispatcher.retire("a").is_set()
+        assert not scene.dispatcher.serves("a")
+        assert scene.dispatcher.retire("never-served").is_set()
+        assert scene.dispatcher.served == ["b"]
+        scene.dispatcher.wake(scene.wire.wake("a"))
+        await trio.sleep(1)
+        assert scene.claims_at() == []
+
+
+async def test_an_abort_reaches_the_claim_of_a_subscription_that_is_retiring(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(messages=1), Recorder(forever)) as scene:
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(5)
+        ended = scene.dispatcher.retire(SUB)
+        assert scene.dispatcher.abort(SUB)
+        with trio.fail_after(10):
+            await ended.wait()
+        assert scene.outcomes == {Outcome.ABORTED: 1}
+        assert scene.wire.holder(SUB) is None, "handed back"
+        assert not scene.dispatcher.abort(SUB), "nothing left to abort"
+
+
 # -- with peers -------------------------------------------------------------------------------------
 
 
@@ -896,3 +973,23 @@ async def test_each_claim_asks_the_fleet_for_its_turn_with_the_generation_of_its
         await trio.sleep(30)
         assert fleet.asked[-1] == (SUB, 6)
         assert len(scene.claims_at()) == 2
+
+
+async def test_a_subscription_added_by_a_reload_is_swept_once_by_the_runner_first_in_line_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fleet = Fleet({SUB, "c"})
+    async with dispatching(server(), peers=fleet) as scene:
+        for added in ("c", "d"):
+            scene.wire.add_stream(stream_of(added), jobs(1, stream_of(added)))
+            scene.wire.subscribe(added, [stream_of(added)])
+            scene.dispatcher.add(added, make_context(scene.wire, scene.handler, vitals=scene.vitals))
+        await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["c"], "d is a peer's"
+        scene.dispatcher.reshare()  # nothing changed hands
+        await trio.sleep(1)
+        assert len(scene.claims_at()) == 1, "c was this runner's from the start: not swept again"
+        fleet.first_for.add("d")  # a peer left: d is this runner's now
+        scene.dispatcher.reshare()
+        await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["c", "d"]
