@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import outcome
 from PySide6.QtCore import QCoreApplication, QEventLoop, QObject, Qt, QTimer, Signal, Slot
 
 from machine import State
 
+from ._config import Settings
 from ._handlers.batch import Batch
 from ._health import Health
 from ._hosts.guest import Ended, GuestHooks, GuestRun, keyboard_interrupted
 from ._runner import Runner
+from ._wake.reload import Reloaded
 from .errors import PullwakeError
 
 __all__ = ["QtHost"]
@@ -35,11 +38,12 @@ class QtHost(QObject):
       at least once: a redelivered batch is emitted again); `batchFailed(Batch, str)`
       when a handler raised (it may be retried); `healthChanged(Health)` on each state
       change and every `health_interval` s; `failed(PullwakeError)` when a run ends
-      with an error, on its own or at a stop; `ended(Ended)` when a run is over.
+      with an error, on its own or at a stop; `ended(Ended)` when a run is over;
+      `reloaded(Reloaded)` / `reloadFailed(PullwakeError)` after a `reload(settings)`.
 
     Slots: `start()` and `stop()` return at once (a `stop()` during a start stops it
     once under way; a `start()` during a stop starts again after it); `abort(id)`,
-    `interrupt()`, `health()`.
+    `interrupt()`, `health()`; `reload(settings)` returns at once too.
 
     Ctrl-C: while a run is active on the main thread and SIGINT has Python's default
     handler, trio handles Ctrl-C for the run (and restores the handler after it): the run
@@ -62,6 +66,8 @@ class QtHost(QObject):
     healthChanged = Signal(object)
     failed = Signal(object)
     ended = Signal(object)
+    reloaded = Signal(object)
+    reloadFailed = Signal(object)
     _reenter = Signal(object)
 
     def __init__(self, runner: Runner, parent: QObject | None = None, *, health_interval: float = 1.0) -> None:
@@ -133,6 +139,14 @@ class QtHost(QObject):
         """The runner's `Health`, right now; never waits."""
         return self._guest.health()
 
+    def reload(self, settings: Settings) -> None:
+        """Apply `settings` to the running runner (`Runner.reload`); returns at once.
+
+        `reloaded(Reloaded)` follows with what changed, or `reloadFailed(PullwakeError)`
+        (`ConfigError`: nothing changed; `RunnerError`: not running).
+        """
+        self._guest.reload(settings, self._reload_done)
+
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Run a nested event loop until the current run has ended (the window keeps painting).
 
@@ -163,6 +177,12 @@ class QtHost(QObject):
     @Slot(object)
     def _call(self, function: Callable[[], object]) -> None:
         function()
+
+    def _reload_done(self, result: outcome.Outcome[Reloaded]) -> None:
+        if isinstance(result, outcome.Error):
+            self.reloadFailed.emit(result.error)
+        else:
+            self.reloaded.emit(result.unwrap())
 
     def _emit_health(self) -> None:
         self.healthChanged.emit(self._guest.health())

@@ -31,9 +31,12 @@ from runner import (
 )
 from runner._service.devserver import DevServer
 from tests.children import Lines, child
+from tests.reload_handlers import HANDLED
 from tests.test_hosts_asyncio import fast_settings, footprint
 
 pytestmark = pytest.mark.server
+
+RECORD = "tests.reload_handlers:record"
 
 
 def wait_for(predicate: Any, *, timeout: float = 15.0, what: str = "the condition") -> None:
@@ -371,3 +374,36 @@ def test_a_start_during_a_drain_waits_for_it_then_starts_again(shared_server: De
     wait_for(lambda: background.health().state == "streaming", what="streaming again")
     background.stop()
     assert background.health().claims["completed"] == 0, "counters describe the current run"
+
+
+def test_a_background_runner_reloads_from_another_thread_and_says_what_changed(shared_server: DevServer) -> None:
+    assert shared_server.url is not None
+    uid = f"rl{uuid.uuid4().hex[:8]}"
+    HANDLED.clear()
+    a = SubscriptionSpec(id=f"sub-{uid}-a", pattern=f"jobs-{uid}/a/*", lease_ttl_ms=5_000, handler=RECORD)
+    b = SubscriptionSpec(id=f"sub-{uid}-b", pattern=f"jobs-{uid}/b/*", lease_ttl_ms=5_000, handler=RECORD)
+    settings = fast_settings(shared_server.url, uid, subscriptions=(a,))
+    runner = Runner(settings)
+    background = BackgroundRunner(runner)
+    with pytest.raises(PullwakeError, match="not running"):
+        background.reload(settings)
+    background.start()
+    try:
+        wait_for(lambda: background.health().state == "streaming", what="streaming")
+        reloaded = background.reload(settings.model_copy(update={"subscriptions": (a, b)}), timeout=15)
+        assert (reloaded.added, reloaded.removed) == ([b.id], [])
+        broken = SubscriptionSpec(id=f"sub-{uid}-c", pattern=f"jobs-{uid}/c/*", handler="tests.nowhere:nothing")
+        with pytest.raises(ConfigError):
+            background.reload(settings.model_copy(update={"subscriptions": (a, b, broken)}), timeout=15)
+        assert [spec.id for spec in runner.settings.subscriptions] == [a.id, b.id], "a failed reload changes nothing"
+        with httpx.Client(base_url=shared_server.url, timeout=10) as http:
+            for name, n in (("b", 1), ("a", 2)):
+                stream = f"/v1/stream/jobs-{uid}/{name}/1"
+                http.put(stream, headers={"content-type": "application/json"}).raise_for_status()
+                http.post(stream, json={"n": n}).raise_for_status()
+        wait_for(lambda: len(HANDLED[a.id]) + len(HANDLED[b.id]) == 2, what="both subscriptions served")
+        assert (HANDLED[a.id], HANDLED[b.id]) == ([{"n": 2}], [{"n": 1}])
+    finally:
+        background.stop(timeout=30)
+    with pytest.raises(PullwakeError, match="not running"):
+        background.reload(settings)

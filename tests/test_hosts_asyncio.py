@@ -27,6 +27,7 @@ from runner import (
     Ended,
     Handler,
     Runner,
+    RunnerError,
     Settings,
     State,
     SubscriptionSpec,
@@ -34,9 +35,12 @@ from runner import (
     asyncio_handler,
 )
 from runner._service.devserver import DevServer
+from tests.reload_handlers import HANDLED
 from tests.support import FAST_TIMINGS, captured_logs
 
 pytestmark = pytest.mark.server
+
+RECORD = "tests.reload_handlers:record"
 
 
 def fast_settings(url: str, uid: str, **overrides: Any) -> Settings:
@@ -369,5 +373,37 @@ def test_an_aborted_asyncio_handler_is_cancelled_on_its_loop(shared_server: DevS
             assert host.abort(f"sub-{uid}") is True
             await until(lambda: host.health().claims["aborted"] == 1, what="the abort recorded")
             assert cancelled == [7], "the asyncio task was cancelled on the host loop"
+
+    asyncio.run(main())
+
+
+def test_an_asyncio_host_reloads_without_holding_its_loop(shared_server: DevServer) -> None:
+    assert shared_server.url is not None
+    url, uid = shared_server.url, f"rl{uuid.uuid4().hex[:8]}"
+    HANDLED.clear()
+    a = SubscriptionSpec(id=f"sub-{uid}-a", pattern=f"jobs-{uid}/a/*", lease_ttl_ms=5_000, handler=RECORD)
+    b = SubscriptionSpec(id=f"sub-{uid}-b", pattern=f"jobs-{uid}/b/*", lease_ttl_ms=5_000, handler=RECORD)
+    settings = fast_settings(url, uid, subscriptions=(a, b))
+    runner = Runner(settings)
+
+    async def main() -> None:
+        host = AsyncioHost(runner)
+        with pytest.raises(RunnerError, match="not running"):
+            await host.reload(settings)
+        async with producer(url) as append, host:
+            await until(lambda: host.health().state == "streaming", what="streaming")
+            reloaded = await asyncio.wait_for(host.reload(settings.model_copy(update={"subscriptions": (a,)})), 15)
+            assert (reloaded.added, reloaded.removed) == ([], [b.id])
+            broken = b.model_copy(update={"handler": "tests.nowhere:nothing"})
+            with pytest.raises(ConfigError):
+                await asyncio.wait_for(host.reload(settings.model_copy(update={"subscriptions": (a, broken)})), 15)
+            assert [spec.id for spec in runner.settings.subscriptions] == [a.id], "a failed reload changes nothing"
+            await append(f"jobs-{uid}/b/1", {"n": 1})  # removed: not served any more
+            await append(f"jobs-{uid}/a/1", {"n": 2})
+            await until(lambda: len(HANDLED[a.id]) == 1, what="the one still served")
+            await asyncio.sleep(0.3)  # real-time: give a wrongly served b its chance to show
+            assert (HANDLED[a.id], HANDLED[b.id]) == ([{"n": 2}], [])
+        with pytest.raises(RunnerError, match="not running"):
+            await host.reload(settings)
 
     asyncio.run(main())

@@ -31,10 +31,11 @@ from PySide6.QtCore import QCoreApplication, QEventLoop, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 from examples.qt_app import JobsWindow
-from runner import Batch, ConfigError, Ended, PullwakeError, Runner, State
+from runner import Batch, ConfigError, Ended, PullwakeError, Reloaded, Runner, RunnerError, State, SubscriptionSpec
 from runner._service.devserver import DevServer
 from runner.qt import QtHost
 from tests.children import Lines, child
+from tests.reload_handlers import HANDLED
 from tests.test_hosts_asyncio import budget, fast_settings, footprint
 
 pytestmark = pytest.mark.server
@@ -330,6 +331,40 @@ def test_qt_host_slots_never_raise_and_quitting_the_app_drains(
     assert window.handled == [{"n": 0}]
     print(gaps.report("Qt"))
     assert gaps.worst["quit mid-work"] < budget("quit")
+
+
+def test_a_qt_host_reloads_and_signals_what_changed_or_why_not(
+    app: QCoreApplication, shared_server: DevServer, producer: Producer
+) -> None:
+    assert shared_server.url is not None
+    uid = f"qr{uuid.uuid4().hex[:8]}"
+    HANDLED.clear()
+    record = "tests.reload_handlers:record"
+    a = SubscriptionSpec(id=f"sub-{uid}-a", pattern=f"jobs-{uid}/a/*", lease_ttl_ms=5_000, handler=record)
+    b = SubscriptionSpec(id=f"sub-{uid}-b", pattern=f"jobs-{uid}/b/*", lease_ttl_ms=5_000, handler=record)
+    settings = fast_settings(shared_server.url, uid, subscriptions=(a,))
+    host = QtHost(Runner(settings))
+    reloaded: list[Reloaded] = []
+    refused: list[PullwakeError] = []
+    host.reloaded.connect(reloaded.append)
+    host.reloadFailed.connect(refused.append)
+    host.reload(settings)
+    assert [type(error) for error in refused] == [RunnerError], "not running: said at once"
+    host.start()
+    try:
+        spin_until(lambda: host.health().state == "streaming", what="streaming")
+        host.reload(settings.model_copy(update={"subscriptions": (a, b)}))
+        spin_until(lambda: len(reloaded) == 1, what="the reload applied")
+        assert reloaded[0].added == [b.id]
+        broken = b.model_copy(update={"handler": "tests.nowhere:nothing"})
+        host.reload(settings.model_copy(update={"subscriptions": (a, broken)}))
+        spin_until(lambda: len(refused) == 2, what="the bad reload refused")
+        assert isinstance(refused[1], ConfigError)
+        producer.append(f"jobs-{uid}/b/1", {"n": 1})
+        spin_until(lambda: HANDLED[b.id] == [{"n": 1}], what="the added subscription served")
+    finally:
+        host.stop()
+        spin_until(lambda: not host.running, what="stopped")
 
 
 CTRL_C_APP = """

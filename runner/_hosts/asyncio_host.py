@@ -6,13 +6,16 @@ import asyncio
 from collections.abc import Callable
 from types import TracebackType
 
+import outcome
 import structlog
 
 from machine import State
 
+from .._config import Settings
 from .._handlers.batch import Batch
 from .._health import Health
 from .._runner import Runner
+from .._wake.reload import Reloaded
 from ..errors import RunnerError
 from .guest import Ended, GuestHooks, GuestRun
 
@@ -103,6 +106,27 @@ class AsyncioHost:
     def health(self) -> Health:
         """The runner's `Health`, right now; never waits."""
         return self.runner.health()
+
+    async def reload(self, settings: Settings) -> Reloaded:
+        """Apply `settings` to the running runner (`Runner.reload`) and return what changed.
+
+        Raises `ConfigError` having changed nothing if the new handlers cannot be had,
+        `RunnerError` if the runner is not running. The loop runs on meanwhile.
+        """
+        applied: asyncio.Future[Reloaded] = asyncio.get_running_loop().create_future()
+
+        def done(result: outcome.Outcome[Reloaded]) -> None:
+            if applied.done():
+                return  # the caller was cancelled: nobody waits for this answer
+            if isinstance(result, outcome.Error):
+                applied.set_exception(result.error)
+            else:
+                applied.set_result(result.unwrap())
+
+        if self._guest is None:
+            raise RunnerError("the runner is not running: there is nothing to reload")
+        self._guest.reload(settings, done)
+        return await applied
 
     # -- observation -----------------------------------------------------------------------
 

@@ -33,8 +33,10 @@ from .._health import Health
 from ..errors import AlreadyRunning, PullwakeError, RunnerError, StopError
 
 if TYPE_CHECKING:
+    from .._config import Settings
     from .._handlers.batch import Batch
     from .._runner import Runner
+    from .._wake.reload import Reloaded
 
 log = structlog.get_logger("pullwake.hosts")
 
@@ -219,10 +221,18 @@ class GuestRun:
         """The runner's health, read directly: trio is not running while host code runs."""
         return self.runner.health()
 
+    def reload(self, settings: Settings, done: Callable[[outcome.Outcome[Reloaded]], object]) -> None:
+        """Apply `settings` to the running runner (`Runner.reload`); `done(outcome)` follows on the host's thread.
+
+        Not running: `done` gets a `RunnerError` at once.
+        """
+        if self.phase is Phase.IDLE or not self._call_in_trio(partial(reload_in_trio, self.runner, settings, done)):
+            done(outcome.Error(RunnerError("the runner is not running: there is nothing to reload")))
+
     # -- inside the guest run ---------------------------------------------------------------
 
-    def _call_in_trio(self, function: Callable[..., object], *args: object) -> None:
-        send(self._token, function, *args)
+    def _call_in_trio(self, function: Callable[..., object], *args: object) -> bool:
+        return send(self._token, function, *args)
 
     def _signal_stop(self) -> None:
         event = self._stop_event
@@ -288,6 +298,27 @@ async def hosted_run(
     finally:
         runner.remove_state_listener(hooks.state_changed)
     return stop_error
+
+
+def reload_in_trio(runner: Runner, settings: Settings, done: Callable[[outcome.Outcome[Reloaded]], object]) -> None:
+    """Start `runner.reload(settings)` from a host's callback; `done` gets its outcome, whatever it is.
+
+    A system task: it needs no nursery of the host's, and is cancelled if the run ends
+    first (`done` then gets a `RunnerError`), so it never outlives the run.
+    """
+
+    async def reload() -> None:
+        try:
+            reloaded = await runner.reload(settings)
+        except Exception as error:  # a system task must not raise: that would end the run
+            _call_hook(done, outcome.Error(as_pullwake_error(error)))
+        except BaseException:
+            _call_hook(done, outcome.Error(RunnerError("the run ended before the reload was applied")))
+            raise
+        else:
+            _call_hook(done, outcome.Value(reloaded))
+
+    trio.lowlevel.spawn_system_task(reload, name="host:reload")
 
 
 def _call_hook(hook: Callable[..., object], *args: object) -> None:

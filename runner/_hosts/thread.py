@@ -10,16 +10,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import outcome
 import structlog
 import trio
 
 from machine import State
 
+from .._config import Settings
 from .._handlers.batch import Batch
 from .._health import Health
 from .._runner import Runner
+from .._wake.reload import Reloaded
 from ..errors import AlreadyRunning, PullwakeError, RunnerError
-from .guest import Ended, GuestHooks, as_pullwake_error, hosted_run, send
+from .guest import Ended, GuestHooks, as_pullwake_error, hosted_run, reload_in_trio, send
 
 log = structlog.get_logger("pullwake.hosts")
 
@@ -208,6 +211,29 @@ class BackgroundRunner:
         if run is None or not send(run.token, partial(self.runner.abort, subscription_id, cooldown=cooldown)):
             return False
         return any(claim.subscription == subscription_id for claim in self.health().in_flight)
+
+    def reload(self, settings: Settings, timeout: float | None = None) -> Reloaded:
+        """Apply `settings` to the running runner (`Runner.reload`) and return what changed.
+
+        Waits (up to `timeout` s, then `TimeoutError`; the reload goes on) for the runner's
+        thread to apply it. Raises `ConfigError` having changed nothing if the new handlers
+        cannot be had, `RunnerError` if the runner is not running. Call it from any thread
+        but the runner's own (a handler there awaits `runner.reload` instead).
+        """
+        run = self._run
+        if run is not None and run.thread is threading.current_thread():
+            raise RunnerError("reload() waits for the runner's thread: from a handler, await runner.reload()")
+        applied: concurrent.futures.Future[Reloaded] = concurrent.futures.Future()
+
+        def done(result: outcome.Outcome[Reloaded]) -> None:
+            if isinstance(result, outcome.Error):
+                applied.set_exception(result.error)
+            else:
+                applied.set_result(result.unwrap())
+
+        if run is None or not send(run.token, partial(reload_in_trio, self.runner, settings, done)):
+            raise RunnerError("the runner is not running: there is nothing to reload")
+        return applied.result(timeout)
 
     def interrupt(self) -> None:
         """Cut a running drain short (in-flight claims are cancelled; finalizers still run)."""
