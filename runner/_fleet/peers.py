@@ -104,8 +104,13 @@ class Fleet:
         return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
 
     async def owns(self, subscription: str) -> bool:
-        """Is `subscription` this runner's to look after (confirm, sweep)? Waits until it has joined."""
-        await self._joined.wait()
+        """Is `subscription` this runner's to look after (confirm before following), as far as it knows now?
+
+        Does not wait for the join window: a runner restarting with no peers must not wait for
+        members who are not there before it follows its wake stream. Before it has joined, it may
+        count as its own a subscription a peer looks after too: one confirmation more, not one less.
+        """
+        await trio.lowlevel.checkpoint()
         return self.rank(subscription) == 0
 
     async def may_claim(self, subscription: str, generation: int | None) -> bool:
