@@ -19,6 +19,7 @@ Writes a table to stdout and JSON to bench/results/latest.json.
     python -m bench --only runs          # durable runs: a step, resuming, replaying 1,000 steps, kill -9 chaos
     python -m bench --only fleet         # N runner processes x M subscriptions: claims per wake, CPU, restart
     python -m bench --only fleet --fleet-seconds 60 --fleet-rate 40   # a longer steady phase
+    python -m bench --only fleet --fleet-runners 1 --fleet-subscriptions 1000 --keep /tmp/b   # one row, logs kept
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ SECTIONS: dict[str, Callable[[Bench], Awaitable[None]]] = {
 }
 
 
-async def main(scale: Scale, sections: list[str]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="pullwake-bench-") as scratch:
+async def main(scale: Scale, sections: list[str], keep: Path | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pullwake-bench-") as temporary:
+        scratch = str(keep) if keep is not None else temporary
+        Path(scratch).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (before anything runs)
         server = DevServer(log_file=Path(scratch) / "server.log")
         await trio.to_thread.run_sync(server.start)
         try:
@@ -101,6 +104,9 @@ def cli() -> None:
     )
     parser.add_argument("--fleet-seconds", type=float, help="steady phase of each fleet row, s (default 20)")
     parser.add_argument("--fleet-rate", type=float, help="events/s the fleet section appends (default 40)")
+    parser.add_argument("--fleet-runners", help="comma-separated N of the fleet rows (default 1,4,12)")
+    parser.add_argument("--fleet-subscriptions", help="comma-separated M of the fleet rows (default 200,1000)")
+    parser.add_argument("--keep", type=Path, help="keep the scratch files (runner logs, configs) in this directory")
     options = parser.parse_args()
     if options.runner_python:
         core.RUNNER_PYTHON[0] = options.runner_python
@@ -117,7 +123,13 @@ def cli() -> None:
         scale = dataclasses.replace(scale, fleet_seconds=options.fleet_seconds)
     if options.fleet_rate is not None:
         scale = dataclasses.replace(scale, fleet_rate=options.fleet_rate)
-    results = trio.run(main, scale, sections)
+    if options.fleet_runners:
+        scale = dataclasses.replace(scale, fleet_runners=tuple(int(n) for n in options.fleet_runners.split(",")))
+    if options.fleet_subscriptions:
+        scale = dataclasses.replace(
+            scale, fleet_subscriptions=tuple(int(m) for m in options.fleet_subscriptions.split(","))
+        )
+    results = trio.run(main, scale, sections, options.keep)
     results["machine"]["load_average_after"] = list(os.getloadavg())
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(results, indent=2))

@@ -390,7 +390,7 @@ async def _restart(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce)
         await trio.sleep(2)
-        stopping = time.perf_counter()
+        stopping, stopping_wall = time.perf_counter(), time.time()
         await trio.to_thread.run_sync(server.stop)  # SIGTERM: it answers (without subscriptions) until it exits
         stopped = time.perf_counter()
         await trio.sleep(scale.fleet_down_seconds)
@@ -408,6 +408,8 @@ async def _restart(
     return {
         "events": len(appended),
         "stopping_s": stopped - stopping,
+        "stopping_at": stopping_wall,
+        "back_at": back_wall,
         "duplicates": sum(len(handled.get(i, [])) > 1 for i in appended),
         "duplicates_pct": 100 * sum(len(handled.get(i, [])) > 1 for i in appended) / len(appended),
         "lost": len(lost),

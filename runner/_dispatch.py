@@ -15,7 +15,7 @@ in flight runs to its end, as in a drain but without a deadline.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from ._claims.outcome import SUCCEEDED, Outcome
 from ._claims.recovery import replay_gaps
 from ._health import InFlightClaim, Vitals
 from ._wire.retrying import Backoff
+from .errors import ClientError
 
 log = structlog.get_logger("pullwake.claims")
 
@@ -55,6 +56,60 @@ class Peers(Protocol):
         """Wait for this runner's turn to claim this wake (None: a sweep); False if it is left to a peer."""
         ...
 
+
+class Slots:
+    """The claim slots (`max_concurrent_claims`): first come, first served, except that a claim
+    the server asked for (a wake) goes before the sweeps waiting for a slot.
+
+    After a server restart every subscription is swept at once; new events must not queue
+    behind hundreds of claims that will mostly find nothing (the sweeps).
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._used = 0
+        self._waiting: dict[object, trio.Event] = {}
+        """Sweeps waiting for a slot, in order of arrival."""
+        self._urgent: dict[object, trio.Event] = {}
+        """Claims the server asked for, waiting for a slot, in order of arrival: served first."""
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    async def acquire(self, owner: object, *, urgent: bool) -> None:
+        if self._used < self.total and not self._waiting and not self._urgent:
+            self._used += 1
+            await trio.lowlevel.checkpoint()
+            return
+        granted = trio.Event()
+        (self._urgent if urgent else self._waiting)[owner] = granted
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self.release()  # handed a slot as it was cancelled: pass it on
+            else:
+                self._waiting.pop(owner, None)
+                self._urgent.pop(owner, None)
+            raise
+
+    def hurry(self, owner: object) -> None:
+        """`owner` waits for a slot as a sweep, but the server has asked for it meanwhile."""
+        if (granted := self._waiting.pop(owner, None)) is not None:
+            self._urgent[owner] = granted
+
+    def release(self) -> None:
+        queue = self._urgent or self._waiting
+        if queue:
+            owner = next(iter(queue))
+            queue.pop(owner).set()  # the slot passes straight on: `used` stays
+        else:
+            self._used -= 1
+
+
+# Subscriptions created or confirmed at the same time: a start costs M requests, not M round trips.
+CONFIRMING_AT_ONCE = 16
 
 # Outcomes after which a subscription rests for `cooldown` before it is claimed again.
 COOLS_DOWN = frozenset({Outcome.FAILED, Outcome.ERROR, Outcome.ABORTED})
@@ -114,11 +169,31 @@ class _Subscription:
     put_back_in_a_row: int = 0
     """Claims in a row that found the subscription gone: a server that forgets it again at once
     (one shutting down still answers, without its subscriptions) must not drive a claim loop."""
+    paced: bool = False
+    """The cooldown paces claims that got no answer (the server down), not a verdict on this
+    subscription: once the server is heard again (a new connection, a wake), it ends at once."""
+    heard: trio.Event = field(default_factory=trio.Event)
+    """Set when the server is heard again while the subscription is paced."""
+    confirmed: bool = False
+    """Created or confirmed on the server in this run (before its first claim here, if it is
+    this runner's to look after)."""
     worker: Worker | None = None
     asked: Wake | None = None
     """The wake the worker's next claim answers; None when it goes on by itself (`next_wake`)."""
     again: Wake | None = None
     """A wake that arrived while the worker was busy: claim again when it ends."""
+
+    def asked_again(self) -> bool:
+        """Has the server written a wake for it since its worker's claim began?"""
+        return self.again is not None and self.again.generation is not None
+
+    def server_heard(self) -> None:
+        """The server answers again: a wait that only paced claims without an answer ends now."""
+        if self.paced:
+            self.paced = False
+            self.cooldown_until = min(self.cooldown_until, trio.current_time())
+            self.heard.set()
+            self.heard = trio.Event()
 
     def worth_claiming(self, wake: Wake) -> bool:
         return wake.generation is None or wake.generation > self.handled
@@ -154,18 +229,23 @@ class Dispatcher:
         *,
         max_concurrent: int,
         peers: Peers | None = None,
+        confirm: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        """`confirm`: create or confirm a subscription on the server (`SubscriptionKeeper.confirm`), done
+        before a subscription's first claim of the run if it is this runner's to look after."""
         self._subscriptions = {
             subscription: _Subscription(subscription, context) for subscription, context in contexts.items()
         }
         self._vitals = vitals
         self._nursery = nursery
-        self._slots = trio.CapacityLimiter(max_concurrent)
+        self._slots = Slots(max_concurrent)
         self._replaying = trio.CapacityLimiter(max_concurrent)
+        self._confirming = trio.CapacityLimiter(CONFIRMING_AT_ONCE)
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
         self._peers = peers
+        self._confirm_one = confirm
         self._retiring: dict[str, tuple[_Subscription, trio.Event]] = {}
         """Retired subscriptions whose claim is still in flight, and what is set when it ends."""
         self._owned = set(self._subscriptions)
@@ -206,6 +286,9 @@ class Dispatcher:
             sub.woken_at = wake.ts_ms / 1000  # only a wake that leads to a claim times it
         if sub.worker is not None:
             sub.remember(wake)
+            if wake.generation is not None:
+                sub.server_heard()
+                self._slots.hurry(sub.worker)
         else:
             sub.announced = wake.generation is not None
             sub.asked = wake
@@ -222,6 +305,7 @@ class Dispatcher:
         """
         for sub in self._subscriptions.values():
             sub.handled = -1
+            sub.server_heard()
         self.sweep()
 
     def sweep(self, subscriptions: list[str] | None = None) -> None:
@@ -251,6 +335,7 @@ class Dispatcher:
                 sub = _Subscription(subscription, context)
             self._subscriptions[subscription] = sub
         sub.context = context
+        sub.confirmed = True  # the reload created or confirmed it; if it could not, the claim puts it back
         if self._peers is None or self._peers.rank(subscription) == 0:
             self._owned.add(subscription)
         if not self._closed:
@@ -333,8 +418,11 @@ class Dispatcher:
                     our_turn = False
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
-                            await trio.sleep_until(sub.cooldown_until)
+                            with trio.move_on_at(sub.cooldown_until):
+                                await sub.heard.wait()
                         our_turn = await self._our_turn(sub)
+                        if our_turn and not sub.confirmed:
+                            await self._confirm(sub)
                     if worker.waiting.cancelled_caught:
                         break
                     if not our_turn and not sub.context.journal.gaps(sub.id):
@@ -403,13 +491,35 @@ class Dispatcher:
         if self._closed:
             return None
         with worker.waiting:
-            await self._slots.acquire_on_behalf_of(worker)
+            await self._slots.acquire(worker, urgent=sub.announced or sub.asked_again())
         if worker.waiting.cancelled_caught:
             return None
         try:
             return await run.run()
         finally:
-            self._slots.release_on_behalf_of(worker)
+            self._slots.release()
+
+    async def _confirm(self, sub: _Subscription) -> None:
+        """Create or confirm the subscription on the server before its first claim of the run, if it is
+        this runner's to look after (with a fleet: its share).
+
+        Those the runner knows (its journal saw them linked on this server) are confirmed here, not
+        before the wake stream is followed: a restart follows at once, and each subscription is
+        confirmed just before its sweep claims it (a wake claimed meanwhile is not held up by the
+        others' confirmations); one the server forgot is put back with its gap (docs/design.md §4.2).
+        A confirmation done already in this run (new subscriptions, before following) is not
+        repeated. A failure is no reason to wait: the claim puts back a subscription the server
+        does not have, and the next claim confirms again.
+        """
+        if self._confirm_one is None or (self._peers is not None and self._peers.rank(sub.id) != 0):
+            return
+        async with self._confirming:
+            try:
+                await self._confirm_one(sub.id)
+            except ClientError as exc:
+                log.info("subscription.confirm_failed", subscription=sub.id, error=str(exc))
+                return
+        sub.confirmed = True
 
     async def _our_turn(self, sub: _Subscription) -> bool:
         """Is the next claim this runner's to make (now), or left to a peer?"""
@@ -438,6 +548,7 @@ class Dispatcher:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
+        sub.paced = False
         if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.
             # The first put-back is claimed again at once; a second in a row is paced like no answer.
@@ -446,6 +557,7 @@ class Dispatcher:
                 settings.backoff_initial, max(settings.backoff_max, settings.backoff_initial)
             )
             sub.cooldown_until = trio.current_time() + sub.retry.next_delay()
+            sub.paced = result.unanswered and sub.put_back_in_a_row <= 1
             sub.remember(Wake(sub.id))
         elif result.outcome is not None:
             sub.retry = None

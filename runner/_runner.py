@@ -445,7 +445,12 @@ class Runner:
                     else None
                 )
                 dispatcher = Dispatcher(
-                    contexts, self._vitals, work, max_concurrent=settings.max_concurrent_claims, peers=fleet
+                    contexts,
+                    self._vitals,
+                    work,
+                    max_concurrent=settings.max_concurrent_claims,
+                    peers=fleet,
+                    confirm=keeper.confirm,
                 )
                 follower = WakeFollower(
                     wire,
@@ -454,6 +459,7 @@ class Runner:
                     vitals=self._vitals,
                     keeper=keeper,
                     share=fleet.owns if fleet is not None else None,
+                    known=journal.knows,
                     live_mode=settings.live_mode,
                     connect_timeout=settings.connect_timeout,
                     keepalive_timeout=settings.keepalive_timeout,

@@ -8,6 +8,7 @@ PullwakeError                   the base: catch this to catch anything of ours
 │   └── StateDirInUse           another runner holds the state_dir: give each runner its own (README)
 ├── ClientError                 talking to the server failed: the runner retries; see `Health.last_error`
 │   ├── TransportError          (handled) no usable answer: refused, reset, timed out, cut off
+│   │   ├── Unreachable         (handled) refused, reset or closed before any answer: asked again soon
 │   │   ├── StreamSilent        (handled) the live stream went quiet past `keepalive_timeout`
 │   │   └── ImmediateClose      (handled) the live stream ended at once, having delivered nothing
 │   ├── ProtocolError           (handled) an answer the protocol does not allow: check the server
@@ -67,6 +68,14 @@ class TransportError(ClientError):
     """No usable answer: connection refused or reset, timed out, or the body was cut off."""
 
     retryable = True
+
+
+class Unreachable(TransportError):
+    """The server could not be reached: the connection was refused, reset or closed before any answer.
+
+    Cheap to find out again (a server restarting is refused at once), so the runner asks again
+    soon rather than backing off: an answer, even an error, is what paces it (docs/design.md §4.2).
+    """
 
 
 class StreamSilent(TransportError):

@@ -63,6 +63,7 @@ from runner.errors import (
     SubscriptionNotFound,
     TokenInvalid,
     TransportError,
+    Unreachable,
 )
 
 START = "-1"
@@ -159,6 +160,8 @@ class FakeWire:
         """Answers to the next `open_sse` calls, in order; without one, SSE is refused."""
         self.closed: set[str] = set()
         """Streams their owner closed: a read that reaches their tail says so."""
+        self.down = False
+        """The server is down (restarting): every call is refused at once, `Unreachable`."""
 
     # -- setting the scene -----------------------------------------------------------------
 
@@ -256,6 +259,9 @@ class FakeWire:
 
     async def _call(self, method: str, *args: Any) -> None:
         self.calls.append(Call(method, trio.current_time(), args))
+        if self.down:
+            await trio.lowlevel.checkpoint()
+            raise Unreachable(f"{method}: ConnectError: [Errno 111] Connection refused")
         faults = self._faults[method]
         if faults:
             await faults.popleft()()

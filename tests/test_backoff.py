@@ -12,7 +12,8 @@ import trio.testing
 from machine import Effect, Event, State
 from runner._driver import Driver, StateContext
 from runner._wake.reconnect import BackoffActivity
-from runner._wire.retrying import Backoff
+from runner._wire.retrying import PROBE_INTERVAL, Backoff, next_attempt
+from runner.errors import ServerError, TransportError, Unreachable
 
 INITIAL, MAXIMUM, JITTER = 1.0, 30.0, 0.2
 
@@ -23,6 +24,8 @@ class FailingConnect:
     def __init__(self) -> None:
         self.attempts_at: list[float] = []
         self.succeed_next = False
+        self.error: BaseException | None = None
+        """What each failed attempt ends with (None: no error attached)."""
         self._waiters: list[tuple[int, trio.Event]] = []
 
     async def attempts(self, count: int) -> None:
@@ -39,7 +42,7 @@ class FailingConnect:
             self.succeed_next = False
             await context.emit(Event.CONNECTED)
         else:
-            await context.emit(Event.CONNECT_FAILED)
+            await context.emit(Event.CONNECT_FAILED, error=self.error)
 
 
 async def fail_stream(context: StateContext) -> None:
@@ -110,3 +113,41 @@ def test_backoff_never_exceeds_the_configured_maximum() -> None:
 def test_backoff_rejects_nonsense(initial: float, maximum: float, jitter: float) -> None:
     with pytest.raises(ValueError, match="backoff"):
         Backoff(initial, maximum, jitter=jitter)
+
+
+async def test_a_server_that_cannot_be_reached_is_asked_again_soon_and_an_answer_brings_back_the_doubling(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A restart refuses connections at once: the runner asks every half second at most (with
+    jitter), however long it lasts, rather than doubling to seconds and finding the server late.
+    The doubling is not moved on meanwhile; an answer (a 5xx) paces the attempts as before."""
+    connect = FailingConnect()
+    connect.error = Unreachable("connection refused")
+    backoff = BackoffActivity(Backoff(INITIAL, MAXIMUM, jitter=JITTER, rng=random.Random(3)))
+    driver = driver_with(connect, backoff)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await driver.send(Event.START)
+        await connect.attempts(40)
+        delays = gaps(connect.attempts_at)
+        assert all(PROBE_INTERVAL * (1 - JITTER) - 1e-9 <= delay <= PROBE_INTERVAL + 1e-9 for delay in delays), delays
+        assert len(set(delays)) > 1, "jitter: a fleet does not probe in lockstep"
+
+        connect.error = ServerError("overloaded", status=503)
+        count = len(connect.attempts_at)
+        await connect.attempts(count + 5)
+        assert_schedule(gaps(connect.attempts_at[count:]))  # the attempt before the change was still refused
+        nursery.cancel_scope.cancel()
+
+
+def test_only_a_server_that_gave_no_answer_is_probed_soon() -> None:
+    backoff = Backoff(INITIAL, MAXIMUM, jitter=0.0)
+    assert next_attempt(backoff, Unreachable("refused")) == PROBE_INTERVAL
+    assert backoff.attempt == 0, "probing does not move the doubling on"
+    assert next_attempt(backoff, TransportError("timed out")) == INITIAL
+    assert next_attempt(backoff, ServerError("busy", status=503)) == 2 * INITIAL
+    assert next_attempt(backoff, ServerError("busy", status=503, retry_after=7.0)) == 7.0, "Retry-After believed"
+    unreachable_but_asked = Unreachable("refused")
+    unreachable_but_asked.retry_after = 9.0  # type: ignore[attr-defined]
+    assert next_attempt(backoff, unreachable_but_asked) == 9.0
+    assert next_attempt(Backoff(0.1, 1.0, jitter=0.0), Unreachable("refused")) == 0.1, "never above the initial delay"

@@ -65,6 +65,7 @@ async def dispatching(
     *,
     max_concurrent: int = 16,
     peers: Peers | None = None,
+    confirm: bool = False,
     **overrides: Any,
 ) -> AsyncIterator[Scene]:
     """Run a dispatcher serving every subscription of `wire`; whatever is still running at the end is interrupted."""
@@ -74,7 +75,18 @@ async def dispatching(
     contexts = {sub: make_context(wire, handler, vitals=vitals, **overrides) for sub in wire.subscriptions}
     with trio.fail_after(24 * 3600):  # a broken rule must fail the test, not hang it
         async with trio.open_nursery() as nursery:
-            dispatcher = Dispatcher(contexts, vitals, nursery, max_concurrent=max_concurrent, peers=peers)
+
+            async def confirming(subscription: str) -> None:
+                await wire.ensure_subscription(subscription, wake_stream="wake/pool", pattern="jobs/*")
+
+            dispatcher = Dispatcher(
+                contexts,
+                vitals,
+                nursery,
+                max_concurrent=max_concurrent,
+                peers=peers,
+                confirm=confirming if confirm else None,
+            )
             yield Scene(wire, handler, vitals, dispatcher)
             dispatcher.interrupt_all()
 
@@ -393,6 +405,101 @@ async def test_claims_that_get_no_answer_are_paced_by_a_growing_backoff_that_sta
         at = scene.claims_at()[answered:]
         assert len(at) == 6
         assert 0.8 <= at[5] - at[4] <= 1.0, "the backoff started over"
+
+
+@pytest.mark.parametrize("heard", ["a new connection", "a wake"])
+async def test_claims_paced_while_the_server_was_down_go_at_once_when_it_is_heard_again(
+    autojump_clock: trio.testing.MockClock, heard: str
+) -> None:
+    """A restart under load: the claims got no answer for a while and their pacing grew to seconds.
+    Once the server is heard again (the wake stream's new connection, or a wake of its own) the
+    paced subscription is claimed at once, not at the end of its wait."""
+    async with dispatching(server(messages=1), backoff_initial=1.0, backoff_max=30.0) as scene:
+        scene.wire.down = True
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(30)
+        assert scene.outcomes[Outcome.ERROR] >= 3, "paced: 1, 2, 4, 8 s... between claims"
+        scene.wire.down = False
+        back = trio.current_time()
+        if heard == "a wake":
+            scene.dispatcher.wake(Wake(SUB, stream_of(SUB), generation=1))
+        else:
+            scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert scene.claims_at()[-1] == back, "claimed as soon as the server was heard"
+        assert scene.outcomes[Outcome.COMPLETED] == 1
+
+
+async def test_a_failed_claims_cooldown_is_not_cut_short_by_a_new_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only the pacing of claims without an answer ends when the server is heard: a failure's
+    cooldown is the server's (or the handler's) verdict, and is waited out."""
+    async with dispatching(server(), Recorder(fail), handler_max_attempts=1) as scene:
+        scene.dispatcher.wake(SWEEP)
+        await trio.sleep(1)
+        assert scene.outcomes == {Outcome.FAILED: 1}
+        claims = len(scene.claims_at())
+        scene.dispatcher.resync()
+        scene.dispatcher.wake(Wake(SUB, stream_of(SUB), generation=5))
+        await trio.sleep(COOLDOWN / 2)
+        assert len(scene.claims_at()) == claims, "still cooling down"
+
+
+async def test_a_wake_goes_before_the_sweeps_that_wait_for_a_slot(autojump_clock: trio.testing.MockClock) -> None:
+    """After a server restart every subscription is swept at once; a new event's claim must not queue
+    behind them all. One slot: the sweeps wait in order, and the one the server wakes goes next."""
+    names = [f"s{n}" for n in range(6)]
+    gate = trio.Event()
+
+    async def held(batch: Batch) -> HandlerResult:
+        if batch.stream == stream_of("s0"):
+            await gate.wait()
+        return None
+
+    async with dispatching(server(*names), Recorder(held), max_concurrent=1) as scene:
+        scene.dispatcher.sweep(names[:1])
+        await trio.sleep(1)
+        for name in names[1:]:
+            scene.dispatcher.sweep([name])
+            await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["s0"], "s0 holds the only slot"
+        scene.dispatcher.wake(Wake("s4", stream_of("s4"), generation=1))
+        gate.set()
+        await trio.sleep(1)
+        assert [call.args[0] for call in scene.wire.called("claim")] == ["s0", "s4", "s1", "s2", "s3", "s5"]
+
+
+async def test_each_subscription_is_confirmed_once_just_before_its_first_claim_of_the_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Confirming what the runner knew is not on the way to following the wake stream: each such
+    subscription is confirmed by the claim that sweeps it (with peers: only this runner's share)."""
+    fleet = Fleet({"a", "b"})
+    async with dispatching(server("a", "b", "c"), peers=fleet, confirm=True) as scene:
+        scene.dispatcher.resync()
+        await trio.sleep(5)
+        scene.dispatcher.resync()
+        scene.dispatcher.wake(Wake("c", stream_of("c"), generation=1))
+        await trio.sleep(5)
+        confirmed = [call.args[0] for call in scene.wire.called("ensure_subscription")]
+        assert sorted(confirmed) == ["a", "b"], "once each, and only this runner's share"
+        for name in ("a", "b"):
+            ensured = next(c.at for c in scene.wire.calls if c.method == "ensure_subscription" and c.args[0] == name)
+            assert ensured <= scene.claims_at(name)[0]
+
+
+async def test_a_confirmation_that_gets_no_answer_does_not_hold_the_claim_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with dispatching(server(messages=1), confirm=True) as scene:
+        scene.wire.fail_transport("ensure_subscription")
+        scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert scene.outcomes == {Outcome.COMPLETED: 1}
+        scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert len(scene.wire.called("ensure_subscription")) == 2, "confirmed by the next claim"
 
 
 async def ends_with_an_error(scene: Scene) -> None:

@@ -181,6 +181,48 @@ async def test_a_runner_never_heard_of_again_is_gone_after_three_intervals(
         assert all(b.rank(sub) == 0 for sub in SUBSCRIPTIONS)
 
 
+async def test_while_the_server_is_down_nobody_counts_the_others_gone(autojump_clock: trio.testing.MockClock) -> None:
+    """A server restart silences everyone at once: no member's share moves (which would make
+    every runner sweep everything as it comes back), and the silence is forgiven once it answers."""
+    wire = FakeWire()
+    changes: list[frozenset[str]] = []
+    a, b = member(wire, "a"), member(wire, "b")
+    b._on_change = lambda: changes.append(b.peers())
+    async with fleet_of(wire, a, b):
+        assert b.peers() == {"a"}
+        changes.clear()
+        wire.down = True
+        await trio.sleep(4 * MISSED_INTERVALS * INTERVAL)
+        assert b.peers() == {"a"}, "the server is down, not the members"
+        assert a.peers() == {"b"}
+        wire.down = False
+        await trio.sleep((MISSED_INTERVALS - 1) * INTERVAL)
+        assert b.peers() == {"a"}
+        assert a.peers() == {"b"}
+        assert changes == [], "no share moved, no sweep"
+        # A member that does not come back with the server is gone three intervals after it answers.
+        silenced = FakeWire()
+        silenced.hang("append")
+        a._wire = silenced
+        await trio.sleep((MISSED_INTERVALS + 1) * INTERVAL)
+        assert b.peers() == set()
+
+
+async def test_a_fleet_stream_the_server_refuses_to_serve_is_no_reason_to_keep_the_members(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Only a server out of reach freezes the members: one that answers (here 503 on every call)
+    while a member says nothing leaves that member gone after three intervals, as before."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        assert b.peers() == {"a"}
+        wire.fail_server("read", times=10_000)
+        wire.fail_server("append", times=10_000)
+        await trio.sleep((MISSED_INTERVALS + 1) * INTERVAL)
+        assert b.peers() == set()
+
+
 async def test_acknowledged_offsets_travel_to_every_member(autojump_clock: trio.testing.MockClock) -> None:
     """Whoever puts back a subscription the server forgot replays its gap from the newest offset anyone knew."""
     wire = FakeWire()

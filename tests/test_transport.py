@@ -21,7 +21,7 @@ import trio
 from httpx_sse import EventSource
 
 from runner._service.devserver import DevServer
-from runner._wire.client import build_http
+from runner._wire.client import StreamsClient, build_http
 from runner._wire.transport import (
     LIVE_BODY,
     TOTAL_TIMEOUT,
@@ -31,6 +31,7 @@ from runner._wire.transport import (
     LeanTransport,
     ResponseTooLarge,
 )
+from runner.errors import TransportError, Unreachable
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 TIMEOUT = httpx.Timeout(5.0)
@@ -543,6 +544,33 @@ async def test_refused_connection_is_a_connect_error() -> None:
     async with client(f"http://127.0.0.1:{port}", LeanTransport()) as http:
         with pytest.raises(httpx.ConnectError, match="Connection refused"):
             await http.get("/")
+
+
+async def _hang_up(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
+    await requests.next()  # and close without a word: a server going down
+
+
+async def _garble(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
+    await requests.next()
+    await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+
+
+async def test_a_server_that_gives_no_answer_is_unreachable_one_that_answers_badly_is_not() -> None:
+    """What the reconnect backoff tells apart (runner/_wire/retrying.py `next_attempt`): refused or hung
+    up on before any answer is `Unreachable` (asked again soon); a garbled answer is an answer."""
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with build_http(f"http://127.0.0.1:{port}", timeout=5) as http:
+        with pytest.raises(Unreachable, match="refused"):
+            await StreamsClient(http).tail("jobs")
+    async with fake_server(_hang_up) as fake, build_http(fake.url, timeout=5) as http:
+        with pytest.raises(Unreachable, match="without answering"):
+            await StreamsClient(http).tail("jobs")
+    async with fake_server(_garble) as fake, build_http(fake.url, timeout=5) as http:
+        with pytest.raises(TransportError) as caught:
+            await StreamsClient(http).tail("jobs")
+        assert not isinstance(caught.value, Unreachable)
 
 
 # -- TLS ----------------------------------------------------------------------------------------------

@@ -30,8 +30,8 @@ import trio
 from .._state.journal import Journal
 from .._wake.reading import Tally, paced_long_polls
 from .._wire.protocol import Wire
-from .._wire.retrying import Backoff
-from ..errors import ClientError
+from .._wire.retrying import Backoff, next_attempt
+from ..errors import ClientError, Unreachable
 from .ring import ranked
 
 log = structlog.get_logger("pullwake.fleet")
@@ -84,12 +84,16 @@ class Fleet:
         self._joined = trio.Event()
         self._answered_at = -float("inf")
         self._nursery: trio.Nursery | None = None
+        self._blind_since: float | None = None
+        """Since when the server cannot be reached (it is down): the members are not heard, but
+        are not gone either. Their silence does not count until the fleet stream is back."""
 
     # -- what the dispatcher asks ---------------------------------------------------------
 
     def peers(self) -> frozenset[str]:
-        """The other members alive now."""
-        horizon = trio.current_time() - MISSED_INTERVALS * self.interval
+        """The other members alive now (as of when the server went out of reach, while it is)."""
+        now = trio.current_time() if self._blind_since is None else self._blind_since
+        horizon = now - MISSED_INTERVALS * self.interval
         return frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
 
     def rank(self, subscription: str) -> int:
@@ -100,8 +104,13 @@ class Fleet:
         return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
 
     async def owns(self, subscription: str) -> bool:
-        """Is `subscription` this runner's to look after (confirm, sweep)? Waits until it has joined."""
-        await self._joined.wait()
+        """Is `subscription` this runner's to look after (confirm before following), as far as it knows now?
+
+        Does not wait for the join window: a runner restarting with no peers must not wait for
+        members who are not there before it follows its wake stream. Before it has joined, it may
+        count as its own a subscription a peer looks after too: one confirmation more, not one less.
+        """
+        await trio.lowlevel.checkpoint()
         return self.rank(subscription) == 0
 
     async def may_claim(self, subscription: str, generation: int | None) -> bool:
@@ -161,14 +170,29 @@ class Fleet:
                 async with aclosing(paced_long_polls(self._wire, self.path, offset, hold=self._hold)) as results:
                     async for result in results:
                         self._backoff.reset()
+                        self._sighted()
                         for message in result.messages:
                             self._heard(message)
                         offset = result.next_offset
             except ClientError as exc:
-                delay = self._backoff.next_delay()
+                # A server that cannot be reached (a restart) is asked again soon; an answer paces us.
+                delay = next_attempt(self._backoff, exc)
                 log.warning("fleet.stream_error", fleet_stream=self.path, error=str(exc), retry_in=round(delay, 2))
                 self._joined.set()  # alone for now: wakes must not wait on a fleet stream that is down
+                if isinstance(exc, Unreachable) and self._blind_since is None:
+                    # The server is down, not the members: nobody hears anybody, and nobody counts
+                    # the others gone (which would sweep every share, in every runner, at once).
+                    self._blind_since = trio.current_time()
                 await trio.sleep(delay)
+
+    def _sighted(self) -> None:
+        """The fleet stream answers again: the members' silence counts from now on, as if the outage had not been."""
+        if self._blind_since is None:
+            return
+        blind_for = trio.current_time() - self._blind_since
+        self._blind_since = None
+        for peer in self._seen:
+            self._seen[peer] += blind_for
 
     async def _join_window(self, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -238,5 +262,6 @@ class Fleet:
         try:
             with trio.fail_after(APPEND_TIMEOUT):
                 await self._wire.append(self.path, {**record, "runner_id": self.runner_id})
+            self._sighted()
         except (ClientError, trio.TooSlowError) as exc:
             log.info("fleet.announce_failed", fleet_stream=self.path, record=record.get("type"), error=str(exc))

@@ -231,6 +231,11 @@ class Journal:
                 advance(fresh, stream, offset)
         return gaps
 
+    def knows(self, subscription: str) -> bool:
+        """Has this runner (or a peer) seen `subscription` linked or acknowledged on this server?
+        If the server forgot it since, putting it back finds the gap (`linked`): nothing is lost."""
+        return subscription in self._state.acked
+
     def gaps(self, subscription: str) -> list[Gap]:
         return list(self._state.gaps.get(subscription, ()))
 

@@ -87,6 +87,7 @@ class WakeFollower:
         vitals: Vitals,
         keeper: SubscriptionKeeper,
         share: Callable[[str], Awaitable[bool]] | None = None,
+        known: Callable[[str], bool] | None = None,
         live_mode: str = "sse",
         connect_timeout: float = 10.0,
         keepalive_timeout: float = 75.0,
@@ -98,8 +99,9 @@ class WakeFollower:
         self._vitals = vitals
         self._keeper = keeper
         self._share = share
+        self._known = known
         self._confirmed = False
-        """The subscriptions were created or confirmed in this run (at its first connect)."""
+        """The subscriptions new to this runner were created or confirmed (at the run's first connect)."""
         self.mode = live_mode
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive_timeout
@@ -116,7 +118,7 @@ class WakeFollower:
             if not self._confirmed:
                 # Opened first: a wake the server writes meanwhile is after our offset, not lost.
                 try:
-                    await self._keeper.ensure_all(self._share)
+                    await self._keeper.ensure_all(self._unknown)
                 except BaseException:
                     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                         await connection.aclose()
@@ -129,6 +131,20 @@ class WakeFollower:
             return
         log.info("wake.connected", wake_stream=self._path, mode=self.mode, offset=connection.offset)
         await context.emit(Event.CONNECTED, payload=connection)
+
+    async def _unknown(self, subscription: str) -> bool:
+        """Must `subscription` be created or confirmed before the wake stream is followed?
+
+        Only one this runner (and its fleet) never saw on this server, and only if it is this
+        runner's share: it may not exist yet, and an event appended once the runner follows must
+        not be skipped by a subscription created after it (a new subscription links existing
+        streams at their tail). One the journal knows is confirmed by its first claim instead
+        (the dispatcher), after following began: if the server forgot it, putting it back finds
+        the gap from the journal's offsets and replays it, so nothing waits and nothing is lost.
+        """
+        if self._known is not None and self._known(subscription):
+            return False
+        return self._share is None or await self._share(subscription)
 
     async def tail(self, *, timeout: float | None = None) -> str:
         """HEAD of the wake stream: its tail. Also the liveness probe."""

@@ -7,14 +7,15 @@ import trio
 from machine import Event
 
 from .._driver import Envelope, StateContext
-from .._wire.retrying import Backoff, retry_after
+from .._wire.retrying import Backoff, next_attempt
 
 
 class BackoffActivity:
     """The `reconnecting` state's activity: sleep the next delay, then say so.
 
     CONNECTED resets it (the RESET_BACKOFF effect), so one good connection
-    brings the next reconnect back to the initial delay.
+    brings the next reconnect back to the initial delay. A server that could not be reached
+    at all (a restart) is tried again within `PROBE_INTERVAL` instead (`next_attempt`).
     """
 
     def __init__(self, backoff: Backoff) -> None:
@@ -23,8 +24,7 @@ class BackoffActivity:
 
     async def __call__(self, context: StateContext) -> None:
         # A server that said when to come back (Retry-After) is believed, up to the cap.
-        asked = min(retry_after(context.trigger.error), self.backoff.maximum)
-        self.last_delay = max(self.backoff.next_delay(), asked)
+        self.last_delay = next_attempt(self.backoff, context.trigger.error)
         await trio.sleep(self.last_delay)
         await context.emit(Event.BACKOFF_ELAPSED)
 

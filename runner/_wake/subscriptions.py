@@ -52,6 +52,8 @@ class SubscriptionKeeper:
         self._specs: dict[str, SubscriptionSpec] = {}
         self._wake_stream = wake_stream
         self.conflicts: set[str] = set()
+        self._confirmed: set[str] = set()
+        """Created or confirmed in this run (a conflict counts: it was asked)."""
         self.update(specs)
 
     def update(self, specs: Sequence[SubscriptionSpec]) -> None:
@@ -98,6 +100,11 @@ class SubscriptionKeeper:
         if failure is not None:
             raise failure
 
+    async def confirm(self, subscription_id: str) -> None:
+        """Create or confirm one managed subscription, unless that was done in this run already."""
+        if subscription_id not in self._confirmed:
+            await self.ensure(subscription_id)
+
     async def ensure(self, subscription_id: str) -> bool:
         """Create or confirm one managed subscription; True if it is there now as configured.
 
@@ -117,6 +124,7 @@ class SubscriptionKeeper:
                 description=spec.description,
             )
         except SubscriptionConflict:
+            self._confirmed.add(spec.id)
             if spec.id not in self.conflicts:
                 self.conflicts.add(spec.id)
                 log.error(
@@ -129,6 +137,7 @@ class SubscriptionKeeper:
                 )
             return False
         self.conflicts.discard(spec.id)
+        self._confirmed.add(spec.id)
         if links.created:
             log.info("subscription.created", subscription=spec.id, pattern=spec.pattern, streams=list(spec.streams))
         for gap in self._journal.linked(spec.id, links.streams, created=links.created, keep_gaps=self._replay):

@@ -21,7 +21,7 @@ import httpx
 import structlog
 from pydantic import SecretStr
 
-from ..errors import ProtocolError, RequestError, SubscriptionNotFound, TransportError
+from ..errors import ProtocolError, RequestError, SubscriptionNotFound, TransportError, Unreachable
 from .answers import (
     KNOWN_CODES,
     ClaimAnswer,
@@ -52,7 +52,7 @@ from .protocol import (
     ServerSubscription,
 )
 from .sse import OVERSIZE, sse_events
-from .transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport
+from .transport import LIVE_BODY, TOTAL_TIMEOUT, LeanTransport, NoAnswer
 
 log = structlog.get_logger("pullwake.wire")
 
@@ -172,8 +172,18 @@ def _translated(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: timed out ({type(exc).__name__}: {_reason(exc)})") from exc
     except httpx.DecodingError as exc:
         raise ProtocolError(f"{what}: undecodable body: {_reason(exc)}") from exc
+    except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, NoAnswer) as exc:
+        raise Unreachable(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+    except httpx.RemoteProtocolError as exc:
+        if _NO_ANSWER in str(exc):  # httpx's own transport (http_transport = "httpx")
+            raise Unreachable(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+        raise TransportError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
     except httpx.TransportError as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {_reason(exc)}") from exc
+
+
+_NO_ANSWER = "without sending a response"
+"""How httpcore says that the server closed the connection before answering."""
 
 
 def _reason(exc: BaseException) -> str:

@@ -27,6 +27,10 @@ TOTAL_TIMEOUT = "pullwake.total_timeout"
 READ_SIZE = 64 * 1024
 
 
+class NoAnswer(httpx.RemoteProtocolError):
+    """The server closed the connection before sending a single byte of an answer."""
+
+
 class ResponseTooLarge(httpx.RemoteProtocolError):
     """The server sent more than a configured cap allows; the connection is closed."""
 
@@ -177,7 +181,7 @@ class Connection:
 
     def _protocol_error(self, exc: h11.RemoteProtocolError, request: httpx.Request) -> httpx.RemoteProtocolError:
         if self.received == 0:  # h11 fails on EOF before any byte: the server closed without a word
-            return httpx.RemoteProtocolError("the server closed the connection without answering", request=request)
+            return NoAnswer("the server closed the connection without answering", request=request)
         if exc.error_status_hint == 431:  # h11's "receive buffer too long": an unfinished head over the cap
             return HeadersTooLarge(
                 f"response head over the max_header_bytes cap of {self.max_header_bytes} bytes", request=request

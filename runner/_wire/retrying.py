@@ -9,7 +9,7 @@ from typing import TypeVar
 import structlog
 import trio
 
-from ..errors import ClientError
+from ..errors import ClientError, Unreachable
 
 log = structlog.get_logger("pullwake.retry")
 
@@ -72,9 +72,36 @@ class Backoff:
     def reset(self) -> None:
         self._attempt = 0
 
+    def probe_delay(self, interval: float) -> float:
+        """A short delay (at most `interval`, and at most `initial`), jittered the same way, that
+        does not move the doubling on: for a server that cannot be reached at all, where asking
+        again is cheap and only an answer should pace the next attempt."""
+        return min(interval, self.initial) * (1 - self.jitter * self._rng.random())
+
 
 def retry_after(error: BaseException | None) -> float:
     return getattr(error, "retry_after", None) or 0.0
+
+
+PROBE_INTERVAL = 0.5
+"""While a server cannot be reached at all (connection refused, reset or closed before any answer:
+a restart), it is asked again at most this many seconds apart, instead of the doubling backoff."""
+
+
+def next_attempt(backoff: Backoff, error: BaseException | None) -> float:
+    """How long to wait before trying again after `error`.
+
+    A server that could not be reached (`Unreachable`) is asked again soon (`PROBE_INTERVAL`, with
+    jitter) and the doubling does not move on: on loopback or a LAN a refused connection costs
+    next to nothing, and a restarted server is found within half a second rather than at the next
+    step of a backoff that has grown to seconds. Anything that is an answer (a 5xx, a 429, a
+    stream that closes at once, a protocol error) or a timeout doubles the delay as before; a
+    `Retry-After` is believed, up to the backoff's cap.
+    """
+    asked = min(retry_after(error), backoff.maximum)
+    if isinstance(error, Unreachable) and not asked:
+        return backoff.probe_delay(PROBE_INTERVAL)
+    return max(backoff.next_delay(), asked)
 
 
 async def retrying(

@@ -45,6 +45,7 @@ from .connection import (
     Connection,
     DeadlineExceeded,
     HeadersTooLarge,
+    NoAnswer,
     Origin,
     Pool,
     ResponseTooLarge,
@@ -58,6 +59,7 @@ __all__ = [
     "DeadlineExceeded",
     "HeadersTooLarge",
     "LeanTransport",
+    "NoAnswer",
     "ResponseTooLarge",
 ]
 
