@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 import trio.testing
 
 from runner._claims.outcome import Outcome
-from runner._dispatch import Dispatcher, Peers, Wake
+from runner._dispatch import Dispatcher, Peers, Slots, Wake
 from runner._handlers.batch import Batch, HandlerResult
 from runner._health import InFlightClaim, Vitals
 from runner.errors import RequestError, TransportError
@@ -1100,3 +1101,44 @@ async def test_a_subscription_added_by_a_reload_is_swept_once_by_the_runner_firs
         scene.dispatcher.reshare()
         await trio.sleep(1)
         assert [call.args[0] for call in scene.wire.called("claim")] == ["c", "d"]
+
+
+# -- claim slots ------------------------------------------------------------------------------------
+
+
+async def test_a_free_claim_slot_goes_to_the_wakes_the_server_wrote_before_the_sweeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    slots = Slots(1)
+    order: list[str] = []
+
+    async def claim(name: str, *, urgent: bool) -> None:
+        await slots.acquire(name, urgent=urgent)
+        order.append(name)
+        await trio.sleep(1)
+        slots.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(claim, "first", urgent=False))
+        await trio.sleep(0.1)
+        for name, urgent in (("sweep-1", False), ("wake-1", True), ("sweep-2", False), ("wake-2", True)):
+            nursery.start_soon(partial(claim, name, urgent=urgent))
+            await trio.sleep(0.1)
+        slots.hurry("sweep-2")  # a wake for a subscription already waiting as a sweep
+    assert order == ["first", "wake-1", "wake-2", "sweep-2", "sweep-1"]
+    assert slots.used == 0
+
+
+@pytest.mark.parametrize("urgent", [False, True], ids=["sweep", "wake"])
+async def test_a_claim_cancelled_while_it_waits_for_a_slot_leaves_no_slot_taken(
+    autojump_clock: trio.testing.MockClock, urgent: bool
+) -> None:
+    slots = Slots(1)
+    await slots.acquire("holder", urgent=False)
+    with trio.move_on_after(1):
+        await slots.acquire("cancelled", urgent=urgent)
+    slots.release()
+    assert slots.used == 0
+    with trio.fail_after(0.1):
+        await slots.acquire("next", urgent=False)
+    assert slots.used == 1

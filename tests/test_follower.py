@@ -192,6 +192,28 @@ async def test_a_missing_wake_stream_fails_the_connect_and_when_back_it_is_read_
     assert cast(LongPollRead, context.last.payload).offset == offset_of(2)
 
 
+async def test_only_subscriptions_new_to_the_runner_and_its_own_are_put_in_place_before_following_and_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.add_stream(WAKES)
+    specs = tuple(SubscriptionSpec(id=name, pattern=f"{name}/*") for name in ("known", "mine", "peers"))
+    journal = Journal(None, server_url="http://127.0.0.1:1")
+    journal.learn("known", {"known/1": offset_of(3)})  # acknowledged on this server before: its claim confirms it
+    assert journal.knows("known")
+    assert not journal.knows("mine")
+
+    async def share(subscription: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        return subscription != "peers"
+
+    wake, _, _ = follower(wire, specs=specs, share=share, known=journal.knows)
+    assert (await connect(wake)).events == [Event.CONNECTED]
+    assert [call.args[0] for call in wire.called("ensure_subscription")] == ["mine"]
+    assert (await connect(wake)).events == [Event.CONNECTED]
+    assert len(wire.called("ensure_subscription")) == 1, "a reconnect puts nothing in place again"
+
+
 async def test_a_subscription_that_cannot_be_put_in_place_fails_the_connect(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
