@@ -29,9 +29,9 @@ import trio
 
 from .._state.journal import Journal
 from .._wake.reading import Tally, paced_long_polls
-from .._wire.protocol import Wire
+from .._wire.protocol import LiveRead, Wire, is_after
 from .._wire.retrying import Backoff
-from ..errors import ClientError
+from ..errors import ClientError, ImmediateClose, SSERefused, StreamSilent, TransportError
 from .ring import ranked
 
 log = structlog.get_logger("pullwake.fleet")
@@ -46,6 +46,14 @@ JOIN_WINDOW = 0.5
 ANSWER_EVERY = 1.0
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
+# Bound on opening the live read of the fleet stream (SSE: until the answer's headers are in).
+OPEN_TIMEOUT = 10.0
+# A live read that brought nothing for this many intervals, not even this runner's own `alive`
+# (nor a server's keep-alive), is dead (a half-open connection): another one is opened.
+SILENT_INTERVALS = 2
+# A live read that ended by itself sooner than this counts as an error: a server or proxy that
+# closes at once cannot drive a reconnect loop (the backoff paces it).
+MIN_USEFUL_READ = 1.0
 
 
 class Fleet:
@@ -64,6 +72,7 @@ class Fleet:
         tally: Tally,
         journal: Journal | None = None,
         on_change: Callable[[], None] = lambda: None,
+        live_mode: str = "sse",
     ) -> None:
         self._wire = wire
         self.path = path
@@ -75,6 +84,12 @@ class Fleet:
         self._tally = tally
         self._journal = journal
         self._on_change = on_change
+        self._live_mode = live_mode
+        """How the fleet stream is followed: SSE (one connection, records pushed as they come), or
+        long-polls (one request per answer: with every runner hearing every `taking`, that is a
+        round trip per wake per runner, the bulk of what an extra runner cost before SSE)."""
+        self._offset: str | None = None
+        """Where the read of the fleet stream goes on from; None until this runner said hello."""
         self._seen: dict[str, float] = {}
         """Peer id -> when it was last heard of (trio time)."""
         self._members: frozenset[str] = frozenset()
@@ -144,12 +159,11 @@ class Fleet:
                 await self._append({"type": "leaving"})
 
     async def _follow(self, nursery: trio.Nursery) -> None:
-        offset: str | None = None
         while True:
             try:
-                if offset is None:
+                if self._offset is None:
                     created = await self._wire.create_stream(self.path)
-                    offset = await self._wire.tail(self.path)
+                    self._offset = await self._wire.tail(self.path)
                     sent_at = trio.current_time()
                     await self._append({"type": "alive", "hello": True})
                     round_trip = trio.current_time() - sent_at
@@ -158,17 +172,64 @@ class Fleet:
                         self._joined.set()  # the first runner ever: nobody to wait for
                     else:
                         nursery.start_soon(self._join_window, min(JOIN_WINDOW, JOIN_FLOOR + 4 * round_trip))
-                async with aclosing(paced_long_polls(self._wire, self.path, offset, hold=self._hold)) as results:
-                    async for result in results:
-                        self._backoff.reset()
-                        for message in result.messages:
-                            self._heard(message)
-                        offset = result.next_offset
+                await self._read()
             except ClientError as exc:
                 delay = self._backoff.next_delay()
                 log.warning("fleet.stream_error", fleet_stream=self.path, error=str(exc), retry_in=round(delay, 2))
                 self._joined.set()  # alone for now: wakes must not wait on a fleet stream that is down
                 await trio.sleep(delay)
+
+    async def _read(self) -> None:
+        """Follow the fleet stream from `_offset` until a live read ends (SSE), or for good (long-polls)."""
+        assert self._offset is not None
+        if self._live_mode == "sse":
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    read = await self._wire.open_sse(self.path, self._offset)
+            except trio.TooSlowError:
+                raise TransportError(f"opening the fleet stream took longer than {OPEN_TIMEOUT:g} s") from None
+            except SSERefused as exc:
+                log.warning("fleet.sse_refused", fleet_stream=self.path, reason=str(exc), fallback="long-poll")
+                self._live_mode = "long-poll"
+            else:
+                await self._read_live(read)
+                return
+        async with aclosing(paced_long_polls(self._wire, self.path, self._offset, hold=self._hold)) as results:
+            async for result in results:
+                self._backoff.reset()
+                for message in result.messages:
+                    self._heard(message)
+                self._offset = result.next_offset
+
+    async def _read_live(self, read: LiveRead) -> None:
+        """One SSE read of the fleet stream, to its end; silence past the watchdog ends it as an error."""
+        started = trio.current_time()
+        silence = SILENT_INTERVALS * self.interval + APPEND_TIMEOUT
+        since_data = False
+        try:
+            with trio.CancelScope(deadline=started + silence) as watchdog:
+                async with aclosing(read.frames()) as frames:
+                    async for frame in frames:
+                        watchdog.deadline = trio.current_time() + silence
+                        self._backoff.reset()
+                        if frame.unusable is not None:
+                            self._tally.ignored("unusable event", frame.unusable)
+                        for message in frame.messages:
+                            self._heard(message)
+                        since_data = since_data or bool(frame.messages)
+                        # An empty answer just past a lagging tail never moves the offset back.
+                        offset, current = frame.offset, self._offset or "-1"
+                        if offset is not None and (since_data or is_after(offset, current)):
+                            self._offset, since_data = offset, False
+                        if frame.closed:
+                            break
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await read.aclose()
+        if watchdog.cancelled_caught:
+            raise StreamSilent(f"fleet stream {self.path}: nothing heard for {silence:g} s")
+        if (lived := trio.current_time() - started) < MIN_USEFUL_READ:
+            raise ImmediateClose(f"the fleet stream's live read ended after {lived:.2f} s")
 
     async def _join_window(self, seconds: float) -> None:
         await trio.sleep(seconds)
