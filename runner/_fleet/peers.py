@@ -20,8 +20,11 @@ covers only this runner's share. A runner alone sends nothing on the path of a w
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -54,6 +57,16 @@ SILENT_INTERVALS = 2
 # A live read that ended by itself sooner than this counts as an error: a server or proxy that
 # closes at once cannot drive a reconnect loop (the backoff paces it).
 MIN_USEFUL_READ = 1.0
+
+
+@dataclass
+class _Turn:
+    """A wake this runner left to the peers before it in line, until its own turn comes."""
+
+    generation: int
+    due: float
+    """Trio time: rank x fallback after the wake came."""
+    on_due: Callable[[], None]
 
 
 class Fleet:
@@ -96,6 +109,12 @@ class Fleet:
         self._taken: dict[str, int] = {}
         """Subscription -> the newest wake generation a peer said it takes."""
         self._news = trio.Event()
+        self._turns: dict[str, _Turn] = {}
+        """Subscription -> the wake left to a peer, while nobody said `taking` for it (`leave`)."""
+        self._due: list[tuple[float, str]] = []
+        """Heap of (due, subscription) of `_turns`; stale entries are skipped when popped."""
+        self._timer: trio.CancelScope | None = None
+        """The sleep until the earliest turn, while there is one."""
         self._joined = trio.Event()
         self._answered_at = -float("inf")
         self._nursery: trio.Nursery | None = None
@@ -134,6 +153,54 @@ class Fleet:
         self._say({"type": "taking", "subscription": subscription, "generation": generation})
         return True
 
+    def leave(self, subscription: str, generation: int, on_due: Callable[[], None]) -> bool:
+        """Leave a wake to the peers before this runner in line, without a task of its own.
+
+        False when this runner should see to it as usual (`may_claim`): it is first, or has not
+        joined yet. Else True: `on_due` is called when its turn comes (rank x fallback from now)
+        unless someone said `taking` for this generation or a newer one by then; the caller then
+        claims (after `take`). Every runner hears every wake and most are some peer's: this is
+        what each of those costs (no task, no wait of its own, nothing on the wire).
+        """
+        if not self._joined.is_set() or self._nursery is None:
+            return False
+        rank = self.rank(subscription)
+        if rank == 0:
+            return False
+        if self._taken.get(subscription, -1) >= generation:
+            return True  # said before the wake reached this runner (the two streams race)
+        due = trio.current_time() + rank * self.fallback
+        turn = self._turns.get(subscription)
+        if turn is not None and turn.due <= due:
+            # A newer wake while one is still left to a peer: the turn stays when it was.
+            turn.generation, turn.on_due = max(turn.generation, generation), on_due
+            return True
+        self._turns[subscription] = _Turn(generation, due, on_due)
+        heapq.heappush(self._due, (due, subscription))
+        if self._timer is not None and due < self._timer.deadline:
+            self._timer.deadline = due
+        return True
+
+    def take(self, subscription: str, generation: int) -> None:
+        """This runner claims this wake now (its turn came): the ones after it in line need not."""
+        self._say({"type": "taking", "subscription": subscription, "generation": generation})
+
+    async def _keep_turns(self) -> None:
+        """Call back the wakes left to a peer whose turn came with nobody having said `taking`."""
+        while True:
+            with trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf) as self._timer:
+                await trio.sleep_forever()
+            self._timer = None
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                due, subscription = heapq.heappop(self._due)
+                turn = self._turns.get(subscription)
+                if turn is None or turn.due != due:
+                    continue  # taken meanwhile (or a stale entry)
+                del self._turns[subscription]
+                log.debug("fleet.turn_came", subscription=subscription, generation=turn.generation)
+                turn.on_due()
+
     async def _taken_within(self, subscription: str, generation: int, seconds: float) -> bool:
         with trio.move_on_after(seconds):
             while self._taken.get(subscription, -1) < generation:
@@ -151,10 +218,12 @@ class Fleet:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._keep_turns)
                 task_status.started()
                 await self._follow(nursery)
         finally:
             self._nursery = None
+            self._turns.clear()
             with trio.move_on_after(APPEND_TIMEOUT, shield=True):
                 await self._append({"type": "leaving"})
 
@@ -270,6 +339,8 @@ class Fleet:
             subscription, generation = message.get("subscription"), message.get("generation")
             if isinstance(subscription, str) and isinstance(generation, int):
                 self._taken[subscription] = max(generation, self._taken.get(subscription, -1))
+                if (turn := self._turns.get(subscription)) is not None and generation >= turn.generation:
+                    del self._turns[subscription]
                 self._news.set()
                 self._news = trio.Event()
         self._membership()
