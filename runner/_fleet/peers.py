@@ -13,12 +13,13 @@ server that no subscription matches) and follows it:
 
 For each subscription the members agree on an order (`ring.ranked`). A wake is claimed at
 once by the first; the n-th claims only if nobody said `taking` within n times `fallback`
-seconds. Most wakes a runner hears are a peer's: such a wake is only an entry in a heap
-here (`leave`), no task, until its turn comes. The stream is followed over SSE (long-polls if
-the wake stream is, or if SSE is refused), each small read lingering a tenth of `fallback`
-so that the records of a busy fleet are read several at a time. So a dead, frozen or busy runner costs that delay, never lost work: the server's
-lease and fencing still decide who works. A sweep (the runner's own claim of everything)
-covers only this runner's share. A runner alone sends nothing on the path of a wake.
+seconds. So a dead, frozen or busy runner costs that delay, never lost work: the server's
+lease and fencing still decide who works. Most wakes a runner hears are a peer's: such a
+wake is only an entry in a heap here (`leave`), no task, until its turn comes. The stream is
+followed over SSE (long-polls if the wake stream is, or if SSE is refused), each small read
+lingering a tenth of `fallback` so that the records of a busy fleet are read several at a time.
+A sweep (the runner's own claim of everything) covers only this runner's share. A runner
+alone sends nothing on the path of a wake.
 """
 
 from __future__ import annotations
