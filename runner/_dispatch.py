@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -54,6 +55,15 @@ class Peers(Protocol):
 
     async def may_claim(self, subscription: str, generation: int | None) -> bool:
         """Wait for this runner's turn to claim this wake (None: a sweep); False if it is left to a peer."""
+        ...
+
+    def leave(self, subscription: str, generation: int, on_due: Callable[[], None]) -> bool:
+        """Leave a wake to the peers first in line, without a task: `on_due` when this runner's turn
+        comes with nobody having taken it. False: this runner sees to it (`may_claim`)."""
+        ...
+
+    def take(self, subscription: str, generation: int) -> None:
+        """Say this runner claims this wake (its turn came)."""
         ...
 
 
@@ -156,6 +166,9 @@ class _Subscription:
     context: ClaimContext
     handled: int = -1
     """The newest generation handled since the last (re)connect; generations start over with the server."""
+    turn_came: int = -1
+    """The newest generation left to a peer whose turn came to this runner (nobody took it):
+    claimed without asking the fleet again. Starts over with the generations."""
     cooldown_until: float = 0.0
     woken_at: float | None = None
     announced: bool = False
@@ -248,6 +261,8 @@ class Dispatcher:
         self._confirm_one = confirm
         self._retiring: dict[str, tuple[_Subscription, trio.Event]] = {}
         """Retired subscriptions whose claim is still in flight, and what is set when it ends."""
+        self._running: set[Worker] = set()
+        """Every subscription's worker, served or retiring: counted at every wake, never by a walk over them all."""
         self._owned = set(self._subscriptions)
         """The subscriptions this runner sweeps: all of them, until its peers say otherwise."""
         self.cleanup_errors: list[BaseException] = []
@@ -263,15 +278,15 @@ class Dispatcher:
         return subscription in self._subscriptions
 
     def _workers(self) -> list[Worker]:
-        subs = [*self._subscriptions.values(), *(sub for sub, _ in self._retiring.values())]
-        return [sub.worker for sub in subs if sub.worker is not None]
+        return list(self._running)
 
     def _serving(self, sub: _Subscription) -> bool:
         """May `sub` start another claim? Not once the runner drains, nor once a reload retired it."""
         return not self._closed and self._subscriptions.get(sub.id) is sub
 
     def in_flight(self) -> list[InFlightClaim]:
-        return [worker.describe() for worker in self._workers()]
+        """What each claim is doing, by subscription (a steady order for health pages and tests)."""
+        return [worker.describe() for worker in sorted(self._workers(), key=lambda worker: worker.subscription)]
 
     def wake(self, wake: Wake) -> None:
         """The CLAIM effect: never blocks, never raises."""
@@ -281,6 +296,8 @@ class Dispatcher:
             return
         if sub.worker is None and not sub.worth_claiming(wake):
             log.debug("wake.already_handled", subscription=wake.subscription, generation=wake.generation)
+            return
+        if sub.worker is None and self._left_to_peers(sub, wake):
             return
         if wake.ts_ms is not None:
             sub.woken_at = wake.ts_ms / 1000  # only a wake that leads to a claim times it
@@ -294,6 +311,26 @@ class Dispatcher:
             sub.asked = wake
             self._start(sub)
 
+    def _left_to_peers(self, sub: _Subscription, wake: Wake) -> bool:
+        """A wake a peer is first in line for waits without a worker (most wakes, with many peers)."""
+        if self._peers is None or wake.generation is None or self._closed or sub.context.journal.gaps(sub.id):
+            return False  # a gap is replayed by whoever holds it, first in line or not
+        return self._peers.leave(sub.id, wake.generation, partial(self._turn_came, sub, wake))
+
+    def _turn_came(self, sub: _Subscription, wake: Wake) -> None:
+        """Nobody took a wake left to the peers before this runner in line: claim it now."""
+        assert wake.generation is not None
+        if not self._serving(sub) or sub.handled >= wake.generation:
+            return
+        sub.turn_came = max(sub.turn_came, wake.generation)
+        if wake.ts_ms is not None:
+            sub.woken_at = wake.ts_ms / 1000
+        if sub.worker is not None:
+            sub.remember(wake)
+        else:
+            sub.announced, sub.asked = True, wake
+            self._start(sub)
+
     def resync(self) -> None:
         """The RESYNC effect of a new connection: the server may have restarted since the last.
 
@@ -304,7 +341,7 @@ class Dispatcher:
         not left waiting; what a forgotten subscription skipped is replayed first.
         """
         for sub in self._subscriptions.values():
-            sub.handled = -1
+            sub.handled = sub.turn_came = -1
             sub.server_heard()
         self.sweep()
 
@@ -404,10 +441,11 @@ class Dispatcher:
     def _start(self, sub: _Subscription) -> None:
         worker = Worker(sub.id)
         sub.worker = worker
+        self._running.add(worker)
         if self._idle.is_set():
             self._idle = trio.Event()
         self._vitals.dispatched()
-        self._vitals.in_flight(len(self._workers()))
+        self._vitals.in_flight(len(self._running))
         self._nursery.start_soon(self._serve, sub, worker, name=f"claim:{worker.subscription}")
 
     async def _serve(self, sub: _Subscription, worker: Worker) -> None:
@@ -459,14 +497,15 @@ class Dispatcher:
             # Only remove the handle this worker registered: a new worker may own the slot now.
             if sub.worker is worker:
                 sub.worker = None
+            self._running.discard(worker)
             # A wake that came in while this worker was winding down (an abort's finalizer,
             # say) must not be forgotten: the server writes one wake and then waits for a claim.
             if self._serving(sub) and sub.worker is None and sub.take_again():
                 self._start(sub)
             elif sub.worker is None and sub.id in self._retiring and self._retiring[sub.id][0] is sub:
                 self._retiring.pop(sub.id)[1].set()
-            self._vitals.in_flight(len(self._workers()))
-            if not self._workers():
+            self._vitals.in_flight(len(self._running))
+            if not self._running:
                 self._idle.set()
 
     async def _replay_then_claim(
@@ -525,6 +564,9 @@ class Dispatcher:
         """Is the next claim this runner's to make (now), or left to a peer?"""
         asked, sub.asked = sub.asked, None
         if self._peers is None or asked is None:
+            return True
+        if asked.generation is not None and asked.generation <= sub.turn_came:
+            self._peers.take(sub.id, asked.generation)
             return True
         return await self._peers.may_claim(sub.id, asked.generation)
 

@@ -440,6 +440,7 @@ class Runner:
                         tally=Tally(self._vitals, f"fleet stream {settings.fleet_stream_path}"),
                         journal=journal,
                         on_change=lambda: dispatcher.reshare(),
+                        live_mode=settings.live_mode,
                     )
                     if settings.fleet
                     else None

@@ -137,6 +137,31 @@ class ScriptedRead:
                 await trio.sleep(step)
 
 
+class LiveStreamRead:
+    """An open SSE read that follows a stream of the wire as it grows (`FakeWire.live_sse`)."""
+
+    def __init__(self, wire: FakeWire, path: str, offset: str) -> None:
+        self.wire = wire
+        self.path = path
+        self.offset = offset
+        self.closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def frames(self) -> AsyncGenerator[Frame, None]:
+        at = _index(self.offset)
+        while not self.closed:
+            messages = self.wire.streams.get(self.path, [])
+            if at < len(messages):
+                new, at = list(messages[at:]), len(messages)
+                await trio.lowlevel.checkpoint()
+                yield Frame(new, None)
+                yield Frame([], offset_of(at))
+            else:
+                await self.wire._appended.wait()
+
+
 class FakeWire:
     """The `Wire` over a dictionary. Every call checkpoints, as a network call would."""
 
@@ -157,7 +182,11 @@ class FakeWire:
         self.producers: dict[tuple[str, str], tuple[int, int]] = {}
         """(stream, producer id) -> (newest epoch, last seq), as the reference server keeps them."""
         self.sse_reads: deque[ScriptedRead] = deque()
-        """Answers to the next `open_sse` calls, in order; without one, SSE is refused."""
+        """Answers to the next `open_sse` calls, in order; without one, SSE is refused (unless `live_sse`)."""
+        self.live_sse = False
+        """Without a scripted read, `open_sse` follows the stream live (`LiveStreamRead`)."""
+        self.lingers: list[float] = []
+        """The `linger` of every `open_sse` call."""
         self.closed: set[str] = set()
         """Streams their owner closed: a read that reaches their tail says so."""
         self.down = False
@@ -371,12 +400,15 @@ class FakeWire:
                 await self._appended.wait()
         return await self.read(path, offset)
 
-    async def open_sse(self, path: str, offset: str) -> LiveRead:
+    async def open_sse(self, path: str, offset: str, *, linger: float = 0.0) -> LiveRead:
         await self._call("open_sse", path, offset)
+        self.lingers.append(linger)
         if self.sse_reads:
             read = self.sse_reads.popleft()
             read.offset = offset
             return read
+        if self.live_sse:
+            return LiveStreamRead(self, path, offset)
         raise SSERefused(f"SSE {path} from {offset}: answered 501", status=501)
 
     async def ensure_subscription(

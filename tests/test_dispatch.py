@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -1043,6 +1043,12 @@ class Fleet:
         await trio.lowlevel.checkpoint()
         self.asked.append((subscription, generation))
         return subscription in self.first_for
+
+    def leave(self, subscription: str, generation: int, on_due: Callable[[], None]) -> bool:
+        return False  # every wake asks `may_claim` (tests/test_fleet.py covers leaving)
+
+    def take(self, subscription: str, generation: int) -> None:
+        pass
 
 
 async def test_when_the_fleet_changes_only_the_subscriptions_that_became_this_runners_are_swept(

@@ -12,7 +12,7 @@ import trio.testing
 
 from runner._claims.outcome import Outcome
 from runner._dispatch import Dispatcher, Wake
-from runner._fleet.peers import JOIN_WINDOW, MISSED_INTERVALS, Fleet
+from runner._fleet.peers import APPEND_TIMEOUT, JOIN_WINDOW, MISSED_INTERVALS, SILENT_INTERVALS, Fleet
 from runner._fleet.ring import ranked
 from runner._health import Vitals
 from runner._state.journal import Journal
@@ -20,7 +20,7 @@ from runner._wake.reading import Tally
 from runner._wire.protocol import Ack
 from runner._wire.retrying import Backoff
 from tests.claim_harness import Recorder, jobs, make_context
-from tests.fake_wire import FakeWire, offset_of
+from tests.fake_wire import FakeWire, ScriptedRead, offset_of
 
 PATH = "__pullwake/fleet/wake/pool"
 INTERVAL = 1.0
@@ -318,3 +318,112 @@ async def test_a_gap_is_replayed_by_the_runner_that_holds_it_first_in_line_or_no
         assert journal.gaps(sub) == []
         assert wire.called("claim") == [], "the claim is the first in line's"
         dispatcher.interrupt_all()
+
+
+# -- what a wake left to a peer costs -------------------------------------------------------------
+
+
+async def left_to_a(wire: FakeWire) -> tuple[str, Fleet, Fleet]:
+    """A subscription "a" is first for, with one pending event, and both members."""
+    sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b"])[0] == "a")
+    wire.add_stream(f"jobs/{sub}", jobs(1, f"jobs/{sub}"))
+    wire.subscribe(sub, [f"jobs/{sub}"])
+    await trio.lowlevel.checkpoint()
+    return sub, member(wire, "a"), member(wire, "b")
+
+
+async def test_a_wake_left_to_the_first_in_line_starts_no_worker_and_is_dropped_when_it_says_taking(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    sub, a, b = await left_to_a(wire)
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {sub: make_context(wire, Recorder(), runner_id="b")}, Vitals("b"), work, max_concurrent=1, peers=b
+        )
+        dispatcher.wake(Wake(sub, generation=1))
+        assert dispatcher.in_flight() == [], "no worker waits for the peer"
+        a.take(sub, 1)
+        await trio.sleep(10 * FALLBACK)
+        assert wire.called("claim") == []
+        assert dispatcher.in_flight() == []
+        assert takings(wire) == [("a", sub, 1)]
+
+
+async def test_a_wake_whose_taking_came_before_it_is_left_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """The wake stream and the fleet stream race: `taking` may reach a runner before the wake."""
+    wire = FakeWire()
+    sub, a, b = await left_to_a(wire)
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {sub: make_context(wire, Recorder(), runner_id="b")}, Vitals("b"), work, max_concurrent=1, peers=b
+        )
+        a.take(sub, 2)
+        await trio.sleep(0.1)
+        dispatcher.wake(Wake(sub, generation=2))
+        await trio.sleep(10 * FALLBACK)
+        assert wire.called("claim") == []
+
+
+async def test_a_wake_left_to_a_silent_first_in_line_is_claimed_when_the_turn_comes_and_said_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    sub, a, b = await left_to_a(wire)
+    handler = Recorder()
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {sub: make_context(wire, handler, runner_id="b")}, Vitals("b"), work, max_concurrent=1, peers=b
+        )
+        woken = trio.current_time()
+        dispatcher.wake(Wake(sub, generation=1))
+        await trio.sleep(10 * FALLBACK)
+        claims = wire.called("claim")
+        assert len(claims) == 1, "claimed once, without waiting for a second turn"
+        assert claims[0].at - woken == pytest.approx(FALLBACK)
+        assert len(handler.seen) == 1
+        assert takings(wire) == [("b", sub, 1)], "the runners after it in line are told"
+
+
+# -- following the fleet stream -------------------------------------------------------------------
+
+
+async def test_members_follow_the_fleet_stream_over_sse_and_read_it_lingering(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    wire.live_sse = True
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        assert a.peers() == {"b"}
+        assert b.peers() == {"a"}
+        sub = next(s for s in SUBSCRIPTIONS if b.rank(s) == 1)
+        a.take(sub, 5)
+        started = trio.current_time()
+        assert not await b.may_claim(sub, 5), "it heard the first in line take it"
+        assert trio.current_time() - started < FALLBACK
+        assert [call.method for call in wire.calls if call.method in ("read", "open_sse")] == ["open_sse"] * 2
+        assert wire.lingers == [FALLBACK / 10] * 2, "a tenth of the fallback, at most LINGER"
+
+
+async def test_a_silent_sse_read_of_the_fleet_stream_is_opened_again(autojump_clock: trio.testing.MockClock) -> None:
+    """A half-open connection brings nothing, not even the runner's own `alive`: it is not waited on forever."""
+    wire = FakeWire()
+    wire.live_sse = True
+    wire.sse_reads.append(ScriptedRead(3600.0))
+    alone = member(wire, "a")
+    async with fleet_of(wire, alone):
+        await trio.sleep(SILENT_INTERVALS * INTERVAL + APPEND_TIMEOUT + 5)
+        opened = wire.called("open_sse")
+        assert len(opened) == 2
+        assert opened[1].at - opened[0].at == pytest.approx(SILENT_INTERVALS * INTERVAL + APPEND_TIMEOUT + 0.1, abs=1)
+
+
+async def test_a_fleet_stream_refused_over_sse_is_long_polled(autojump_clock: trio.testing.MockClock) -> None:
+    wire = FakeWire()  # SSE refused
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b):
+        await trio.sleep(5 * INTERVAL)
+        assert len(wire.called("open_sse")) == 2, "asked once each"
+        assert a.peers() == {"b"}
+        assert b.peers() == {"a"}

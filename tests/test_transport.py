@@ -537,6 +537,34 @@ async def test_closing_a_streamed_response_early_closes_its_connection() -> None
             await fake.client_closed.wait()
 
 
+async def test_chunks_of_a_live_body_that_came_together_are_handed_on_as_one_piece() -> None:
+    """A live read's server writes each line of an SSE event as a chunk of its own: what one
+    socket read brought goes up in one piece, not one pass of every layer per chunk."""
+    sent = trio.Event()
+
+    async def streaming(stream: trio.abc.Stream, requests: Requests, fake: Fake) -> None:
+        await requests.next()
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nevent: data\n\r\n8\r\ndata: 1\n\r\n1\r\n\n\r\n"
+        )
+        await sent.wait()
+        await stream.send_all(b"2\r\nab\r\n0\r\n\r\n")
+        await requests.closed_by_client()
+
+    async with (
+        fake_server(streaming) as fake,
+        client(fake, LeanTransport()) as http,
+        http.stream("GET", "/", extensions={LIVE_BODY: True}) as response,
+    ):
+        parts = response.aiter_bytes()
+        with trio.fail_after(5):
+            # Head and body went in one write: the socket read that brought the head brought it all.
+            assert await anext(parts) == b"event: data\ndata: 1\n\n"
+        sent.set()
+        assert [part async for part in parts] == [b"ab"]
+        assert response.is_stream_consumed
+
+
 async def test_refused_connection_is_a_connect_error() -> None:
     with trio.socket.socket() as probe:
         await probe.bind(("127.0.0.1", 0))

@@ -14,14 +14,21 @@ server that no subscription matches) and follows it:
 For each subscription the members agree on an order (`ring.ranked`). A wake is claimed at
 once by the first; the n-th claims only if nobody said `taking` within n times `fallback`
 seconds. So a dead, frozen or busy runner costs that delay, never lost work: the server's
-lease and fencing still decide who works. A sweep (the runner's own claim of everything)
-covers only this runner's share. A runner alone sends nothing on the path of a wake.
+lease and fencing still decide who works. Most wakes a runner hears are a peer's: such a
+wake is only an entry in a heap here (`leave`), no task, until its turn comes. The stream is
+followed over SSE (long-polls if the wake stream is, or if SSE is refused), each small read
+lingering a tenth of `fallback` so that the records of a busy fleet are read several at a time.
+A sweep (the runner's own claim of everything) covers only this runner's share. A runner
+alone sends nothing on the path of a wake.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -29,9 +36,9 @@ import trio
 
 from .._state.journal import Journal
 from .._wake.reading import Tally, paced_long_polls
-from .._wire.protocol import Wire
+from .._wire.protocol import LiveRead, Wire, is_after
 from .._wire.retrying import Backoff, next_attempt
-from ..errors import ClientError, Unreachable
+from ..errors import ClientError, ImmediateClose, SSERefused, StreamSilent, TransportError, Unreachable
 from .ring import ranked
 
 log = structlog.get_logger("pullwake.fleet")
@@ -46,6 +53,28 @@ JOIN_WINDOW = 0.5
 ANSWER_EVERY = 1.0
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
+# Bound on opening the live read of the fleet stream (SSE: until the answer's headers are in).
+OPEN_TIMEOUT = 10.0
+# Each small read of the fleet stream over SSE waits this long before the next (at most a tenth of
+# `fallback`): records that came meanwhile are taken in one read, not one wake-up each. Every runner
+# hears every `taking`, so at 40 wakes/s this is what a runner's share of them costs, less the reads.
+LINGER = 0.1
+# A live read that brought nothing for this many intervals, not even this runner's own `alive`
+# (nor a server's keep-alive), is dead (a half-open connection): another one is opened.
+SILENT_INTERVALS = 2
+# A live read that ended by itself sooner than this counts as an error: a server or proxy that
+# closes at once cannot drive a reconnect loop (the backoff paces it).
+MIN_USEFUL_READ = 1.0
+
+
+@dataclass
+class _Turn:
+    """A wake this runner left to the peers before it in line, until its own turn comes."""
+
+    generation: int
+    due: float
+    """Trio time: rank x fallback after the wake came."""
+    on_due: Callable[[], None]
 
 
 class Fleet:
@@ -64,6 +93,7 @@ class Fleet:
         tally: Tally,
         journal: Journal | None = None,
         on_change: Callable[[], None] = lambda: None,
+        live_mode: str = "sse",
     ) -> None:
         self._wire = wire
         self.path = path
@@ -75,12 +105,25 @@ class Fleet:
         self._tally = tally
         self._journal = journal
         self._on_change = on_change
+        self._live_mode = live_mode
+        self._linger = min(LINGER, fallback / 10)
+        """How the fleet stream is followed: SSE (one connection, records pushed as they come), or
+        long-polls (one request per answer: with every runner hearing every `taking`, that is a
+        round trip per wake per runner, the bulk of what an extra runner cost before SSE)."""
+        self._offset: str | None = None
+        """Where the read of the fleet stream goes on from; None until this runner said hello."""
         self._seen: dict[str, float] = {}
         """Peer id -> when it was last heard of (trio time)."""
         self._members: frozenset[str] = frozenset()
         self._taken: dict[str, int] = {}
         """Subscription -> the newest wake generation a peer said it takes."""
         self._news = trio.Event()
+        self._turns: dict[str, _Turn] = {}
+        """Subscription -> the wake left to a peer, while nobody said `taking` for it (`leave`)."""
+        self._due: list[tuple[float, str]] = []
+        """Heap of (due, subscription) of `_turns`; stale entries are skipped when popped."""
+        self._timer: trio.CancelScope | None = None
+        """The sleep until the earliest turn, while there is one."""
         self._joined = trio.Event()
         self._answered_at = -float("inf")
         self._nursery: trio.Nursery | None = None
@@ -128,6 +171,54 @@ class Fleet:
         self._say({"type": "taking", "subscription": subscription, "generation": generation})
         return True
 
+    def leave(self, subscription: str, generation: int, on_due: Callable[[], None]) -> bool:
+        """Leave a wake to the peers before this runner in line, without a task of its own.
+
+        False when this runner should see to it as usual (`may_claim`): it is first, or has not
+        joined yet. Else True: `on_due` is called when its turn comes (rank x fallback from now)
+        unless someone said `taking` for this generation or a newer one by then; the caller then
+        claims (after `take`). Every runner hears every wake and most are some peer's: this is
+        what each of those costs (no task, no wait of its own, nothing on the wire).
+        """
+        if not self._joined.is_set() or self._nursery is None:
+            return False
+        rank = self.rank(subscription)
+        if rank == 0:
+            return False
+        if self._taken.get(subscription, -1) >= generation:
+            return True  # said before the wake reached this runner (the two streams race)
+        due = trio.current_time() + rank * self.fallback
+        turn = self._turns.get(subscription)
+        if turn is not None and turn.due <= due:
+            # A newer wake while one is still left to a peer: the turn stays when it was.
+            turn.generation, turn.on_due = max(turn.generation, generation), on_due
+            return True
+        self._turns[subscription] = _Turn(generation, due, on_due)
+        heapq.heappush(self._due, (due, subscription))
+        if self._timer is not None and due < self._timer.deadline:
+            self._timer.deadline = due
+        return True
+
+    def take(self, subscription: str, generation: int) -> None:
+        """This runner claims this wake now (its turn came): the ones after it in line need not."""
+        self._say({"type": "taking", "subscription": subscription, "generation": generation})
+
+    async def _keep_turns(self) -> None:
+        """Call back the wakes left to a peer whose turn came with nobody having said `taking`."""
+        while True:
+            with trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf) as self._timer:
+                await trio.sleep_forever()
+            self._timer = None
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                due, subscription = heapq.heappop(self._due)
+                turn = self._turns.get(subscription)
+                if turn is None or turn.due != due:
+                    continue  # taken meanwhile (or a stale entry)
+                del self._turns[subscription]
+                log.debug("fleet.turn_came", subscription=subscription, generation=turn.generation)
+                turn.on_due()
+
     async def _taken_within(self, subscription: str, generation: int, seconds: float) -> bool:
         with trio.move_on_after(seconds):
             while self._taken.get(subscription, -1) < generation:
@@ -145,20 +236,21 @@ class Fleet:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._keep_turns)
                 task_status.started()
                 await self._follow(nursery)
         finally:
             self._nursery = None
+            self._turns.clear()
             with trio.move_on_after(APPEND_TIMEOUT, shield=True):
                 await self._append({"type": "leaving"})
 
     async def _follow(self, nursery: trio.Nursery) -> None:
-        offset: str | None = None
         while True:
             try:
-                if offset is None:
+                if self._offset is None:
                     created = await self._wire.create_stream(self.path)
-                    offset = await self._wire.tail(self.path)
+                    self._offset = await self._wire.tail(self.path)
                     sent_at = trio.current_time()
                     await self._append({"type": "alive", "hello": True})
                     round_trip = trio.current_time() - sent_at
@@ -166,14 +258,10 @@ class Fleet:
                     if created:
                         self._joined.set()  # the first runner ever: nobody to wait for
                     else:
-                        nursery.start_soon(self._join_window, min(JOIN_WINDOW, JOIN_FLOOR + 4 * round_trip))
-                async with aclosing(paced_long_polls(self._wire, self.path, offset, hold=self._hold)) as results:
-                    async for result in results:
-                        self._backoff.reset()
-                        self._sighted()
-                        for message in result.messages:
-                            self._heard(message)
-                        offset = result.next_offset
+                        # Answers are heard up to a linger late, and heard of up to one.
+                        window = min(JOIN_WINDOW, JOIN_FLOOR + 4 * round_trip) + 2 * self._linger
+                        nursery.start_soon(self._join_window, window)
+                await self._read()
             except ClientError as exc:
                 # A server that cannot be reached (a restart) is asked again soon; an answer paces us.
                 delay = next_attempt(self._backoff, exc)
@@ -193,6 +281,60 @@ class Fleet:
         self._blind_since = None
         for peer in self._seen:
             self._seen[peer] += blind_for
+
+    async def _read(self) -> None:
+        """Follow the fleet stream from `_offset` until a live read ends (SSE), or for good (long-polls)."""
+        assert self._offset is not None
+        if self._live_mode == "sse":
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    read = await self._wire.open_sse(self.path, self._offset, linger=self._linger)
+            except trio.TooSlowError:
+                raise TransportError(f"opening the fleet stream took longer than {OPEN_TIMEOUT:g} s") from None
+            except SSERefused as exc:
+                log.warning("fleet.sse_refused", fleet_stream=self.path, reason=str(exc), fallback="long-poll")
+                self._live_mode = "long-poll"
+            else:
+                await self._read_live(read)
+                return
+        async with aclosing(paced_long_polls(self._wire, self.path, self._offset, hold=self._hold)) as results:
+            async for result in results:
+                self._backoff.reset()
+                self._sighted()
+                for message in result.messages:
+                    self._heard(message)
+                self._offset = result.next_offset
+
+    async def _read_live(self, read: LiveRead) -> None:
+        """One SSE read of the fleet stream, to its end; silence past the watchdog ends it as an error."""
+        started = trio.current_time()
+        silence = SILENT_INTERVALS * self.interval + APPEND_TIMEOUT
+        since_data = False
+        try:
+            with trio.CancelScope(deadline=started + silence) as watchdog:
+                async with aclosing(read.frames()) as frames:
+                    async for frame in frames:
+                        watchdog.deadline = trio.current_time() + silence
+                        self._backoff.reset()
+                        self._sighted()
+                        if frame.unusable is not None:
+                            self._tally.ignored("unusable event", frame.unusable)
+                        for message in frame.messages:
+                            self._heard(message)
+                        since_data = since_data or bool(frame.messages)
+                        # An empty answer just past a lagging tail never moves the offset back.
+                        offset, current = frame.offset, self._offset or "-1"
+                        if offset is not None and (since_data or is_after(offset, current)):
+                            self._offset, since_data = offset, False
+                        if frame.closed:
+                            break
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await read.aclose()
+        if watchdog.cancelled_caught:
+            raise StreamSilent(f"fleet stream {self.path}: nothing heard for {silence:g} s")
+        if (lived := trio.current_time() - started) < MIN_USEFUL_READ:
+            raise ImmediateClose(f"the fleet stream's live read ended after {lived:.2f} s")
 
     async def _join_window(self, seconds: float) -> None:
         await trio.sleep(seconds)
@@ -233,6 +375,8 @@ class Fleet:
             subscription, generation = message.get("subscription"), message.get("generation")
             if isinstance(subscription, str) and isinstance(generation, int):
                 self._taken[subscription] = max(generation, self._taken.get(subscription, -1))
+                if (turn := self._turns.get(subscription)) is not None and generation >= turn.generation:
+                    del self._turns[subscription]
                 self._news.set()
                 self._news = trio.Event()
         self._membership()

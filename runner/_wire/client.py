@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 import httpx
 import structlog
+import trio
 from pydantic import SecretStr
 
 from ..errors import ProtocolError, RequestError, SubscriptionNotFound, TransportError, Unreachable
@@ -58,6 +59,8 @@ log = structlog.get_logger("pullwake.wire")
 
 # Distinct unknown error codes reported, at most: a server inventing codes cannot flood the log.
 _MAX_UNKNOWN_CODES = 64
+LINGER_BELOW = 16 * 1024
+"""A read of a live body smaller than this waits its `linger` before the next (a larger one is catching up)."""
 
 # Characters left alone in stream paths: the server keys streams by the raw path.
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
@@ -199,11 +202,26 @@ def _reason(exc: BaseException) -> str:
 class SSERead:
     """An open `live=sse` read: `data` events carry messages, `control` events the offset."""
 
-    def __init__(self, response: httpx.Response, offset: str, what: str, max_event_bytes: int) -> None:
+    def __init__(
+        self, response: httpx.Response, offset: str, what: str, max_event_bytes: int, *, linger: float = 0.0
+    ) -> None:
         self._response = response
         self._what = what
         self._max_event_bytes = max_event_bytes
+        self._linger = linger
         self.offset = offset
+
+    async def _chunks(self) -> AsyncGenerator[bytes, None]:
+        """The body as it comes; with `linger`, each read waits that long after a small one.
+
+        A reader that need not hear each event at once (the fleet stream) then takes what
+        came meanwhile in one read: one wake-up and one pass of every layer for several
+        events, not one per event. A read that was not small (catching up) is not delayed.
+        """
+        async for chunk in self._response.aiter_bytes():
+            yield chunk
+            if self._linger and len(chunk) < LINGER_BELOW:
+                await trio.sleep(self._linger)
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -211,8 +229,9 @@ class SSERead:
     async def frames(self) -> AsyncGenerator[Frame, None]:
         # No watchdog here: whether silence means death is the follower's call (it asks the
         # liveness probes too), and a read cancelled mid-event could not be resumed.
-        events = sse_events(self._response.aiter_bytes(), max_event_bytes=self._max_event_bytes)
-        async with aclosing(events):
+        chunks = self._chunks()
+        events = sse_events(chunks, max_event_bytes=self._max_event_bytes)
+        async with aclosing(chunks), aclosing(events):
             while True:
                 with _translated(self._what):
                     try:
@@ -366,8 +385,11 @@ class StreamsClient:
         )
         return read_result(response, what=what)
 
-    async def open_sse(self, path: str, offset: str) -> SSERead:
-        """Returns once the answer's headers are in; reading the body has no timeout."""
+    async def open_sse(self, path: str, offset: str, *, linger: float = 0.0) -> SSERead:
+        """Returns once the answer's headers are in; reading the body has no timeout.
+
+        `linger`: seconds each small read of the body waits before the next (`SSERead`).
+        """
         what = f"SSE {path} from {offset}"
         request = self._http.build_request(
             "GET",
@@ -387,7 +409,7 @@ class StreamsClient:
         except BaseException:
             await response.aclose()
             raise
-        return SSERead(response, offset, f"wake stream {path}", self._max_event_bytes)
+        return SSERead(response, offset, f"wake stream {path}", self._max_event_bytes, linger=linger)
 
     # -- subscriptions ---------------------------------------------------------------------
 

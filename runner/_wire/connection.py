@@ -164,6 +164,19 @@ class Connection:
                 assert isinstance(event, h11.Event)
                 return event
 
+    def buffered_event(self, request: httpx.Request) -> h11.Event | None:
+        """The next response event if the bytes received already hold it, else None (no socket read)."""
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise self._protocol_error(exc, request) from exc
+        if event is h11.NEED_DATA:
+            return None
+        if event is h11.PAUSED:
+            raise httpx.RemoteProtocolError("the server sent data after the response", request=request)
+        assert isinstance(event, h11.Event)
+        return event
+
     async def _receive(self, request: httpx.Request, budget: Budget) -> bytes:
         limit = budget.until(budget.read)
         try:

@@ -171,7 +171,7 @@ class Wire(Protocol):
         """Wait up to `hold` (server side) for messages after `offset`."""
         ...
 
-    async def open_sse(self, path: str, offset: str) -> LiveRead:
+    async def open_sse(self, path: str, offset: str, *, linger: float = 0.0) -> LiveRead:
         """Start a live SSE read; raises `SSERefused` if the server will not serve SSE here."""
         ...
 

@@ -331,6 +331,8 @@ class _Body(httpx.AsyncByteStream):
         self._budget = budget
         self._max_bytes = max_bytes
         self._seen = 0
+        self._next: h11.Event | None = None
+        """An event after the data returned last, received with it."""
 
     def __aiter__(self) -> _Body:
         return self
@@ -340,13 +342,25 @@ class _Body(httpx.AsyncByteStream):
         if connection is None:
             raise StopAsyncIteration
         try:
-            event = await connection.next_event(self._request, self._budget)
+            event, self._next = self._next, None
+            if event is None:
+                event = await connection.next_event(self._request, self._budget)
+            if isinstance(event, h11.Data):
+                # Everything the same socket read brought, as one piece: a live read's server writes
+                # each line of an event as a chunk of its own, and each piece costs every layer above.
+                pieces = [event.data]
+                while (more := connection.buffered_event(self._request)) is not None:
+                    if not isinstance(more, h11.Data):
+                        self._next = more
+                        break
+                    pieces.append(more.data)
+                data = b"".join(pieces)
         except BaseException:
             self._end(reuse=False)
             raise
         if isinstance(event, h11.Data):
-            self._count(len(event.data))
-            return bytes(event.data)
+            self._count(len(data))
+            return data
         self._end(reuse=isinstance(event, h11.EndOfMessage))
         raise StopAsyncIteration
 
