@@ -172,6 +172,10 @@ class _Subscription:
     paced: bool = False
     """The cooldown paces claims that got no answer (the server down), not a verdict on this
     subscription: once the server is heard again (a new connection, a wake), it ends at once."""
+    paced_put_backs: bool = False
+    """The cooldown paces put-backs in a row (`put_back_in_a_row`): a new connection ends it, and
+    the row. A server shutting down forgets what it was just given back; the one started after it
+    forgot it once more, which is no reason to make that subscription's events wait."""
     heard: trio.Event = field(default_factory=trio.Event)
     """Set when the server is heard again while the subscription is paced."""
     confirmed: bool = False
@@ -186,6 +190,13 @@ class _Subscription:
     def asked_again(self) -> bool:
         """Has the server written a wake for it since its worker's claim began?"""
         return self.again is not None and self.again.generation is not None
+
+    def reconnected(self) -> None:
+        """A new connection: the server may have restarted since the put-backs counted so far."""
+        self.put_back_in_a_row = 0
+        if self.paced_put_backs:
+            self.paced_put_backs, self.paced = False, True
+        self.server_heard()
 
     def server_heard(self) -> None:
         """The server answers again: a wait that only paced claims without an answer ends now."""
@@ -305,7 +316,7 @@ class Dispatcher:
         """
         for sub in self._subscriptions.values():
             sub.handled = -1
-            sub.server_heard()
+            sub.reconnected()
         self.sweep()
 
     def sweep(self, subscriptions: list[str] | None = None) -> None:
@@ -548,7 +559,7 @@ class Dispatcher:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
-        sub.paced = False
+        sub.paced = sub.paced_put_backs = False
         if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.
             # The first put-back is claimed again at once; a second in a row is paced like no answer.
@@ -558,6 +569,7 @@ class Dispatcher:
             )
             sub.cooldown_until = trio.current_time() + sub.retry.next_delay()
             sub.paced = result.unanswered and sub.put_back_in_a_row <= 1
+            sub.paced_put_backs = sub.put_back_in_a_row > 1
             sub.remember(Wake(sub.id))
         elif result.outcome is not None:
             sub.retry = None

@@ -328,6 +328,41 @@ async def test_a_server_that_forgets_a_put_back_subscription_at_once_drives_no_c
         assert claims[-1] - claims[-2] >= 1, "later ones wait longer"
 
 
+class ShuttingDown(FakeWire):
+    """A server that forgets every subscription put back at once while it shuts down (`forgetting`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forgetting = True
+
+    async def claim(self, subscription_id: str, worker: str) -> Any:
+        if self.forgetting:
+            self.forget_subscriptions()
+        return await super().claim(subscription_id, worker)
+
+
+async def test_put_backs_before_a_new_connection_do_not_pace_the_put_back_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server shutting down forgets what it is given back (put-backs in a row: paced); the server
+    started after it forgot the subscription once more. That put-back starts a new row: the
+    subscription is claimed again at once, its events do not wait out the old row's pacing."""
+    wire = ShuttingDown()
+    wire.add_stream(stream_of(SUB), jobs(1, stream_of(SUB)))
+    wire.subscribe(SUB, [stream_of(SUB)])
+    async with dispatching(wire) as scene:
+        scene.dispatcher.wake(wire.wake(SUB))
+        await trio.sleep(0.1)
+        assert len(scene.claims_at(SUB)) == 2, "put back, claimed again, put back again: now paced"
+        wire.forgetting = False  # the restarted server: it forgot the subscription once, at its start
+        wire.forget_subscriptions()
+        scene.dispatcher.resync()  # its new connection
+        await trio.sleep(0.1)
+        assert scene.outcomes == {Outcome.SKIPPED: 4}, "both servers' put-backs, then the claim after the last"
+        [*_, forgotten, again] = scene.claims_at(SUB)
+        assert again - forgotten < 0.1, "the first put-back on the new connection is claimed again at once"
+
+
 async def test_a_put_back_after_a_claim_that_went_well_is_claimed_again_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
