@@ -161,6 +161,11 @@ class _Subscription:
     announced: bool = False
     """The next claim answers the server's word that work is pending (its wake, or `next_wake`),
     not a sweep of the runner's own, which finds nothing pending more often than not."""
+    urgent: bool = False
+    """The next claim claims again what a put-back cut short where the server had asked for a claim
+    (a wake): it goes before the sweeps waiting for a slot, like the wake's claim did. After a
+    restart, the M sweeps of the new connection queue for the slots; a subscription with new
+    events must not go to the back of that queue because its first claim found it forgotten."""
     won_last: bool = False
     """This runner's last claim of it was granted and done. Where several runners share the
     subscription and another won the last one, a read sent beside the claim is likely wasted."""
@@ -502,7 +507,8 @@ class Dispatcher:
         if self._closed:
             return None
         with worker.waiting:
-            await self._slots.acquire(worker, urgent=sub.announced or sub.asked_again())
+            await self._slots.acquire(worker, urgent=sub.announced or sub.urgent or sub.asked_again())
+        sub.urgent = False
         if worker.waiting.cancelled_caught:
             return None
         try:
@@ -549,6 +555,7 @@ class Dispatcher:
             if worker.reason is None:
                 return
             result = ClaimResult(None)
+        sub.urgent = result.restarted and (sub.announced or sub.asked_again())
         if result.restarted:
             sub.handled = -1
             sub.remember(Wake(sub.id))  # replay what the server skipped now, not at the next wake

@@ -363,6 +363,28 @@ async def test_put_backs_before_a_new_connection_do_not_pace_the_put_back_after_
         assert again - forgotten < 0.1, "the first put-back on the new connection is claimed again at once"
 
 
+async def test_the_claim_after_a_put_back_for_a_wake_goes_before_the_sweeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a restart every subscription is swept, each claim finding it forgotten; a wake's claim
+    goes first, and when it puts its subscription back, its claim again does not queue behind the sweeps."""
+    subscriptions = ["a", "b", "c", "d", "e"]
+    wire = server(*subscriptions)
+    async with dispatching(wire, max_concurrent=1) as scene:
+        wire.forget_subscriptions()  # the server restarted
+        wire.delay("claim", 0.5)
+        scene.dispatcher.sweep(["a"])  # "a" takes the only slot for a while
+        await trio.sleep(0.1)
+        scene.dispatcher.resync()  # the others queue
+        scene.dispatcher.wake(Wake("d", stream_of("d"), generation=1))
+        await trio.sleep(1)
+        order = [call.args[0] for call in wire.called("claim")]
+        first = order.index("d")
+        assert order[:2] == ["a", "d"], f"the wake's claim takes the first free slot: {order}"
+        # The slot it freed passed on to the next sweep already; the next free one is its own.
+        assert order.index("d", first + 1) <= first + 2, f"claimed again before the sweeps: {order}"
+
+
 async def test_a_put_back_after_a_claim_that_went_well_is_claimed_again_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
