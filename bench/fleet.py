@@ -421,6 +421,21 @@ async def _restart(
         "new_wait": percentiles(waits) if waits else {},
         "new_wait_max_s": max(waits, default=0.0),
         "gaps_replayed": metrics["gaps_replayed"],
+        # For reading the kept logs: the new events that waited longest (appended and handled after
+        # the server answered, in seconds; which stream, which runner).
+        "slowest_new": [
+            {
+                "i": i,
+                "stream": where.get(i),
+                "appended_s": round(at - back, 3),
+                "handled_s": round(handled[i][0][0] - back, 3),
+                "runner": handled[i][0][1],
+            }
+            for i, at in sorted(
+                new.items(), key=lambda item: item[1] - handled[item[0]][0][0] if item[0] in handled else 0
+            )[:10]
+            if i in handled
+        ],
     }
 
 

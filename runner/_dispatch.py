@@ -174,6 +174,11 @@ class _Subscription:
     announced: bool = False
     """The next claim answers the server's word that work is pending (its wake, or `next_wake`),
     not a sweep of the runner's own, which finds nothing pending more often than not."""
+    urgent: bool = False
+    """The next claim claims again what a put-back cut short where the server had asked for a claim
+    (a wake): it goes before the sweeps waiting for a slot, like the wake's claim did. After a
+    restart, the M sweeps of the new connection queue for the slots; a subscription with new
+    events must not go to the back of that queue because its first claim found it forgotten."""
     won_last: bool = False
     """This runner's last claim of it was granted and done. Where several runners share the
     subscription and another won the last one, a read sent beside the claim is likely wasted."""
@@ -185,6 +190,10 @@ class _Subscription:
     paced: bool = False
     """The cooldown paces claims that got no answer (the server down), not a verdict on this
     subscription: once the server is heard again (a new connection, a wake), it ends at once."""
+    paced_put_backs: bool = False
+    """The cooldown paces put-backs in a row (`put_back_in_a_row`): a new connection ends it, and
+    the row. A server shutting down forgets what it was just given back; the one started after it
+    forgot it once more, which is no reason to make that subscription's events wait."""
     heard: trio.Event = field(default_factory=trio.Event)
     """Set when the server is heard again while the subscription is paced."""
     confirmed: bool = False
@@ -199,6 +208,13 @@ class _Subscription:
     def asked_again(self) -> bool:
         """Has the server written a wake for it since its worker's claim began?"""
         return self.again is not None and self.again.generation is not None
+
+    def reconnected(self) -> None:
+        """A new connection: the server may have restarted since the put-backs counted so far."""
+        self.put_back_in_a_row = 0
+        if self.paced_put_backs:
+            self.paced_put_backs, self.paced = False, True
+        self.server_heard()
 
     def server_heard(self) -> None:
         """The server answers again: a wait that only paced claims without an answer ends now."""
@@ -342,7 +358,7 @@ class Dispatcher:
         """
         for sub in self._subscriptions.values():
             sub.handled = sub.turn_came = -1
-            sub.server_heard()
+            sub.reconnected()
         self.sweep()
 
     def sweep(self, subscriptions: list[str] | None = None) -> None:
@@ -530,7 +546,8 @@ class Dispatcher:
         if self._closed:
             return None
         with worker.waiting:
-            await self._slots.acquire(worker, urgent=sub.announced or sub.asked_again())
+            await self._slots.acquire(worker, urgent=sub.announced or sub.urgent or sub.asked_again())
+        sub.urgent = False
         if worker.waiting.cancelled_caught:
             return None
         try:
@@ -580,6 +597,7 @@ class Dispatcher:
             if worker.reason is None:
                 return
             result = ClaimResult(None)
+        sub.urgent = result.restarted and (sub.announced or sub.asked_again())
         if result.restarted:
             sub.handled = -1
             sub.remember(Wake(sub.id))  # replay what the server skipped now, not at the next wake
@@ -590,7 +608,7 @@ class Dispatcher:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
-        sub.paced = False
+        sub.paced = sub.paced_put_backs = False
         if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.
             # The first put-back is claimed again at once; a second in a row is paced like no answer.
@@ -600,6 +618,7 @@ class Dispatcher:
             )
             sub.cooldown_until = trio.current_time() + sub.retry.next_delay()
             sub.paced = result.unanswered and sub.put_back_in_a_row <= 1
+            sub.paced_put_backs = sub.put_back_in_a_row > 1
             sub.remember(Wake(sub.id))
         elif result.outcome is not None:
             sub.retry = None

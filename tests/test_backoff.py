@@ -12,7 +12,14 @@ import trio.testing
 from machine import Effect, Event, State
 from runner._driver import Driver, StateContext
 from runner._wake.reconnect import BackoffActivity
-from runner._wire.retrying import PROBE_INTERVAL, Backoff, next_attempt
+from runner._wire.retrying import (
+    PROBE_INTERVAL,
+    REQUEST_ATTEMPTS,
+    REQUEST_RETRY_INITIAL,
+    Backoff,
+    next_attempt,
+    retrying,
+)
 from runner.errors import ServerError, TransportError, Unreachable
 
 INITIAL, MAXIMUM, JITTER = 1.0, 30.0, 0.2
@@ -151,3 +158,31 @@ def test_only_a_server_that_gave_no_answer_is_probed_soon() -> None:
     unreachable_but_asked.retry_after = 9.0  # type: ignore[attr-defined]
     assert next_attempt(backoff, unreachable_but_asked) == 9.0
     assert next_attempt(Backoff(0.1, 1.0, jitter=0.0), Unreachable("refused")) == 0.1, "never above the initial delay"
+
+
+async def test_a_request_that_cannot_reach_the_server_is_sent_again_soon_and_only_so_often(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A claim sent while the server restarts is refused at once: it is sent again within
+    REQUEST_RETRY_INITIAL each time, not after a delay doubled to seconds, so it finds the server
+    as soon as it answers (it holds a claim slot meanwhile); and still only REQUEST_ATTEMPTS times."""
+    sent_at: list[float] = []
+
+    async def refused() -> None:
+        sent_at.append(trio.current_time())
+        raise Unreachable("connection refused")
+
+    with pytest.raises(Unreachable):
+        await retrying(refused, what="claim")
+    assert len(sent_at) == REQUEST_ATTEMPTS
+    assert all(gap <= REQUEST_RETRY_INITIAL + 1e-9 for gap in gaps(sent_at)), gaps(sent_at)
+
+    sent_at.clear()
+
+    async def busy() -> None:
+        sent_at.append(trio.current_time())
+        raise ServerError("overloaded", status=503)
+
+    with pytest.raises(ServerError):
+        await retrying(busy, what="claim")
+    assert gaps(sent_at)[-1] > 2 * REQUEST_RETRY_INITIAL, "an answer still doubles the delay"

@@ -328,6 +328,63 @@ async def test_a_server_that_forgets_a_put_back_subscription_at_once_drives_no_c
         assert claims[-1] - claims[-2] >= 1, "later ones wait longer"
 
 
+class ShuttingDown(FakeWire):
+    """A server that forgets every subscription put back at once while it shuts down (`forgetting`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forgetting = True
+
+    async def claim(self, subscription_id: str, worker: str) -> Any:
+        if self.forgetting:
+            self.forget_subscriptions()
+        return await super().claim(subscription_id, worker)
+
+
+async def test_put_backs_before_a_new_connection_do_not_pace_the_put_back_after_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server shutting down forgets what it is given back (put-backs in a row: paced); the server
+    started after it forgot the subscription once more. That put-back starts a new row: the
+    subscription is claimed again at once, its events do not wait out the old row's pacing."""
+    wire = ShuttingDown()
+    wire.add_stream(stream_of(SUB), jobs(1, stream_of(SUB)))
+    wire.subscribe(SUB, [stream_of(SUB)])
+    async with dispatching(wire) as scene:
+        scene.dispatcher.wake(wire.wake(SUB))
+        await trio.sleep(0.1)
+        assert len(scene.claims_at(SUB)) == 2, "put back, claimed again, put back again: now paced"
+        wire.forgetting = False  # the restarted server: it forgot the subscription once, at its start
+        wire.forget_subscriptions()
+        scene.dispatcher.resync()  # its new connection
+        await trio.sleep(0.1)
+        assert scene.outcomes == {Outcome.SKIPPED: 4}, "both servers' put-backs, then the claim after the last"
+        [*_, forgotten, again] = scene.claims_at(SUB)
+        assert again - forgotten < 0.1, "the first put-back on the new connection is claimed again at once"
+
+
+async def test_the_claim_after_a_put_back_for_a_wake_goes_before_the_sweeps(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After a restart every subscription is swept, each claim finding it forgotten; a wake's claim
+    goes first, and when it puts its subscription back, its claim again does not queue behind the sweeps."""
+    subscriptions = ["a", "b", "c", "d", "e"]
+    wire = server(*subscriptions)
+    async with dispatching(wire, max_concurrent=1) as scene:
+        wire.forget_subscriptions()  # the server restarted
+        wire.delay("claim", 0.5)
+        scene.dispatcher.sweep(["a"])  # "a" takes the only slot for a while
+        await trio.sleep(0.1)
+        scene.dispatcher.resync()  # the others queue
+        scene.dispatcher.wake(Wake("d", stream_of("d"), generation=1))
+        await trio.sleep(1)
+        order = [call.args[0] for call in wire.called("claim")]
+        first = order.index("d")
+        assert order[:2] == ["a", "d"], f"the wake's claim takes the first free slot: {order}"
+        # The slot it freed passed on to the next sweep already; the next free one is its own.
+        assert order.index("d", first + 1) <= first + 2, f"claimed again before the sweeps: {order}"
+
+
 async def test_a_put_back_after_a_claim_that_went_well_is_claimed_again_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -122,7 +122,14 @@ async def retrying(
                 report(exc)
             if not exc.retryable or (deadline is None and attempt >= REQUEST_ATTEMPTS):
                 raise
-            delay = max(backoff.next_delay(), min(retry_after(exc), REQUEST_RETRY_MAX))
+            # A request with no deadline (a claim, a read) that could not reach the server is asked
+            # again soon, as the wake stream is: a server restarting is found within REQUEST_RETRY_INITIAL,
+            # not at the end of a delay that doubled to seconds (a claim holds its slot meanwhile).
+            # The attempts stay bounded (REQUEST_ATTEMPTS); one with a deadline (an ack) keeps doubling.
+            if deadline is None:
+                delay = next_attempt(backoff, exc)
+            else:
+                delay = max(backoff.next_delay(), min(retry_after(exc), REQUEST_RETRY_MAX))
             if deadline is not None and trio.current_time() + delay >= deadline:
                 raise
             log.info("request.retry", what=what, attempt=attempt, error=str(exc), delay=round(delay, 3))
