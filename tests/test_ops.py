@@ -264,12 +264,10 @@ async def test_the_local_state_alerts_use_series_the_runner_serves(world: World)
     assert not problems, "\n".join(problems)
 
 
-def promtool_check_rules(path: Path) -> str:
-    """`promtool check rules` on `path` (skips the test only where promtool cannot be had)."""
+def promtool(*args: str) -> str:
+    """Run promtool (skips the test only where promtool cannot be had); its stdout."""
     try:
-        result = subprocess.run(
-            [str(PROMTOOL), "check", "rules", str(path)], capture_output=True, text=True, timeout=300
-        )
+        result = subprocess.run([str(PROMTOOL), *args], capture_output=True, text=True, timeout=300)
     except OSError as exc:
         pytest.skip(f"tools/promtool.sh cannot run here: {exc}")
     if result.returncode == 3:
@@ -279,8 +277,56 @@ def promtool_check_rules(path: Path) -> str:
     return result.stdout
 
 
+def promtool_check_rules(path: Path) -> str:
+    """`promtool check rules` on `path`."""
+    return promtool("check", "rules", str(path))
+
+
 def test_the_rules_pass_promtool() -> None:
     promtool_check_rules(RULES)
+
+
+def test_a_failed_run_alerts_even_when_its_runner_restarted_since(tmp_path: Path) -> None:
+    """The runner counts failed runs since it started: a restart puts the count back to 0. The alert
+    must still fire for the failure before it, and for a runner whose first scrape already shows one."""
+    rule = next(rule for group in rule_groups() for rule in group["rules"] if rule["alert"] == "PullwakeRunsFailed")
+
+    def firing(instance: str) -> dict[str, Any]:
+        labels = {"instance": instance, "job": "pullwake-runner", "status": "failed"}
+        annotations = {
+            key: re.sub(r"\{\{\s*\$labels\.(\w+)\s*\}\}", lambda m: labels[m[1]], value)
+            for key, value in rule["annotations"].items()
+        }
+        return {"exp_labels": {**labels, **rule["labels"]}, "exp_annotations": annotations}
+
+    series = 'pullwake_runs_ended_total{{status="failed",instance="{}",job="pullwake-runner"}}'
+    unit = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # failed at minute 3, restarted at minute 5 (back to 0): still firing at 10
+                    {"series": series.format("restarted"), "values": "0 0 0 1 1 0 0 0 0 0 0"},
+                    # a runner that failed a run before its first scrape
+                    {"series": series.format("new"), "values": "_ _ _ _ _ _ _ _ 1 1 1"},
+                    {"series": series.format("quiet"), "values": "0 0 0 0 0 0 0 0 0 0 0"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "10m",
+                        "alertname": "PullwakeRunsFailed",
+                        "exp_alerts": [firing("new"), firing("restarted")],
+                    },
+                    {"eval_time": "30m", "alertname": "PullwakeRunsFailed", "exp_alerts": []},
+                ],
+            }
+        ],
+    }
+    tests = tmp_path / "runs-failed.test.yml"
+    tests.write_text(yaml.safe_dump(unit))
+    promtool("test", "rules", str(tests))
 
 
 def test_the_dashboard_queries_are_promql_that_promtool_accepts(tmp_path: Path) -> None:
@@ -304,7 +350,7 @@ def test_durable_runs_have_their_panels_and_an_alert_on_failed_runs() -> None:
     shown = {metric for each in dashboard_references() for metric in each.metrics}
     assert {"pullwake_runs", "pullwake_run_steps_total"} <= shown, "a durable-runs panel is missing"
     alerted = {(m.metric, m.label, m.value) for each in rule_references() for m in each.matchers}
-    assert ("pullwake_runs", "status", "failed") in alerted, "no alert on failed runs"
+    assert ("pullwake_runs_ended_total", "status", "failed") in alerted, "no alert on failed runs"
     rule = next(rule for group in rule_groups() for rule in group["rules"] if rule["alert"] == "PullwakeRunsFailed")
     assert rule["annotations"]["why"].strip(), "the alert says why it is worth acting on"
 

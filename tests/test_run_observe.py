@@ -64,6 +64,8 @@ def test_the_runs_gauge_counts_each_run_once_by_its_last_status() -> None:
     assert 'pullwake_runs{status="completed"} 1.0' in text
     assert 'pullwake_runs{status="running"} 0.0' in text
     assert 'pullwake_run_steps_total{result="executed"} 3.0' in text
+    assert 'pullwake_runs_ended_total{status="completed"} 1.0' in text
+    assert 'pullwake_runs_ended_total{status="failed"} 0.0' in text, "served before the first failure"
     assert stats.snapshot()["by_status"]["suspended"] == 1
 
 

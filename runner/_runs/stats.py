@@ -1,4 +1,5 @@
-"""What this runner saw of durable runs: `pullwake_runs{status}`, step counters, `Runner.health().runs`.
+"""What this runner saw of durable runs: `pullwake_runs{status}`, `pullwake_runs_ended_total{status}`,
+step counters, `Runner.health().runs`.
 
 Runs that have not ended are kept by path (their last status, a short string); ended runs
 only count. Labels are the statuses and step results: bounded, never a run's path.
@@ -28,6 +29,12 @@ class RunStats:
             ["status"],
             registry=registry,
         )
+        self._ended_total = PromCounter(
+            "pullwake_runs_ended",
+            "Durable runs that ended on this runner, by how (a counter: alerts survive a runner restart)",
+            ["status"],
+            registry=registry,
+        )
         self._steps = PromCounter(
             "pullwake_run_steps",
             "Steps of durable runs: executed (and journaled), replayed from the journal, failed for good",
@@ -36,6 +43,8 @@ class RunStats:
         )
         for status in STATUSES:
             self._gauge.labels(status).set(0)
+        for status in sorted(TERMINAL):
+            self._ended_total.labels(status)
         for result in STEP_RESULTS:
             self._steps.labels(result)
 
@@ -45,6 +54,7 @@ class RunStats:
             self._gauge.labels(before).dec()
         if status in TERMINAL:
             self._ended[status] += 1  # called once per run that ends here
+            self._ended_total.labels(status).inc()
         else:
             self._live[run_path] = status
         self._gauge.labels(status).inc()
