@@ -11,7 +11,6 @@ was already abandoned can never resurrect it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -137,29 +136,30 @@ class Driver:
         """
         if self._inbox is not None:
             raise RuntimeError("this driver is already running")
-        inbox, outbox = trio.open_memory_channel[Envelope](self._buffer if self._buffer else math.inf)
+        inbox, outbox = trio.open_memory_channel[Envelope](self._buffer)
         self._inbox = inbox
         try:
             async with trio.open_nursery() as states:
                 self._states = states
                 task_status.started()
-                async with outbox:
-                    async for envelope in outbox:
-                        self._busy_since = trio.current_time()
-                        try:
-                            step = await self._handle(envelope)
-                        finally:
-                            self._busy_since = None
-                        if step is not None and step.entered and step.target is State.STOPPED:
-                            break
-                    # Whatever is still queued belongs to a run that is over.
-                    while True:
-                        try:
-                            await dispose(outbox.receive_nowait().payload)
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+                async for envelope in outbox:
+                    self._busy_since = trio.current_time()
+                    try:
+                        step = await self._handle(envelope)
+                    finally:
+                        self._busy_since = None
+                    if step is not None and step.entered and step.target is State.STOPPED:
+                        break
         finally:
             inbox.close()
+            # Whatever is still queued belongs to a run that is over, ended or cancelled from
+            # outside (`dispose` is shielded): a queued connection is closed, not leaked.
+            with outbox:
+                while True:
+                    try:
+                        await dispose(outbox.receive_nowait().payload)
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
             self._inbox = None
             self._states = None
             self._current = None

@@ -355,3 +355,21 @@ async def test_a_sender_waiting_on_a_full_inbox_when_the_driver_goes_away_closes
         assert not connection.closed, "still waiting to be delivered"
         nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
     assert connection.closed, "a connection nobody will take over is closed, not leaked"
+
+
+async def test_a_connection_queued_in_the_inbox_when_the_driver_is_cancelled_from_outside_is_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fakes = Fakes()
+    fakes.scripts["consume"] = stubborn
+    driver = fakes.driver()
+    queued = FakeConnection()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(driver.run)
+        await drive_to(driver, State.STREAMING)
+        await driver.send(Event.STREAM_ERROR, epoch=driver.epoch)  # leaving streaming takes 10 s
+        await driver.send(Event.CONNECTED, payload=queued)  # queued behind that transition
+        await trio.sleep(1)
+        assert not queued.closed, "still waiting in the inbox"
+        nursery.cancel_scope.cancel()  # e.g. the host program's nursery goes away
+    assert queued.closed, "a connection nobody will take over is closed, not leaked"
