@@ -66,6 +66,10 @@ class Peers(Protocol):
         """Say this runner claims this wake (its turn came)."""
         ...
 
+    def reconnected(self) -> None:
+        """The wake stream connected again (not the run's first connection)."""
+        ...
+
 
 class Slots:
     """The claim slots (`max_concurrent_claims`): first come, first served, except that a claim
@@ -120,6 +124,9 @@ class Slots:
 
 # Subscriptions created or confirmed at the same time: a start costs M requests, not M round trips.
 CONFIRMING_AT_ONCE = 16
+
+# Claims that show the subscription exists and is seen to (granted, or nothing/somebody else's).
+COVERS = SUCCEEDED | {Outcome.SKIPPED}
 
 # Outcomes after which a subscription rests for `cooldown` before it is claimed again.
 COOLS_DOWN = frozenset({Outcome.FAILED, Outcome.ERROR, Outcome.ABORTED})
@@ -281,6 +288,10 @@ class Dispatcher:
         """Every subscription's worker, served or retiring: counted at every wake, never by a walk over them all."""
         self._owned = set(self._subscriptions)
         """The subscriptions this runner sweeps: all of them, until its peers say otherwise."""
+        self.covered: set[str] = set()
+        """Subscriptions claimed with the server's answer since the wake stream last connected:
+        they exist, and every wake of them since is followed here (told to a member that joins)."""
+        self._connections = 0
         self.cleanup_errors: list[BaseException] = []
         """Finalizers of cancelled claims that could not hand their claim back."""
 
@@ -359,6 +370,10 @@ class Dispatcher:
         for sub in self._subscriptions.values():
             sub.handled = sub.turn_came = -1
             sub.reconnected()
+        self.covered.clear()
+        self._connections += 1
+        if self._peers is not None and self._connections > 1:
+            self._peers.reconnected()
         self.sweep()
 
     def sweep(self, subscriptions: list[str] | None = None) -> None:
@@ -404,6 +419,7 @@ class Dispatcher:
         ended = trio.Event()
         sub = self._subscriptions.pop(subscription, None)
         self._owned.discard(subscription)
+        self.covered.discard(subscription)
         if sub is None or sub.worker is None:
             ended.set()
             return ended
@@ -608,6 +624,8 @@ class Dispatcher:
             self.cleanup_errors.append(result.cleanup_error)
         outcome = result.outcome or worker.reason or Outcome.INTERRUPTED
         sub.won_last = outcome in SUCCEEDED
+        if result.outcome in COVERS and not (result.unanswered or result.restarted):
+            self.covered.add(sub.id)
         sub.paced = sub.paced_put_backs = False
         if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.

@@ -441,6 +441,7 @@ class Runner:
                         journal=journal,
                         on_change=lambda: dispatcher.reshare(),
                         live_mode=settings.live_mode,
+                        covered=lambda: dispatcher.covered,
                     )
                     if settings.fleet
                     else None

@@ -1110,6 +1110,9 @@ class Fleet:
     def take(self, subscription: str, generation: int) -> None:
         pass
 
+    def reconnected(self) -> None:
+        pass
+
 
 async def test_when_the_fleet_changes_only_the_subscriptions_that_became_this_runners_are_swept(
     autojump_clock: trio.testing.MockClock,

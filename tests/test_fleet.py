@@ -144,6 +144,100 @@ async def test_a_sweep_covers_only_this_runners_share(autojump_clock: trio.testi
         assert not mine & theirs
 
 
+async def test_a_runner_that_joins_counts_as_its_own_only_its_share_of_what_nobody_vouched_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 22, fleet start: before, a joining runner asked at once what to create before following
+    its wake stream, heard no peers yet, and took all M. It now waits for the join window (bounded)
+    and asks each subscription as its turn comes."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        await nursery.start(b.run)
+        started = trio.current_time()
+        mine = {sub for sub in SUBSCRIPTIONS if await b.owns(sub)}
+        assert trio.current_time() - started <= JOIN_WINDOW + 0.2, "bounded by the join window"
+        assert mine == {sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"}
+        assert 0 < len(mine) < len(SUBSCRIPTIONS)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_first_runner_ever_asks_what_to_create_without_waiting(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    alone = member(wire, "a")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(alone.run)
+        started = trio.current_time()
+        assert all([await alone.owns(sub) for sub in SUBSCRIPTIONS])
+        assert trio.current_time() == started, "it created the fleet stream: nobody to wait for"
+        nursery.cancel_scope.cancel()
+
+
+async def test_what_a_member_vouches_for_is_neither_created_nor_swept_by_a_runner_that_joins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A runner that claimed a subscription since its wake stream connected says so in its answer to
+    a `hello`: the joining runner's first sweep leaves it (once), and does not create it."""
+    wire = FakeWire()
+    covered = set(SUBSCRIPTIONS[:30])
+    a = Fleet(
+        wire,
+        PATH,
+        "a",
+        interval=INTERVAL,
+        fallback=FALLBACK,
+        hold=2.0,
+        backoff=Backoff(0.1, 1.0),
+        tally=Tally(Vitals("a"), "fleet"),
+        covered=lambda: covered,
+    )
+    b = member(wire, "b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        await nursery.start(b.run)
+        share = {sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"}
+        assert share & covered
+        assert share - covered, "the test needs some of its share nobody vouched for"
+        created = {sub for sub in SUBSCRIPTIONS if await b.owns(sub)}
+        assert created == share - covered
+        swept = {sub for sub in SUBSCRIPTIONS if await b.may_claim(sub, None)}
+        assert swept == share - covered
+        assert {sub for sub in SUBSCRIPTIONS if await b.may_claim(sub, None)} == share, "once only"
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_a_reconnect_what_members_vouched_for_is_swept_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    wire = FakeWire()
+    a = Fleet(
+        wire,
+        PATH,
+        "a",
+        interval=INTERVAL,
+        fallback=FALLBACK,
+        hold=2.0,
+        backoff=Backoff(0.1, 1.0),
+        tally=Tally(Vitals("a"), "fleet"),
+        covered=lambda: SUBSCRIPTIONS,
+    )
+    b = member(wire, "b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        await nursery.start(b.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        b.reconnected()
+        swept = {sub for sub in SUBSCRIPTIONS if await b.may_claim(sub, None)}
+        assert swept == {sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_runner_that_leaves_hands_its_share_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
     wire = FakeWire()
     a, b = member(wire, "a"), member(wire, "b")

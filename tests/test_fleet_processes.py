@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from faults.proxy import Proxy
 from runner._fleet.ring import ranked
 from tests.support import World, eventually
 from tests.test_end_to_end import start_runner_process
@@ -89,10 +90,10 @@ class Fleet:
     def stream(self, j: int) -> str:
         return f"jobs-{self.world.uid}-{j}/a"
 
-    def add(self, name: str, **env: str) -> Member:
+    def add(self, name: str, server_url: str | None = None, **env: str) -> Member:
         world, port = self.world, free_port()
         body = [
-            f'server_url = "{world.url}"',
+            f'server_url = "{server_url or world.url}"',
             f'runner_id = "fleet-{name}-{world.uid}"',
             f'wake_stream = "{world.wake}"',
             f'state_dir = "{self.tmp / name}"',
@@ -261,3 +262,38 @@ async def test_a_runner_joining_and_one_leaving_while_events_flow_lose_nothing(w
     assert joining.handled(), "the runner that joined took a share"
     twice = [n for n, times in Counter(fleet.handled()).items() if times > 1]
     assert twice == [], f"handled twice: {twice}"
+
+
+async def test_a_runner_starting_beside_one_that_covered_everything_creates_and_sweeps_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    """Issue 22, fleet start: a runner that joins hears, in the answer to its hello, what the first
+    claimed since it follows the wake stream; it neither confirms nor sweeps those again. Before,
+    it heard no peer before confirming (all M PUTs) and swept its share. Nothing is lost: an
+    event on every subscription is handled afterwards, once."""
+    requests: Counter[str] = Counter()
+
+    def count(method: str, target: str) -> None:
+        path = target.split("?", 1)[0]
+        if "/__ds/subscriptions/" in path:
+            requests["claim" if path.endswith("/claim") else f"subscription {method}"] += 1
+
+    proxy = Proxy(world.server.port, count)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        with fleet_of(world, tmp_path) as fleet:
+            for j in range(SUBSCRIPTIONS):
+                await world.client.create_stream(fleet.stream(j))
+            fleet.add("a")
+            await fleet.settled()
+            await eventually(partial(_idle, fleet), what="the first runner's sweep to end")
+            fleet.add(fleet.first_for_some("bcdefghij", others="a"), server_url=proxy.url)
+            await fleet.settled()
+            await trio.sleep(1.0)  # what it would have sent at its start (a count, not synchronisation)
+            assert requests == Counter(), f"the second runner's start sent {dict(requests)}"
+            for j in range(SUBSCRIPTIONS):
+                await world.client.append(fleet.stream(j), {"n": j})
+            await eventually(
+                lambda: sorted(fleet.handled()) == list(range(SUBSCRIPTIONS)), timeout=20, what="every event"
+            )
+        nursery.cancel_scope.cancel()

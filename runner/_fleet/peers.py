@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,8 @@ MISSED_INTERVALS = 3
 JOIN_FLOOR = 0.1
 JOIN_WINDOW = 0.5
 # A member answers a `hello` at most this often: a runner restarting in a loop cannot flood the stream.
+# One that vouches for subscriptions (`covered`) answers each new member once all the same: a fleet
+# started a little apart must not create and sweep again what its first member already did.
 ANSWER_EVERY = 1.0
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
@@ -94,7 +96,11 @@ class Fleet:
         journal: Journal | None = None,
         on_change: Callable[[], None] = lambda: None,
         live_mode: str = "sse",
+        covered: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        """`covered`: the subscriptions this runner claimed (with an answer) since its wake stream
+        last connected (`Dispatcher.covered`); a member that joins hears them in the answer to its
+        `hello` and neither creates nor sweeps them at its start (`owns`, `may_claim`)."""
         self._wire = wire
         self.path = path
         self.runner_id = runner_id
@@ -126,6 +132,12 @@ class Fleet:
         """The sleep until the earliest turn, while there is one."""
         self._joined = trio.Event()
         self._answered_at = -float("inf")
+        self._answered: dict[str, float] = {}
+        """Peer -> when its `hello` was last answered with what this runner vouches for."""
+        self._covered = covered
+        self._vouched: dict[str, str] = {}
+        """Subscription -> the peer that vouched for it in its answer to our `hello`: it claimed it
+        since its wake stream connected and follows it since, so our first sweep need not."""
         self._nursery: trio.Nursery | None = None
         self._blind_since: float | None = None
         """Since when the server cannot be reached (it is down): the members are not heard, but
@@ -147,14 +159,24 @@ class Fleet:
         return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
 
     async def owns(self, subscription: str) -> bool:
-        """Is `subscription` this runner's to look after (confirm before following), as far as it knows now?
+        """Is `subscription`, which this runner never saw on this server, its to create or confirm
+        before following its wake stream?
 
-        Does not wait for the join window: a runner restarting with no peers must not wait for
-        members who are not there before it follows its wake stream. Before it has joined, it may
-        count as its own a subscription a peer looks after too: one confirmation more, not one less.
+        Waits for the join window (at most `JOIN_WINDOW` and two lingers; not at all for the first
+        runner ever, which created the fleet stream): a runner that heard no peers yet would take
+        all M. Only subscriptions the journal does not know get here, so a restart with its state
+        directory never waits. Asked once per subscription as its turn to be confirmed comes, so
+        a member heard meanwhile narrows the share. One a peer vouched for (`covered`) exists and
+        is followed: not this runner's to confirm. A member that leaves or falls silent hands its
+        share over (`Dispatcher.reshare`), whose claims create what nobody did.
         """
-        await trio.lowlevel.checkpoint()
-        return self.rank(subscription) == 0
+        await self._joined.wait()
+        return self.rank(subscription) == 0 and not self.vouched(subscription)
+
+    def vouched(self, subscription: str) -> bool:
+        """Did a member that is still alive vouch for `subscription` when this runner joined?"""
+        peer = self._vouched.get(subscription)
+        return peer is not None and peer in self.peers()
 
     async def may_claim(self, subscription: str, generation: int | None) -> bool:
         """Should this runner claim now? Waits for its turn; says `taking` when it does.
@@ -164,7 +186,10 @@ class Fleet:
         await self._joined.wait()
         rank = self.rank(subscription)
         if generation is None:
-            return rank == 0
+            # A member vouched for it: it claimed it since its wake stream connected and follows
+            # every wake of it since, so nothing it holds pending lacks a wake. Once only: a later
+            # sweep (a reconnect, the periodic one, a share handed over) claims it as usual.
+            return rank == 0 and self._vouched.pop(subscription, None) not in self.peers()
         if rank and await self._taken_within(subscription, generation, rank * self.fallback):
             log.debug("fleet.left_to_peer", subscription=subscription, generation=generation, rank=rank)
             return False
@@ -198,6 +223,11 @@ class Fleet:
         if self._timer is not None and due < self._timer.deadline:
             self._timer.deadline = due
         return True
+
+    def reconnected(self) -> None:
+        """This runner's wake stream connected again: what members vouched for at the join no longer
+        spares a sweep (their connections broke too, if the server restarted)."""
+        self._vouched.clear()
 
     def take(self, subscription: str, generation: int) -> None:
         """This runner claims this wake now (its turn came): the ones after it in line need not."""
@@ -366,11 +396,14 @@ class Fleet:
         else:
             self._seen[peer] = trio.current_time()
         if kind == "alive":
-            if message.get("hello") and trio.current_time() - self._answered_at >= ANSWER_EVERY:
-                self._answered_at = trio.current_time()
-                self._say({"type": "alive"})
+            if message.get("hello"):
+                self._answer(peer)
             if self._journal is not None and isinstance(acked := message.get("acked"), dict):
                 self._learn(acked)
+            if isinstance(covered := message.get("covered"), list) and not self._joined.is_set():
+                for subscription in covered:
+                    if isinstance(subscription, str):
+                        self._vouched[subscription] = peer
         elif kind == "taking":
             subscription, generation = message.get("subscription"), message.get("generation")
             if isinstance(subscription, str) and isinstance(generation, int):
@@ -380,6 +413,28 @@ class Fleet:
                 self._news.set()
                 self._news = trio.Event()
         self._membership()
+
+    def _answer(self, peer: str) -> None:
+        """Say `alive` to a member that just joined, with what this runner vouches for."""
+        now = trio.current_time()
+        covered = sorted(self._covered())
+        if covered and now - self._answered.get(peer, -math.inf) >= ANSWER_EVERY:
+            self._answered = {p: at for p, at in self._answered.items() if now - at < ANSWER_EVERY}
+            self._answered[peer] = now
+        elif now - self._answered_at >= ANSWER_EVERY:
+            covered = []
+        else:
+            return
+        self._answered_at = now
+        record: dict[str, Any] = {"type": "alive"}
+        if covered:
+            record["covered"] = covered
+        # What this runner linked (created or confirmed) or acknowledged since its last beat, kept
+        # while it was alone: the member that joins knows those subscriptions exist (`Journal.knows`)
+        # before it decides what to create ahead of following its wake stream.
+        if self._journal is not None and (fresh := self._journal.take_fresh()):
+            record["acked"] = fresh
+        self._say(record)
 
     def _learn(self, acked: Mapping[object, object]) -> None:
         assert self._journal is not None

@@ -86,6 +86,8 @@ class Journal:
         self._state = JournalState()
         self._fresh: dict[str, dict[str, str]] = {}
         """Offsets acknowledged or linked (without a gap) since `take_fresh` last took them (for its peers)."""
+        self.vouched: set[str] = set()
+        """Subscriptions a peer said it linked or acknowledged on this server during this run (memory only)."""
         self._pending: list[Record] = []
         """Records applied in memory, not written yet (in order)."""
         self._urgent = False
@@ -186,6 +188,7 @@ class Journal:
 
     def learn(self, subscription: str, offsets: Mapping[str, str]) -> None:
         """A peer acknowledged these: a gap is never replayed from before them (offsets only move forward)."""
+        self.vouched.add(subscription)
         known = self._state.acked.get(subscription, {})
         moved = {
             stream: offset

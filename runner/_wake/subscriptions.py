@@ -85,9 +85,11 @@ class SubscriptionKeeper:
 
         async def one(subscription: str, scope: trio.CancelScope) -> None:
             nonlocal failure
-            if share is not None and not await share(subscription):
-                return
             async with limiter:
+                # Asked as its turn comes, not up front: with a fleet, a member heard meanwhile
+                # (or what it vouched for) narrows this runner's share.
+                if share is not None and not await share(subscription):
+                    return
                 try:
                     await self.ensure(subscription)
                 except ClientError as exc:
@@ -101,8 +103,14 @@ class SubscriptionKeeper:
             raise failure
 
     async def confirm(self, subscription_id: str) -> None:
-        """Create or confirm one managed subscription, unless that was done in this run already."""
-        if subscription_id not in self._confirmed:
+        """Create or confirm one managed subscription, unless that was done in this run already, by
+        this runner or by a peer (it said so on the fleet stream: `Journal.vouched`).
+
+        What a peer linked exists; if the server forgot it since, the claim puts it back with its
+        gap from the offsets learned (nothing lost). Only a conflict (the same id with another
+        configuration) is then reported by the peer that confirmed it, not here.
+        """
+        if subscription_id not in self._confirmed and subscription_id not in self._journal.vouched:
             await self.ensure(subscription_id)
 
     async def ensure(self, subscription_id: str) -> bool:
