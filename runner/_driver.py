@@ -64,7 +64,8 @@ StepObserver = Callable[[Step, Envelope, int], None]
 
 async def dispose(payload: object) -> None:
     """Close a payload nobody took over; never raises, never hangs."""
-    if isinstance(payload, Disposable):
+    # Most payloads are wakes (one per event): a plain attribute look-up, not a protocol check.
+    if payload is not None and getattr(payload, "aclose", None) is not None and isinstance(payload, Disposable):
         with trio.move_on_after(DISPOSE_TIMEOUT, shield=True):
             try:
                 await payload.aclose()

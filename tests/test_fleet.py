@@ -275,6 +275,40 @@ async def test_a_runner_never_heard_of_again_is_gone_after_three_intervals(
         assert all(b.rank(sub) == 0 for sub in SUBSCRIPTIONS)
 
 
+async def test_a_runner_counted_gone_that_is_heard_again_is_a_member_again_with_its_share(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The members (and each subscription's order) are worked out again when they may have changed:
+    a member that went quiet, one that speaks again, one that leaves, not at every wake."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a, b) as nursery:
+        assert [b.rank(sub) for sub in SUBSCRIPTIONS] == [ranked(sub, ["a", "b"]).index("b") for sub in SUBSCRIPTIONS]
+        talking = a._wire
+        silenced = FakeWire()
+        silenced.hang("append")
+        a._wire = silenced
+        await trio.sleep((MISSED_INTERVALS + 1) * INTERVAL)
+        assert b.peers() == set()
+        assert all(b.rank(sub) == 0 for sub in SUBSCRIPTIONS)
+        a._wire = talking
+        await trio.sleep(INTERVAL + 0.1)
+        assert b.peers() == {"a"}, "its next `alive` was heard"
+        assert [b.rank(sub) for sub in SUBSCRIPTIONS] == [ranked(sub, ["a", "b"]).index("b") for sub in SUBSCRIPTIONS]
+        c = member(wire, "c")
+        await nursery.start(c.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        assert b.peers() == {"a", "c"}
+        assert [b.rank(sub) for sub in SUBSCRIPTIONS] == [
+            ranked(sub, ["a", "b", "c"]).index("b") for sub in SUBSCRIPTIONS
+        ]
+        a._wire = silenced  # says nothing more after its `leaving`
+        await talking.append(PATH, {"type": "leaving", "runner_id": "a"})
+        await trio.sleep(0.1)
+        assert b.peers() == {"c"}, "a's `leaving` was heard"
+        assert [b.rank(sub) for sub in SUBSCRIPTIONS] == [ranked(sub, ["b", "c"]).index("b") for sub in SUBSCRIPTIONS]
+
+
 async def test_while_the_server_is_down_nobody_counts_the_others_gone(autojump_clock: trio.testing.MockClock) -> None:
     """A server restart silences everyone at once: no member's share moves (which would make
     every runner sweep everything as it comes back), and the silence is forgiven once it answers."""
@@ -442,6 +476,49 @@ async def test_a_wake_left_to_the_first_in_line_starts_no_worker_and_is_dropped_
         assert wire.called("claim") == []
         assert dispatcher.in_flight() == []
         assert takings(wire) == [("a", sub, 1)]
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with `name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.steps += 1
+
+
+async def test_wakes_a_peer_took_wake_nothing_when_their_turn_would_have_come(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Most wakes a runner hears are a peer's, and the peer says `taking`: such a wake costs no timer
+    that goes off later (the turn's sleep moves on to the next turn still open, if any)."""
+    wire = FakeWire()
+    sub, a, b = await left_to_a(wire)
+    others = [s for s in SUBSCRIPTIONS if ranked(s, ["a", "b"])[0] == "a" and s != sub]
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {s: make_context(wire, Recorder(), runner_id="b") for s in [sub, *others]},
+            Vitals("b"),
+            work,
+            max_concurrent=1,
+            peers=b,
+        )
+        steps = _Steps("_keep_turns")
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for generation, each in enumerate(others, 1):
+                dispatcher.wake(Wake(each, generation=generation))
+                a.take(each, generation)
+                await trio.sleep(0.01)
+            dispatcher.wake(Wake(sub, generation=1))  # a's `taking` never comes for this one
+            await trio.sleep(10 * FALLBACK)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 1, "one turn came (the wake nobody took), and nothing else woke"
+        assert len(wire.called("claim")) == 1, "the wake nobody took was claimed at its turn"
 
 
 async def test_a_wake_whose_taking_came_before_it_is_left_at_once(autojump_clock: trio.testing.MockClock) -> None:

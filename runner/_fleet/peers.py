@@ -64,6 +64,8 @@ LINGER = 0.1
 # A live read that brought nothing for this many intervals, not even this runner's own `alive`
 # (nor a server's keep-alive), is dead (a half-open connection): another one is opened.
 SILENT_INTERVALS = 2
+# Ranks kept (one per subscription, for the members of now) before they are worked out afresh.
+RANKS_KEPT = 65536
 # A live read that ended by itself sooner than this counts as an error: a server or proxy that
 # closes at once cannot drive a reconnect loop (the backoff paces it).
 MIN_USEFUL_READ = 1.0
@@ -120,6 +122,12 @@ class Fleet:
         """Where the read of the fleet stream goes on from; None until this runner said hello."""
         self._seen: dict[str, float] = {}
         """Peer id -> when it was last heard of (trio time)."""
+        self._live: frozenset[str] | None = None
+        """`peers()` as last worked out, until `_live_until` or until a member comes, comes back or leaves."""
+        self._live_until = -math.inf
+        """When the first of `_live` may be gone (its last word, plus three intervals)."""
+        self._ranks: dict[str, int] = {}
+        """Subscription -> `rank`, among `_live`: every runner hears every wake, and ranks most of them."""
         self._members: frozenset[str] = frozenset()
         self._taken: dict[str, int] = {}
         """Subscription -> the newest wake generation a peer said it takes."""
@@ -146,17 +154,39 @@ class Fleet:
     # -- what the dispatcher asks ---------------------------------------------------------
 
     def peers(self) -> frozenset[str]:
-        """The other members alive now (as of when the server went out of reach, while it is)."""
+        """The other members alive now (as of when the server went out of reach, while it is).
+
+        Worked out again only when it may have changed: one went quiet too long (`_live_until`), or
+        one was heard that was not in it, or left (`_stale`). Every wake and every fleet record asks.
+        """
         now = trio.current_time() if self._blind_since is None else self._blind_since
-        horizon = now - MISSED_INTERVALS * self.interval
-        return frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
+        if self._live is not None and now < self._live_until:
+            return self._live
+        lasting = MISSED_INTERVALS * self.interval
+        horizon = now - lasting
+        live = frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
+        # Hearing a member again only puts its end later: the earliest one now is a safe bound.
+        self._live_until = min((self._seen[peer] for peer in live), default=math.inf) + lasting
+        if live != self._live:
+            self._live = live
+            self._ranks.clear()
+        return live
+
+    def _stale(self) -> None:
+        """The members may have changed otherwise than by time: `peers` works them out again."""
+        self._live_until = -math.inf
 
     def rank(self, subscription: str) -> int:
         """0 if this runner is first for `subscription` (or alone), else how many come before it."""
         peers = self.peers()
         if not peers:
             return 0
-        return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
+        rank = self._ranks.get(subscription)
+        if rank is None:
+            if len(self._ranks) >= RANKS_KEPT:
+                self._ranks.clear()
+            rank = self._ranks[subscription] = ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
+        return rank
 
     async def owns(self, subscription: str) -> bool:
         """Is `subscription`, which this runner never saw on this server, its to create or confirm
@@ -234,9 +264,13 @@ class Fleet:
         self._say({"type": "taking", "subscription": subscription, "generation": generation})
 
     async def _keep_turns(self) -> None:
-        """Call back the wakes left to a peer whose turn came with nobody having said `taking`."""
+        """Call back the wakes left to a peer whose turn came with nobody having said `taking`.
+
+        Sleeps until the earliest turn still open: one a peer took (most of them) is dropped
+        from the heap when its `taking` is heard (`_drop_taken`), and never wakes this task.
+        """
         while True:
-            with trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf) as self._timer:
+            with trio.CancelScope(deadline=self._next_due()) as self._timer:
                 await trio.sleep_forever()
             self._timer = None
             now = trio.current_time()
@@ -248,6 +282,26 @@ class Fleet:
                 del self._turns[subscription]
                 log.debug("fleet.turn_came", subscription=subscription, generation=turn.generation)
                 turn.on_due()
+
+    def _next_due(self) -> float:
+        """When the earliest turn still open comes; entries of turns taken meanwhile are dropped on the way."""
+        due = self._due
+        while due:
+            at, subscription = due[0]
+            turn = self._turns.get(subscription)
+            if turn is not None and turn.due == at:
+                return at
+            heapq.heappop(due)
+        return math.inf
+
+    def _drop_taken(self, subscription: str, generation: int) -> None:
+        """A peer said `taking`: the turn left to it (if this generation or older) need not come."""
+        turn = self._turns.get(subscription)
+        if turn is None or generation < turn.generation:
+            return
+        del self._turns[subscription]
+        if self._due and self._due[0] == (turn.due, subscription) and self._timer is not None:
+            self._timer.deadline = self._next_due()  # it was the earliest: sleep on to the next one
 
     async def _taken_within(self, subscription: str, generation: int, seconds: float) -> bool:
         with trio.move_on_after(seconds):
@@ -301,6 +355,7 @@ class Fleet:
                     # The server is down, not the members: nobody hears anybody, and nobody counts
                     # the others gone (which would sweep every share, in every runner, at once).
                     self._blind_since = trio.current_time()
+                    self._stale()
                 await trio.sleep(delay)
 
     def _sighted(self) -> None:
@@ -311,6 +366,7 @@ class Fleet:
         self._blind_since = None
         for peer in self._seen:
             self._seen[peer] += blind_for
+        self._stale()
 
     async def _read(self) -> None:
         """Follow the fleet stream from `_offset` until a live read ends (SSE), or for good (long-polls)."""
@@ -393,8 +449,11 @@ class Fleet:
         kind = message.get("type")
         if kind == "leaving":
             self._seen.pop(peer, None)
+            self._stale()
         else:
             self._seen[peer] = trio.current_time()
+            if self._live is None or peer not in self._live:
+                self._stale()  # new, or back after it was counted gone
         if kind == "alive":
             if message.get("hello"):
                 self._answer(peer)
@@ -408,8 +467,7 @@ class Fleet:
             subscription, generation = message.get("subscription"), message.get("generation")
             if isinstance(subscription, str) and isinstance(generation, int):
                 self._taken[subscription] = max(generation, self._taken.get(subscription, -1))
-                if (turn := self._turns.get(subscription)) is not None and generation >= turn.generation:
-                    del self._turns[subscription]
+                self._drop_taken(subscription, generation)
                 self._news.set()
                 self._news = trio.Event()
         self._membership()
