@@ -213,7 +213,7 @@ class Settings(BaseSettings):
         "streams are linked again at their tail and the gap is replayed from the acknowledged offsets).",
     )
 
-    # A fleet (docs/design.md §8)
+    # A fleet (docs/design.md §5.9)
     fleet: bool = Field(True, description="Know the other runners of this wake stream: one claimant per wake.")
     fleet_stream: str | None = Field(
         None, description="Stream the runners of one wake stream share (default __pullwake/fleet/<wake_stream>)."

@@ -1211,3 +1211,38 @@ async def test_a_claim_cancelled_while_it_waits_for_a_slot_leaves_no_slot_taken(
     with trio.fail_after(0.1):
         await slots.acquire("next", urgent=False)
     assert slots.used == 1
+
+
+class CountingFleet(Fleet):
+    def __init__(self, first_for: set[str]) -> None:
+        super().__init__(first_for)
+        self.reconnects = 0
+
+    def reconnected(self) -> None:
+        self.reconnects += 1
+
+
+async def test_a_runner_vouches_to_joining_peers_only_for_what_the_server_answered_since_it_connected(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`covered` is told to a member that joins, which then neither creates nor sweeps those: only a
+    claim the server answered on this connection (granted and done, or nothing pending) may be in
+    it; not one whose handler failed, nor one that got no answer; a new connection starts it over,
+    and tells the fleet (not the run's first connection: nothing was vouched for before it)."""
+
+    async def fails_on_b(batch: Batch) -> HandlerResult:
+        if batch.stream == stream_of("b"):
+            raise RuntimeError("boom")
+        return None
+
+    fleet = CountingFleet({"a", "b", "c"})
+    async with dispatching(server("a", "b", "c"), Recorder(fails_on_b), handler_max_attempts=1, peers=fleet) as scene:
+        scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert fleet.reconnects == 0, "the first connection is no reconnect"
+        assert scene.dispatcher.covered == {"a", "c"}, "b's claim failed"
+        scene.wire.fail_transport("claim", times=100)
+        scene.dispatcher.resync()
+        await trio.sleep(1)
+        assert fleet.reconnects == 1
+        assert scene.dispatcher.covered == set(), "claims without an answer vouch for nothing"

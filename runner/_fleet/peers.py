@@ -1,4 +1,4 @@
-"""One claimant per wake, and a fleet-wide memory, through a stream on the server (docs/design.md §8).
+"""One claimant per wake, and a fleet-wide memory, through a stream on the server (docs/design.md §5.9).
 
 Every runner of a wake stream appends to the same *fleet stream* (a stream on the same
 server that no subscription matches) and follows it:
