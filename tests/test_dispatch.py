@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from runner._claims.claim import ClaimContext
 from runner._claims.outcome import Outcome
 from runner._dispatch import Dispatcher, Peers, Slots, Wake
 from runner._handlers.batch import Batch, HandlerResult
@@ -48,6 +49,7 @@ class Scene:
         self.handler = handler
         self.vitals = vitals
         self.dispatcher = dispatcher
+        self.contexts: dict[str, ClaimContext] = {}
 
     def claims_at(self, subscription: str | None = None) -> list[float]:
         return [call.at for call in self.wire.called("claim") if subscription in (None, call.args[0])]
@@ -89,7 +91,9 @@ async def dispatching(
                 peers=peers,
                 confirm=confirming if confirm else None,
             )
-            yield Scene(wire, handler, vitals, dispatcher)
+            scene = Scene(wire, handler, vitals, dispatcher)
+            scene.contexts = contexts
+            yield scene
             dispatcher.interrupt_all()
 
 
@@ -1246,3 +1250,20 @@ async def test_a_runner_vouches_to_joining_peers_only_for_what_the_server_answer
         await trio.sleep(1)
         assert fleet.reconnects == 1
         assert scene.dispatcher.covered == set(), "claims without an answer vouch for nothing"
+
+
+async def test_a_wake_of_a_subscription_with_a_gap_replays_it_and_then_claims(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Whoever holds a gap replays it first (the events the server skipped), then claims as usual:
+    the replay is on the way to the new events, not instead of them."""
+    async with dispatching(server(messages=4)) as scene:
+        journal = scene.contexts[SUB].journal
+        journal.linked(SUB, {stream_of(SUB): offset_of(1)}, created=False)
+        journal.linked(SUB, {stream_of(SUB): offset_of(3)}, created=True)  # 1..3 skipped
+        scene.dispatcher.wake(scene.wire.wake(SUB))
+        await trio.sleep(1)
+        assert journal.gaps(SUB) == []
+        assert scene.handler.seen[0].replayed, "the gap first"
+        assert len(scene.claims_at(SUB)) == 1, "then the claim"
+        assert any(not batch.replayed for batch in scene.handler.seen)
