@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
@@ -28,7 +28,12 @@ FALLBACK = 0.5
 SUBSCRIPTIONS = [f"s{i}" for i in range(40)]
 
 
-def member(wire: FakeWire, runner_id: str, journal: Journal | None = None) -> Fleet:
+def member(
+    wire: FakeWire,
+    runner_id: str,
+    journal: Journal | None = None,
+    covered: Callable[[], Collection[str]] = frozenset,
+) -> Fleet:
     return Fleet(
         wire,
         PATH,
@@ -39,6 +44,7 @@ def member(wire: FakeWire, runner_id: str, journal: Journal | None = None) -> Fl
         backoff=Backoff(0.1, 1.0),
         tally=Tally(Vitals(runner_id), "fleet"),
         journal=journal,
+        covered=covered,
     )
 
 
@@ -184,17 +190,7 @@ async def test_what_a_member_vouches_for_is_neither_created_nor_swept_by_a_runne
     a `hello`: the joining runner's first sweep leaves it (once), and does not create it."""
     wire = FakeWire()
     covered = set(SUBSCRIPTIONS[:30])
-    a = Fleet(
-        wire,
-        PATH,
-        "a",
-        interval=INTERVAL,
-        fallback=FALLBACK,
-        hold=2.0,
-        backoff=Backoff(0.1, 1.0),
-        tally=Tally(Vitals("a"), "fleet"),
-        covered=lambda: covered,
-    )
+    a = member(wire, "a", covered=lambda: covered)
     b = member(wire, "b")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
@@ -215,17 +211,7 @@ async def test_after_a_reconnect_what_members_vouched_for_is_swept_again(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     wire = FakeWire()
-    a = Fleet(
-        wire,
-        PATH,
-        "a",
-        interval=INTERVAL,
-        fallback=FALLBACK,
-        hold=2.0,
-        backoff=Backoff(0.1, 1.0),
-        tally=Tally(Vitals("a"), "fleet"),
-        covered=lambda: SUBSCRIPTIONS,
-    )
+    a = member(wire, "a", covered=lambda: SUBSCRIPTIONS)
     b = member(wire, "b")
     async with trio.open_nursery() as nursery:
         await nursery.start(a.run)
