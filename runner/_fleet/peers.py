@@ -64,8 +64,6 @@ LINGER = 0.1
 # A live read that brought nothing for this many intervals, not even this runner's own `alive`
 # (nor a server's keep-alive), is dead (a half-open connection): another one is opened.
 SILENT_INTERVALS = 2
-# Ranks kept (one per subscription, for the members of now) before they are worked out afresh.
-RANKS_KEPT = 65536
 # A live read that ended by itself sooner than this counts as an error: a server or proxy that
 # closes at once cannot drive a reconnect loop (the backoff paces it).
 MIN_USEFUL_READ = 1.0
@@ -122,12 +120,6 @@ class Fleet:
         """Where the read of the fleet stream goes on from; None until this runner said hello."""
         self._seen: dict[str, float] = {}
         """Peer id -> when it was last heard of (trio time)."""
-        self._live: frozenset[str] | None = None
-        """`peers()` as last worked out, until `_live_until` or until a member comes, comes back or leaves."""
-        self._live_until = -math.inf
-        """When the first of `_live` may be gone (its last word, plus three intervals)."""
-        self._ranks: dict[str, int] = {}
-        """Subscription -> `rank`, among `_live`: every runner hears every wake, and ranks most of them."""
         self._members: frozenset[str] = frozenset()
         self._taken: dict[str, int] = {}
         """Subscription -> the newest wake generation a peer said it takes."""
@@ -154,39 +146,17 @@ class Fleet:
     # -- what the dispatcher asks ---------------------------------------------------------
 
     def peers(self) -> frozenset[str]:
-        """The other members alive now (as of when the server went out of reach, while it is).
-
-        Worked out again only when it may have changed: one went quiet too long (`_live_until`), or
-        one was heard that was not in it, or left (`_stale`). Every wake and every fleet record asks.
-        """
+        """The other members alive now (as of when the server went out of reach, while it is)."""
         now = trio.current_time() if self._blind_since is None else self._blind_since
-        if self._live is not None and now < self._live_until:
-            return self._live
-        lasting = MISSED_INTERVALS * self.interval
-        horizon = now - lasting
-        live = frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
-        # Hearing a member again only puts its end later: the earliest one now is a safe bound.
-        self._live_until = min((self._seen[peer] for peer in live), default=math.inf) + lasting
-        if live != self._live:
-            self._live = live
-            self._ranks.clear()
-        return live
-
-    def _stale(self) -> None:
-        """The members may have changed otherwise than by time: `peers` works them out again."""
-        self._live_until = -math.inf
+        horizon = now - MISSED_INTERVALS * self.interval
+        return frozenset(peer for peer, seen in self._seen.items() if seen >= horizon)
 
     def rank(self, subscription: str) -> int:
         """0 if this runner is first for `subscription` (or alone), else how many come before it."""
         peers = self.peers()
         if not peers:
             return 0
-        rank = self._ranks.get(subscription)
-        if rank is None:
-            if len(self._ranks) >= RANKS_KEPT:
-                self._ranks.clear()
-            rank = self._ranks[subscription] = ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
-        return rank
+        return ranked(subscription, [self.runner_id, *peers]).index(self.runner_id)
 
     async def owns(self, subscription: str) -> bool:
         """Is `subscription`, which this runner never saw on this server, its to create or confirm
@@ -355,7 +325,6 @@ class Fleet:
                     # The server is down, not the members: nobody hears anybody, and nobody counts
                     # the others gone (which would sweep every share, in every runner, at once).
                     self._blind_since = trio.current_time()
-                    self._stale()
                 await trio.sleep(delay)
 
     def _sighted(self) -> None:
@@ -366,7 +335,6 @@ class Fleet:
         self._blind_since = None
         for peer in self._seen:
             self._seen[peer] += blind_for
-        self._stale()
 
     async def _read(self) -> None:
         """Follow the fleet stream from `_offset` until a live read ends (SSE), or for good (long-polls)."""
@@ -449,11 +417,8 @@ class Fleet:
         kind = message.get("type")
         if kind == "leaving":
             self._seen.pop(peer, None)
-            self._stale()
         else:
             self._seen[peer] = trio.current_time()
-            if self._live is None or peer not in self._live:
-                self._stale()  # new, or back after it was counted gone
         if kind == "alive":
             if message.get("hello"):
                 self._answer(peer)
