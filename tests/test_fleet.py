@@ -170,6 +170,28 @@ async def test_a_runner_that_joins_counts_as_its_own_only_its_share_of_what_nobo
         nursery.cancel_scope.cancel()
 
 
+async def test_a_runner_that_joins_right_after_another_hears_every_member_within_its_join_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 22, fleet start at N=4, M=1,000: a member answered one `hello` a second at most, so a
+    runner that joined within a second of another did not hear that member until its next `alive`
+    (an interval later), counted its share as its own, and created and swept it too (290
+    subscription PUTs and 157 claims over 2M). Each joining runner's hello is answered now."""
+    wire = FakeWire()
+    a, b, c = member(wire, "a"), member(wire, "b"), member(wire, "c")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        await trio.sleep(INTERVAL + 0.05)  # just after a's beat: its next one comes after c's window
+        await nursery.start(b.run)
+        await trio.sleep(0.2)
+        await nursery.start(c.run)
+        mine = {sub for sub in SUBSCRIPTIONS if await c.owns(sub)}
+        assert trio.current_time() < 2 * INTERVAL, "decided before a's next beat"
+        assert c.peers() == {"a", "b"}
+        assert mine == {sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b", "c"])[0] == "c"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_first_runner_ever_asks_what_to_create_without_waiting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

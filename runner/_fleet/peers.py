@@ -49,9 +49,9 @@ MISSED_INTERVALS = 3
 # few round trips (as long as the hello took), at least JOIN_FLOOR, at most JOIN_WINDOW seconds.
 JOIN_FLOOR = 0.1
 JOIN_WINDOW = 0.5
-# A member answers a `hello` at most this often: a runner restarting in a loop cannot flood the stream.
-# One that vouches for subscriptions (`covered`) answers each new member once all the same: a fleet
-# started a little apart must not create and sweep again what its first member already did.
+# A member answers each runner's `hello` at most this often (a runner with a fixed id restarting in a
+# loop cannot flood the stream), and every runner's: one limit for all hellos left a runner that
+# joined within a second of another blind to that member for an interval, and it took its share.
 ANSWER_EVERY = 1.0
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
@@ -131,9 +131,8 @@ class Fleet:
         self._timer: trio.CancelScope | None = None
         """The sleep until the earliest turn, while there is one."""
         self._joined = trio.Event()
-        self._answered_at = -float("inf")
         self._answered: dict[str, float] = {}
-        """Peer -> when its `hello` was last answered with what this runner vouches for."""
+        """Peer -> when its `hello` was last answered (within `ANSWER_EVERY`)."""
         self._covered = covered
         self._vouched: dict[str, str] = {}
         """Subscription -> the peer that vouched for it in its answer to our `hello`: it claimed it
@@ -440,17 +439,12 @@ class Fleet:
     def _answer(self, peer: str) -> None:
         """Say `alive` to a member that just joined, with what this runner vouches for."""
         now = trio.current_time()
-        covered = sorted(self._covered())
-        if covered and now - self._answered.get(peer, -math.inf) >= ANSWER_EVERY:
-            self._answered = {p: at for p, at in self._answered.items() if now - at < ANSWER_EVERY}
-            self._answered[peer] = now
-        elif now - self._answered_at >= ANSWER_EVERY:
-            covered = []
-        else:
+        if now - self._answered.get(peer, -math.inf) < ANSWER_EVERY:
             return
-        self._answered_at = now
+        self._answered = {p: at for p, at in self._answered.items() if now - at < ANSWER_EVERY}
+        self._answered[peer] = now
         record: dict[str, Any] = {"type": "alive"}
-        if covered:
+        if covered := sorted(self._covered()):
             record["covered"] = covered
         # What this runner linked (created or confirmed) or acknowledged since its last beat, kept
         # while it was alone: the member that joins knows those subscriptions exist (`Journal.knows`)
