@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 import trio
@@ -194,15 +194,14 @@ class _Subscription:
     put_back_in_a_row: int = 0
     """Claims in a row that found the subscription gone: a server that forgets it again at once
     (one shutting down still answers, without its subscriptions) must not drive a claim loop."""
-    paced: bool = False
-    """The cooldown paces claims that got no answer (the server down), not a verdict on this
-    subscription: once the server is heard again (a new connection, a wake), it ends at once."""
-    paced_put_backs: bool = False
-    """The cooldown paces put-backs in a row (`put_back_in_a_row`): a new connection ends it, and
-    the row. A server shutting down forgets what it was just given back; the one started after it
+    pacing: Literal["no answer", "put-backs"] | None = None
+    """Why the cooldown paces claims, where it is not the server's verdict on this subscription.
+    "no answer" (the server down): it ends once the server is heard again (a new connection, a
+    wake). "put-backs" in a row (`put_back_in_a_row`): only a new connection ends it, and the
+    row. A server shutting down forgets what it was just given back; the one started after it
     forgot it once more, which is no reason to make that subscription's events wait."""
     heard: trio.Event = field(default_factory=trio.Event)
-    """Set when the server is heard again while the subscription is paced."""
+    """Set when the pacing ends before the cooldown does."""
     confirmed: bool = False
     """Created or confirmed on the server in this run (before its first claim here, if it is
     this runner's to look after)."""
@@ -219,17 +218,19 @@ class _Subscription:
     def reconnected(self) -> None:
         """A new connection: the server may have restarted since the put-backs counted so far."""
         self.put_back_in_a_row = 0
-        if self.paced_put_backs:
-            self.paced_put_backs, self.paced = False, True
-        self.server_heard()
+        if self.pacing is not None:
+            self._pacing_ends()
 
     def server_heard(self) -> None:
         """The server answers again: a wait that only paced claims without an answer ends now."""
-        if self.paced:
-            self.paced = False
-            self.cooldown_until = min(self.cooldown_until, trio.current_time())
-            self.heard.set()
-            self.heard = trio.Event()
+        if self.pacing == "no answer":
+            self._pacing_ends()
+
+    def _pacing_ends(self) -> None:
+        self.pacing = None
+        self.cooldown_until = min(self.cooldown_until, trio.current_time())
+        self.heard.set()
+        self.heard = trio.Event()
 
     def worth_claiming(self, wake: Wake) -> bool:
         return wake.generation is None or wake.generation > self.handled
@@ -626,7 +627,7 @@ class Dispatcher:
         sub.won_last = outcome in SUCCEEDED
         if result.outcome in COVERS and not (result.unanswered or result.restarted):
             self.covered.add(sub.id)
-        sub.paced = sub.paced_put_backs = False
+        sub.pacing = None
         if result.unanswered or sub.put_back_in_a_row > 1:
             # Not the server's verdict on this subscription: its work must not wait out a cooldown.
             # The first put-back is claimed again at once; a second in a row is paced like no answer.
@@ -635,8 +636,7 @@ class Dispatcher:
                 settings.backoff_initial, max(settings.backoff_max, settings.backoff_initial)
             )
             sub.cooldown_until = trio.current_time() + sub.retry.next_delay()
-            sub.paced = result.unanswered and sub.put_back_in_a_row <= 1
-            sub.paced_put_backs = sub.put_back_in_a_row > 1
+            sub.pacing = "put-backs" if sub.put_back_in_a_row > 1 else "no answer"
             sub.remember(Wake(sub.id))
         elif result.outcome is not None:
             sub.retry = None

@@ -9,6 +9,7 @@ import structlog
 import trio
 
 from .._config import Settings, SubscriptionSpec
+from .._dispatch import CONFIRMING_AT_ONCE
 from .._health import Vitals
 from .._runs.listing import open_wire
 from .._state.journal import Journal
@@ -16,9 +17,6 @@ from .._wire.protocol import ServerSubscription, Wire
 from ..errors import ClientError, StreamConflict, SubscriptionConflict, SubscriptionNotFound
 
 log = structlog.get_logger("pullwake.subscriptions")
-
-# Subscriptions created or confirmed at the same time: a start costs M requests, not M round trips.
-CONFIRMING_AT_ONCE = 16
 
 
 class SubscriptionKeeper:
