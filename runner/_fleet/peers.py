@@ -303,9 +303,8 @@ class Fleet:
             try:
                 if self._offset is None:
                     created = await self._wire.create_stream(self.path)
-                    self._offset = await self._wire.tail(self.path)
                     sent_at = trio.current_time()
-                    await self._append({"type": "alive", "hello": True})
+                    await self._hello()
                     round_trip = trio.current_time() - sent_at
                     nursery.start_soon(self._beat)
                     if created:
@@ -388,6 +387,18 @@ class Fleet:
             raise StreamSilent(f"fleet stream {self.path}: nothing heard for {silence:g} s")
         if (lived := trio.current_time() - started) < MIN_USEFUL_READ:
             raise ImmediateClose(f"the fleet stream's live read ended after {lived:.2f} s")
+
+    async def _hello(self) -> None:
+        """Say `hello`, and follow the fleet stream from just past it: the members' answers come after
+        it (no HEAD for the tail first; a record a peer wrote just before it is not missed either:
+        that peer hears this hello and answers it)."""
+        try:
+            with trio.fail_after(APPEND_TIMEOUT):
+                self._offset = await self._wire.append(
+                    self.path, {"type": "alive", "hello": True, "runner_id": self.runner_id}
+                )
+        except trio.TooSlowError:
+            raise TransportError(f"saying hello on {self.path} took longer than {APPEND_TIMEOUT:g} s") from None
 
     async def _join_window(self, seconds: float) -> None:
         await trio.sleep(seconds)
