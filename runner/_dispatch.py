@@ -492,7 +492,9 @@ class Dispatcher:
                             with trio.move_on_at(sub.cooldown_until):
                                 await sub.heard.wait()
                         our_turn = await self._our_turn(sub)
-                        if our_turn and not sub.confirmed:
+                        if not sub.confirmed:
+                            # Also one a member vouched for, which the sweep leaves to it: a put-back
+                            # after a server restart needs to know where it was linked.
                             await self._confirm(sub)
                     if worker.waiting.cancelled_caught:
                         break

@@ -11,12 +11,14 @@ import trio
 import trio.testing
 
 from runner._claims.outcome import Outcome
+from runner._config import SubscriptionSpec
 from runner._dispatch import Dispatcher, Wake
 from runner._fleet.peers import APPEND_TIMEOUT, JOIN_WINDOW, MISSED_INTERVALS, SILENT_INTERVALS, Fleet
 from runner._fleet.ring import ranked
 from runner._health import Vitals
 from runner._state.journal import Journal
 from runner._wake.reading import Tally
+from runner._wake.subscriptions import SubscriptionKeeper
 from runner._wire.protocol import Ack
 from runner._wire.retrying import Backoff
 from tests.claim_harness import Recorder, jobs, make_context
@@ -476,6 +478,49 @@ async def test_a_gap_is_replayed_by_the_runner_that_holds_it_first_in_line_or_no
         assert journal.gaps(sub) == []
         assert wire.called("claim") == [], "the claim is the first in line's"
         dispatcher.interrupt_all()
+
+
+async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_linked_before_a_restart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A runner that joins a running fleet neither creates nor sweeps what a member covered, and
+    learns those subscriptions' offsets only from the `acked` records since the member's last beat.
+    A quiet one it never learned, put back by it after a server restart, had no gap: the events
+    appended before it was put back were lost. It is confirmed at its first sweep now (where the
+    runner is first for it and does not know it), which tells the runner where it was linked."""
+    wire = FakeWire()
+    sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b", "c"])[0] == "c")
+    stream = f"jobs/{sub}"
+    wire.add_stream(stream)
+    wire.subscribe(sub, [stream])
+    journals = {runner: Journal(None, server_url="x") for runner in "abc"}
+    journals["a"].linked(sub, {stream: offset_of(0)}, created=False)
+    a = member(wire, "a", journals["a"], covered=lambda: {sub})
+    b, c = member(wire, "b", journals["b"]), member(wire, "c", journals["c"])
+    handler = Recorder()
+    keeper = SubscriptionKeeper(
+        wire,
+        [SubscriptionSpec(id=sub, streams=(stream,))],
+        wake_stream="wake/pool",
+        journal=journals["c"],
+        vitals=Vitals("c"),
+    )
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        await trio.sleep(INTERVAL + 0.1)  # b heard a's links; a said them and has said nothing new since
+        await work.start(c.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        context = replace(make_context(wire, handler, runner_id="c"), journal=journals["c"], recreate=keeper.ensure)
+        dispatcher = Dispatcher({sub: context}, Vitals("c"), work, max_concurrent=1, peers=c, confirm=keeper.confirm)
+        dispatcher.resync()  # c's first connection: a covers sub, c's sweep leaves it
+        await trio.sleep(1)
+        assert wire.called("claim") == []
+        wire.forget_subscriptions()  # the server restarts; an event comes before c puts sub back
+        wire.streams[stream].extend(jobs(1, stream))
+        dispatcher.resync()
+        await trio.sleep(10)
+        assert [message for batch in handler.seen for message in batch.messages] == jobs(1, stream)
+        dispatcher.interrupt_all()
+        work.cancel_scope.cancel()
 
 
 # -- what a wake left to a peer costs -------------------------------------------------------------
