@@ -62,9 +62,9 @@ MEMORY = "/dev/shm" if Path("/dev/shm").is_dir() else None
 """Where the server keeps its data (if there): the file-backed reference server fsyncs every append,
 which on a shared disk costs tens of ms per wake; on tmpfs the figures are the runners'."""
 SETTLE = 3.0
+"""Seconds after the last runner follows its wake stream that still count as the start (joins, sweeps)."""
 CREATE_PROBES = 100
 """Subscriptions created to time the server's create (`_create_cost`)."""
-"""Seconds after the last runner follows its wake stream that still count as the start (joins, sweeps)."""
 
 # issue 22's goals
 CLAIMS_PER_WAKE = 1.1
@@ -263,13 +263,15 @@ async def _create_cost(producer: StreamsClient, wake: str, uid: str) -> float:
             await producer.ensure_subscription(probe, wake_stream=wake, pattern=f"{uid}-probe/{probe}/*")
 
     started = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for probe in probes:
-            nursery.start_soon(create, probe)
-    cost = (time.perf_counter() - started) / len(probes) * 1000
-    for probe in probes:
-        await producer.delete_subscription(probe)
-    return cost
+    try:
+        async with trio.open_nursery() as nursery:
+            for probe in probes:
+                nursery.start_soon(create, probe)
+        return (time.perf_counter() - started) / len(probes) * 1000
+    finally:
+        with trio.CancelScope(shield=True):
+            for probe in probes:
+                await producer.delete_subscription(probe)  # none left to write wakes, whatever happened
 
 
 async def _snapshot(members: list[Member], server: DevServer) -> Snapshot:

@@ -278,6 +278,7 @@ class Dispatcher:
         self._slots = Slots(max_concurrent)
         self._replaying = trio.CapacityLimiter(max_concurrent)
         self._confirming = trio.CapacityLimiter(CONFIRMING_AT_ONCE)
+        self._learning = trio.CapacityLimiter(CONFIRMING_AT_ONCE)
         self._idle = trio.Event()
         self._idle.set()
         self._closed = False
@@ -492,13 +493,12 @@ class Dispatcher:
                             with trio.move_on_at(sub.cooldown_until):
                                 await sub.heard.wait()
                         our_turn = await self._our_turn(sub)
-                        if not sub.confirmed:
-                            # Also one a member vouched for, which the sweep leaves to it: a put-back
-                            # after a server restart needs to know where it was linked.
+                        if our_turn and not sub.confirmed:
                             await self._confirm(sub)
                     if worker.waiting.cancelled_caught:
                         break
                     if not our_turn and not sub.context.journal.gaps(sub.id):
+                        self._learn_links(sub)
                         if sub.take_again():
                             worker.waiting = trio.CancelScope()
                             continue
@@ -574,7 +574,20 @@ class Dispatcher:
         finally:
             self._slots.release()
 
-    async def _confirm(self, sub: _Subscription) -> None:
+    def _learn_links(self, sub: _Subscription) -> None:
+        """The sweep left `sub` to the member that vouched for it (`covered`): if this runner is first
+        for it and has not confirmed it, confirm it all the same, off the claim's path.
+
+        That member's answer told this runner only what it acknowledged or linked lately; a runner
+        that puts back, after a server restart, a subscription it never knew finds no gap, and the
+        events appended before the put-back are lost. These confirmations have a lane of their own
+        (`_learning`): a wake's claim never waits behind a joining runner's M/N of them.
+        """
+        if sub.confirmed or self._confirm_one is None or self._peers is None or self._peers.rank(sub.id) != 0:
+            return
+        self._nursery.start_soon(self._confirm, sub, self._learning, name=f"confirm:{sub.id}")
+
+    async def _confirm(self, sub: _Subscription, lane: trio.CapacityLimiter | None = None) -> None:
         """Create or confirm the subscription on the server before its first claim of the run, if it is
         this runner's to look after (with a fleet: its share).
 
@@ -588,7 +601,7 @@ class Dispatcher:
         """
         if self._confirm_one is None or (self._peers is not None and self._peers.rank(sub.id) != 0):
             return
-        async with self._confirming:
+        async with lane or self._confirming:
             try:
                 await self._confirm_one(sub.id)
             except ClientError as exc:

@@ -216,6 +216,23 @@ async def test_a_runner_that_joins_right_after_another_hears_every_member_within
         nursery.cancel_scope.cancel()
 
 
+async def test_a_runner_whose_hello_is_answered_late_still_hears_the_members(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A server slow to answer the hello (it is slowest at a fleet's start, creating subscriptions):
+    the runner follows from just past its hello when the answer comes, and hears the members'
+    answers. Bounded by the hello's own timeout, it took every share as its own."""
+    wire = FakeWire()
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a), trio.open_nursery() as nursery:
+        wire.delay("append", 2.5)  # b's hello, the next append (a's next beat is later)
+        await nursery.start(b.run)
+        mine = {sub for sub in SUBSCRIPTIONS if await b.owns(sub)}
+        assert b.peers() == {"a"}
+        assert mine == {sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"}
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_first_runner_ever_asks_what_to_create_without_waiting(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -480,14 +497,16 @@ async def test_a_gap_is_replayed_by_the_runner_that_holds_it_first_in_line_or_no
         dispatcher.interrupt_all()
 
 
+@pytest.mark.parametrize("word_without_offsets", [False, True])
 async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_linked_before_a_restart(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, word_without_offsets: bool
 ) -> None:
     """A runner that joins a running fleet neither creates nor sweeps what a member covered, and
     learns those subscriptions' offsets only from the `acked` records since the member's last beat.
     A quiet one it never learned, put back by it after a server restart, had no gap: the events
     appended before it was put back were lost. It is confirmed at its first sweep now (where the
-    runner is first for it and does not know it), which tells the runner where it was linked."""
+    runner is first for it and does not know it), which tells the runner where it was linked. Also
+    when a member's `acked` named it without offsets (a lease renewal that acknowledged nothing)."""
     wire = FakeWire()
     sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b", "c"])[0] == "c")
     stream = f"jobs/{sub}"
@@ -509,6 +528,9 @@ async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_l
         await trio.sleep(INTERVAL + 0.1)  # b heard a's links; a said them and has said nothing new since
         await work.start(c.run)
         await trio.sleep(JOIN_WINDOW + 0.1)
+        if word_without_offsets:
+            await wire.append(PATH, {"type": "alive", "runner_id": "a", "acked": {sub: {}}})
+            await trio.sleep(0.5)
         context = replace(make_context(wire, handler, runner_id="c"), journal=journals["c"], recreate=keeper.ensure)
         dispatcher = Dispatcher({sub: context}, Vitals("c"), work, max_concurrent=1, peers=c, confirm=keeper.confirm)
         dispatcher.resync()  # c's first connection: a covers sub, c's sweep leaves it
@@ -519,6 +541,51 @@ async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_l
         dispatcher.resync()
         await trio.sleep(10)
         assert [message for batch in handler.seen for message in batch.messages] == jobs(1, stream)
+        dispatcher.interrupt_all()
+        work.cancel_scope.cancel()
+
+
+async def test_a_wake_does_not_wait_behind_the_confirmations_of_what_members_vouched_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A runner that joins a busy fleet confirms most of its share once (to learn where each was
+    linked, see above); a subscription's wake must not wait for its turn among those (seconds on a
+    loaded server at M=1,000)."""
+    wire = FakeWire()
+    everything = [f"v{i}" for i in range(120)]
+    share = [sub for sub in everything if ranked(sub, ["a", "c"])[0] == "c"]
+    for sub in everything:
+        wire.add_stream(f"jobs/{sub}")
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    journal = Journal(None, server_url="x")
+    a, c = member(wire, "a", covered=lambda: everything), member(wire, "c", journal)
+    keeper = SubscriptionKeeper(
+        wire,
+        [SubscriptionSpec(id=sub, streams=(f"jobs/{sub}",)) for sub in everything],
+        wake_stream="wake/pool",
+        journal=journal,
+        vitals=Vitals("c"),
+    )
+    async with fleet_of(wire, a), trio.open_nursery() as work:
+        await work.start(c.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        context = replace(make_context(wire, Recorder(), runner_id="c"), journal=journal, recreate=keeper.ensure)
+        contexts = dict.fromkeys(everything, context)
+        dispatcher = Dispatcher(contexts, Vitals("c"), work, max_concurrent=4, peers=c, confirm=keeper.confirm)
+        woken = share[-1]
+        wire.delay("ensure_subscription", 1.0, times=len(share) + 1)  # a server busy creating
+        dispatcher.sweep(share[:-1])
+        await trio.sleep(0.1)
+        dispatcher.sweep([woken])  # last in line for a confirmation
+        await trio.sleep(0.1)
+        wire.streams[f"jobs/{woken}"].extend(jobs(1, f"jobs/{woken}"))
+        asked = trio.current_time()
+        dispatcher.wake(wire.wake(woken))
+        await trio.sleep(10)
+        claimed = [call.at for call in wire.called("claim") if call.args[0] == woken]
+        assert claimed
+        assert claimed[0] - asked <= 1.5, "its own confirmation, then the claim"
+        assert len(wire.called("ensure_subscription")) >= len(share), "the share confirmed all the same"
         dispatcher.interrupt_all()
         work.cancel_scope.cancel()
 

@@ -97,6 +97,19 @@ def log_records(directory: Path) -> list[dict[str, Any]]:
     ]
 
 
+def test_a_lease_renewal_that_acknowledged_nothing_tells_the_fleet_nothing() -> None:
+    """A peer takes an `acked` entry as word of where the subscription was linked: an empty one
+    would spare it the confirmation that tells it, and a put-back after a server restart would
+    find no gap."""
+    journal = Journal(None, server_url=SERVER)
+    journal.acked(claim(), [])
+    assert journal.take_fresh() == {}
+    peer = Journal(None, server_url=SERVER)
+    peer.learn("s1", {})
+    assert "s1" not in peer.vouched
+    assert not peer.knows("s1")
+
+
 async def test_a_claim_waits_for_its_own_record_fsynced_with_its_directory_and_acks_wait_for_the_interval(
     tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
 ) -> None:

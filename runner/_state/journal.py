@@ -154,7 +154,9 @@ class Journal:
     def acked(self, claim: Claim, acks: list[Ack]) -> None:
         """An ack was accepted: progress is the server's now, and the lease was renewed."""
         offsets: dict[str, str] = {}
-        fresh = self._fresh.setdefault(claim.subscription, {})
+        # Not an empty entry for a renewal that acknowledged nothing: a peer would take it as word of
+        # where the subscription was linked, and never learn it (`learn`).
+        fresh = self._fresh.setdefault(claim.subscription, {}) if acks else {}
         for ack in acks:
             advance(offsets, ack.stream, ack.offset)
             advance(fresh, ack.stream, ack.offset)
@@ -187,7 +189,12 @@ class Journal:
         return fresh
 
     def learn(self, subscription: str, offsets: Mapping[str, str]) -> None:
-        """A peer acknowledged these: a gap is never replayed from before them (offsets only move forward)."""
+        """A peer acknowledged these: a gap is never replayed from before them (offsets only move forward).
+
+        Word without offsets vouches for nothing: the subscription is still confirmed here, which
+        tells where it was linked, so that putting it back after a server restart finds its gap."""
+        if not offsets:
+            return
         self.vouched.add(subscription)
         known = self._state.acked.get(subscription, {})
         moved = {
