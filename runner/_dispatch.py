@@ -583,9 +583,8 @@ class Dispatcher:
         events appended before the put-back are lost. These confirmations have a lane of their own
         (`_learning`): a wake's claim never waits behind a joining runner's M/N of them.
         """
-        if sub.confirmed or self._confirm_one is None or self._peers is None or self._peers.rank(sub.id) != 0:
-            return
-        self._nursery.start_soon(self._confirm, sub, self._learning, name=f"confirm:{sub.id}")
+        if not sub.confirmed and self._peers is not None and self._peers.rank(sub.id) == 0:
+            self._nursery.start_soon(self._confirm, sub, self._learning, name=f"confirm:{sub.id}")
 
     async def _confirm(self, sub: _Subscription, lane: trio.CapacityLimiter | None = None) -> None:
         """Create or confirm the subscription on the server before its first claim of the run, if it is
