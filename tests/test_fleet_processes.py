@@ -3,7 +3,9 @@
 Four runner processes serve the same subscriptions: every event is counted (none lost, none
 handled twice in steady state, one claim request per wake); the preferred runner of a
 subscription is killed (SIGKILL) while it holds a claim, and another takes over once the lease
-runs out; a runner joins and another leaves (SIGTERM) while events flow. The benchmark
+runs out; a runner joins and another leaves (SIGTERM) while events flow; a runner that joined
+a running fleet puts its share back with the gaps after a server restart (SIGKILL, runners
+frozen with SIGSTOP across it). The benchmark
 (`python -m bench --only fleet`) prints the figures; these tests pin the behaviour.
 """
 
@@ -86,6 +88,7 @@ class Fleet:
         self.stack = stack
         self.members: list[Member] = []
         self.subscriptions = [f"{world.sub}-{j}" for j in range(SUBSCRIPTIONS)]
+        self.fleet_interval = 0.5
 
     def stream(self, j: int) -> str:
         return f"jobs-{self.world.uid}-{j}/a"
@@ -104,7 +107,7 @@ class Fleet:
             "backoff_initial = 0.1",
             "backoff_max = 1.0",
             "checkpoint_interval = 0.1",
-            "fleet_interval = 0.5",
+            f"fleet_interval = {self.fleet_interval}",
             "fleet_fallback = 1.0",
         ]
         for j, subscription in enumerate(self.subscriptions):
@@ -297,3 +300,53 @@ async def test_a_runner_starting_beside_one_that_covered_everything_creates_and_
                 lambda: sorted(fleet.handled()) == list(range(SUBSCRIPTIONS)), timeout=20, what="every event"
             )
         nursery.cancel_scope.cancel()
+
+
+async def test_a_runner_that_joined_a_running_fleet_puts_its_share_back_with_the_gaps_after_a_server_restart(
+    own_world: World, tmp_path: Path
+) -> None:
+    """Issue 22: a runner that joins a running fleet neither creates nor sweeps what the members
+    covered, and learnt where a quiet subscription was linked from nobody (the members' answers carry
+    what they linked since their last beat). After a server restart it put its share back without
+    a gap, and the events appended before the put-back were never delivered. The runners are frozen
+    (SIGSTOP) across the restart, so that the events land before any put-back."""
+    world = own_world
+    with fleet_of(world, tmp_path) as fleet:
+        fleet.fleet_interval = 2.0  # nobody counts the frozen others gone (three intervals)
+        for j in range(SUBSCRIPTIONS):
+            await world.client.create_stream(fleet.stream(j))
+        fleet.add("a")
+        await fleet.settled()
+        await eventually(partial(_idle, fleet), what="the first runner's sweep to end")
+        fleet.add("b")  # hears, in the answer to its hello, where everything was linked
+        await fleet.settled()
+        await eventually(partial(_idle, fleet), what="the second runner's start to end")
+        name = fleet.first_for_some("cdefghij", others="ab")
+        joining = fleet.add(name)
+        await fleet.settled()
+        ids = [member.runner_id for member in fleet.members]
+        share = [sub for sub in fleet.subscriptions if ranked(sub, ids)[0] == joining.runner_id]
+
+        def journal() -> str:
+            return "".join(path.read_text() for path in (tmp_path / name).glob("journal*"))
+
+        await eventually(
+            lambda: all(f'"{sub}"' in journal() for sub in share),
+            timeout=10,
+            what="the joining runner to learn where its share was linked",
+        )
+        for member in fleet.members:
+            assert member.process is not None
+            member.process.send_signal(signal.SIGSTOP)
+        try:
+            await trio.to_thread.run_sync(world.server.kill)
+            await trio.to_thread.run_sync(world.server.start)
+            for j in range(SUBSCRIPTIONS):
+                await world.client.append(fleet.stream(j), {"n": j})
+        finally:
+            for member in fleet.members:
+                assert member.process is not None
+                member.process.send_signal(signal.SIGCONT)
+        await eventually(
+            lambda: sorted(fleet.handled()) == list(range(SUBSCRIPTIONS)), timeout=30, what="every event, once"
+        )
