@@ -490,7 +490,7 @@ def _f(value: float | None, spec: str = ".2f") -> str:
 
 
 def _floor(row: dict[str, Any]) -> float | None:
-    """Seconds the server alone takes to create this row's M subscriptions, one after the other."""
+    """Seconds the server alone takes to create this row's M subscriptions, 16 at a time (None in older results)."""
     cost = row["start"].get("server_create_ms")
     return None if cost is None else row["subscriptions"] * cost / 1000
 

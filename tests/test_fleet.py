@@ -50,6 +50,36 @@ def member(
     )
 
 
+def keeping(
+    wire: FakeWire,
+    fleet: Fleet,
+    journal: Journal,
+    subscriptions: list[str],
+    work: trio.Nursery,
+    handler: Recorder,
+    *,
+    max_concurrent: int,
+) -> Dispatcher:
+    """`fleet`'s dispatcher with a real `SubscriptionKeeper`: it confirms and puts back each
+    subscription (stream `jobs/<id>`), and `journal` learns where each was linked."""
+    keeper = SubscriptionKeeper(
+        wire,
+        [SubscriptionSpec(id=sub, streams=(f"jobs/{sub}",)) for sub in subscriptions],
+        wake_stream="wake/pool",
+        journal=journal,
+        vitals=Vitals(fleet.runner_id),
+    )
+    context = replace(make_context(wire, handler, runner_id=fleet.runner_id), journal=journal, recreate=keeper.ensure)
+    return Dispatcher(
+        dict.fromkeys(subscriptions, context),
+        Vitals(fleet.runner_id),
+        work,
+        max_concurrent=max_concurrent,
+        peers=fleet,
+        confirm=keeper.confirm,
+    )
+
+
 @asynccontextmanager
 async def fleet_of(wire: FakeWire, *members: Fleet) -> AsyncIterator[trio.Nursery]:
     with trio.fail_after(3600):
@@ -517,13 +547,6 @@ async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_l
     a = member(wire, "a", journals["a"], covered=lambda: {sub})
     b, c = member(wire, "b", journals["b"]), member(wire, "c", journals["c"])
     handler = Recorder()
-    keeper = SubscriptionKeeper(
-        wire,
-        [SubscriptionSpec(id=sub, streams=(stream,))],
-        wake_stream="wake/pool",
-        journal=journals["c"],
-        vitals=Vitals("c"),
-    )
     async with fleet_of(wire, a, b), trio.open_nursery() as work:
         await trio.sleep(INTERVAL + 0.1)  # b heard a's links; a said them and has said nothing new since
         await work.start(c.run)
@@ -531,8 +554,7 @@ async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_l
         if word_without_offsets:
             await wire.append(PATH, {"type": "alive", "runner_id": "a", "acked": {sub: {}}})
             await trio.sleep(0.5)
-        context = replace(make_context(wire, handler, runner_id="c"), journal=journals["c"], recreate=keeper.ensure)
-        dispatcher = Dispatcher({sub: context}, Vitals("c"), work, max_concurrent=1, peers=c, confirm=keeper.confirm)
+        dispatcher = keeping(wire, c, journals["c"], [sub], work, handler, max_concurrent=1)
         dispatcher.resync()  # c's first connection: a covers sub, c's sweep leaves it
         await trio.sleep(1)
         assert wire.called("claim") == []
@@ -559,19 +581,10 @@ async def test_a_wake_does_not_wait_behind_the_confirmations_of_what_members_vou
         wire.subscribe(sub, [f"jobs/{sub}"])
     journal = Journal(None, server_url="x")
     a, c = member(wire, "a", covered=lambda: everything), member(wire, "c", journal)
-    keeper = SubscriptionKeeper(
-        wire,
-        [SubscriptionSpec(id=sub, streams=(f"jobs/{sub}",)) for sub in everything],
-        wake_stream="wake/pool",
-        journal=journal,
-        vitals=Vitals("c"),
-    )
     async with fleet_of(wire, a), trio.open_nursery() as work:
         await work.start(c.run)
         await trio.sleep(JOIN_WINDOW + 0.1)
-        context = replace(make_context(wire, Recorder(), runner_id="c"), journal=journal, recreate=keeper.ensure)
-        contexts = dict.fromkeys(everything, context)
-        dispatcher = Dispatcher(contexts, Vitals("c"), work, max_concurrent=4, peers=c, confirm=keeper.confirm)
+        dispatcher = keeping(wire, c, journal, everything, work, Recorder(), max_concurrent=4)
         woken = share[-1]
         wire.delay("ensure_subscription", 1.0, times=len(share) + 1)  # a server busy creating
         dispatcher.sweep(share[:-1])

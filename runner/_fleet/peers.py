@@ -101,7 +101,7 @@ class Fleet:
         """`covered`: the subscriptions this runner claimed (with an answer) since its wake stream
         last connected (`Dispatcher.covered`); a member that joins hears them in the answer to its
         `hello` and neither creates nor sweeps them at its start (`owns`, `may_claim`); it confirms
-        those it does not know, to learn where they were linked (`Dispatcher._confirm`)."""
+        those it does not know, to learn where they were linked (`Dispatcher._learn_links`)."""
         self._wire = wire
         self.path = path
         self.runner_id = runner_id

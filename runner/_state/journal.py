@@ -154,12 +154,11 @@ class Journal:
     def acked(self, claim: Claim, acks: list[Ack]) -> None:
         """An ack was accepted: progress is the server's now, and the lease was renewed."""
         offsets: dict[str, str] = {}
-        # Not an empty entry for a renewal that acknowledged nothing: a peer would take it as word of
-        # where the subscription was linked, and never learn it (`learn`).
-        fresh = self._fresh.setdefault(claim.subscription, {}) if acks else {}
         for ack in acks:
             advance(offsets, ack.stream, ack.offset)
-            advance(fresh, ack.stream, ack.offset)
+            # Only with an offset: a renewal that acknowledged nothing leaves no entry, which a peer
+            # would take as word of where the subscription was linked, and never learn it (`learn`).
+            advance(self._fresh.setdefault(claim.subscription, {}), ack.stream, ack.offset)
         held = self._state.claims.get(claim.subscription)
         token = claim.token.get_secret_value()
         # The token too: a server may refresh it in the ack answer, and a restarted
