@@ -487,7 +487,7 @@ class Dispatcher:
         try:
             with worker.scope:
                 while self._serving(sub):
-                    our_turn = False
+                    our_turn, sweep = False, sub.asked is not None and sub.asked.generation is None
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
                             with trio.move_on_at(sub.cooldown_until):
@@ -508,7 +508,7 @@ class Dispatcher:
                     )
                     sub.woken_at, worker.run = None, run
                     try:
-                        result = await self._replay_then_claim(sub, worker, run, claim=our_turn)
+                        result = await self._replay_then_claim(sub, worker, run, claim=our_turn, sweep=sweep)
                     finally:
                         self._ended(sub, worker, run.result)
                         booked = True
@@ -544,10 +544,11 @@ class Dispatcher:
                 self._idle.set()
 
     async def _replay_then_claim(
-        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, claim: bool
+        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, claim: bool, sweep: bool = False
     ) -> ClaimResult | None:
         """The subscription's gaps (if any), then the claim in a slot if `claim`; None when no
-        claim was made (not this runner's turn, or the drain came first).
+        claim was made (not this runner's turn, or the drain came first, or a runner that joined
+        while a `sweep` waited for its slot is first for it now).
 
         Replays take no claim slot: they have a lane of their own, as wide, so new events on
         other subscriptions never queue behind the replays a server restart leaves (the
@@ -570,6 +571,11 @@ class Dispatcher:
         if worker.waiting.cancelled_caught:
             return None
         try:
+            if sweep and self._peers is not None and self._peers.rank(sub.id) != 0:
+                # A start's sweep of all M waits for slots for seconds, while the fleet's other runners
+                # join: what became a newcomer's share is its sweep's (it swept what we had not
+                # claimed when we answered its hello), not claimed twice.
+                return None
             return await run.run()
         finally:
             self._slots.release()

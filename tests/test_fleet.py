@@ -317,6 +317,53 @@ async def test_after_a_reconnect_what_members_vouched_for_is_swept_again(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_sweep_leaves_to_a_runner_that_joined_while_it_waited_for_slots_what_became_its_share(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first runner of a fleet started together sweeps all M, some at a time, for seconds; the
+    runners that join meanwhile sweep their shares of what it had not claimed when it answered their
+    `hello`. Each subscription is claimed once (those were claimed twice: the 2M start budget missed)."""
+    wire = FakeWire()
+    for sub in SUBSCRIPTIONS:
+        wire.add_stream(f"jobs/{sub}")
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    dispatchers: dict[str, Dispatcher] = {}
+
+    def covered(rid: str) -> Callable[[], Collection[str]]:
+        return lambda: dispatchers[rid].covered if rid in dispatchers else frozenset()
+
+    fleets = {rid: member(wire, rid, covered=covered(rid)) for rid in "ab"}
+    async with trio.open_nursery() as nursery, trio.open_nursery() as work:
+
+        def dispatcher(rid: str) -> Dispatcher:
+            dispatchers[rid] = Dispatcher(
+                {sub: make_context(wire, Recorder(), runner_id=rid) for sub in SUBSCRIPTIONS},
+                Vitals(rid),
+                work,
+                max_concurrent=1,
+                peers=fleets[rid],
+            )
+            return dispatchers[rid]
+
+        wire.delay("claim", 0.2, times=len(SUBSCRIPTIONS))  # a server busy with a fleet's start
+        await nursery.start(fleets["a"].run)
+        dispatcher("a").resync()
+        await trio.sleep(1)
+        await nursery.start(fleets["b"].run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        dispatcher("b").resync()
+        await trio.sleep(30)
+        claimed = [call.args[0] for call in wire.called("claim")]
+        assert set(claimed) == set(SUBSCRIPTIONS)
+        # At most the one a had in flight when it answered (its answer names what was claimed).
+        assert len(claimed) <= len(SUBSCRIPTIONS) + 1, "each once"
+        assert {call.args[1] for call in wire.called("claim")} == {"a", "b"}
+        for each in dispatchers.values():
+            each.interrupt_all()
+        nursery.cancel_scope.cancel()
+        work.cancel_scope.cancel()
+
+
 async def test_a_runner_that_leaves_hands_its_share_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
     wire = FakeWire()
     a, b = member(wire, "a"), member(wire, "b")
@@ -563,6 +610,45 @@ async def test_a_runner_that_joins_late_learns_where_what_a_member_covered_was_l
         dispatcher.resync()
         await trio.sleep(10)
         assert [message for batch in handler.seen for message in batch.messages] == jobs(1, stream)
+        dispatcher.interrupt_all()
+        work.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("claimed", [True, False], ids=["covered", "only linked"])
+async def test_a_runner_that_joins_learns_from_the_answers_where_its_share_was_linked(
+    autojump_clock: trio.testing.MockClock, claimed: bool
+) -> None:
+    """The answer to a `hello` says where each subscription the joining runner is first for was
+    linked or acknowledged, as far as the member knows (not only what changed since its last beat,
+    which the joining runner did not hear): the joining runner confirms none of them (at a fleet's
+    start that was up to M/N requests per runner), sweeps only what the member did not claim since
+    its wake stream connected, and still puts each back with its gap after a server restart."""
+    wire = FakeWire()
+    for sub in SUBSCRIPTIONS:
+        wire.add_stream(f"jobs/{sub}")
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    journals = {runner: Journal(None, server_url="x") for runner in "abc"}
+    for sub in SUBSCRIPTIONS:
+        journals["a"].linked(sub, {f"jobs/{sub}": offset_of(0)}, created=False)
+    a = member(wire, "a", journals["a"], covered=lambda: SUBSCRIPTIONS if claimed else ())
+    b, c = member(wire, "b", journals["b"]), member(wire, "c", journals["c"])
+    share = [sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b", "c"])[0] == "c"]
+    handler = Recorder()
+    async with fleet_of(wire, a, b), trio.open_nursery() as work:
+        await trio.sleep(INTERVAL + 0.1)  # b heard a's links; a has said nothing new since
+        await work.start(c.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        dispatcher = keeping(wire, c, journals["c"], SUBSCRIPTIONS, work, handler, max_concurrent=4)
+        dispatcher.resync()  # c's first connection
+        await trio.sleep(1)
+        assert wire.called("ensure_subscription") == [], "nothing confirmed to learn where it was linked"
+        assert sorted(call.args[0] for call in wire.called("claim")) == ([] if claimed else sorted(share))
+        woken = share[0]
+        wire.forget_subscriptions()  # the server restarts; an event comes before c puts it back
+        wire.streams[f"jobs/{woken}"].extend(jobs(1, f"jobs/{woken}"))
+        dispatcher.resync()
+        await trio.sleep(10)
+        assert [message for batch in handler.seen for message in batch.messages] == jobs(1, f"jobs/{woken}")
         dispatcher.interrupt_all()
         work.cancel_scope.cancel()
 

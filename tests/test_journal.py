@@ -110,6 +110,19 @@ def test_a_lease_renewal_that_acknowledged_nothing_tells_the_fleet_nothing() -> 
     assert not peer.knows("s1")
 
 
+def test_a_runner_tells_a_joining_peer_where_a_subscription_was_linked_only_once_no_gap_of_its_own_is_pending() -> None:
+    """A peer that learnt the offset past a gap would put the subscription back, after a server
+    restart, without those events: only the runner that found the gap holds them until replayed."""
+    journal = Journal(None, server_url=SERVER)
+    journal.linked("s1", {"jobs/a": "0001"}, created=False)
+    journal.linked("s2", {"jobs/b": "0001"}, created=False)
+    [gap] = journal.linked("s2", {"jobs/b": "0009"}, created=True)  # forgotten, re-created past events
+    journal.linked("s3", {"jobs/c": "0001"}, created=False)
+    assert journal.vouchable(lambda sub: sub != "s3") == {"s1": {"jobs/a": "0001"}}
+    journal.replayed("s2", gap, "0009")
+    assert journal.vouchable(lambda sub: sub == "s2") == {"s2": {"jobs/b": "0009"}}
+
+
 async def test_a_claim_waits_for_its_own_record_fsynced_with_its_directory_and_acks_wait_for_the_interval(
     tmp_path: Path, disk: Disk, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -39,7 +39,7 @@ from .._wake.reading import Tally, paced_long_polls
 from .._wire.protocol import LiveRead, Wire, is_after
 from .._wire.retrying import Backoff, next_attempt
 from ..errors import ClientError, ImmediateClose, SSERefused, StreamSilent, TransportError, Unreachable
-from .ring import ranked
+from .ring import first, ranked
 
 log = structlog.get_logger("pullwake.fleet")
 
@@ -456,11 +456,19 @@ class Fleet:
         record: dict[str, Any] = {"type": "alive"}
         if covered := sorted(self._covered()):
             record["covered"] = covered
-        # What this runner linked (created or confirmed) or acknowledged since its last beat, kept
-        # while it was alone: the member that joins knows those subscriptions exist (`Journal.knows`)
-        # before it decides what to create ahead of following its wake stream.
-        if self._journal is not None and (fresh := self._journal.take_fresh()):
-            record["acked"] = fresh
+        if self._journal is not None:
+            # What this runner linked (created or confirmed) or acknowledged since its last beat, kept
+            # while it was alone: the member that joins knows those subscriptions exist (`Journal.knows`)
+            # before it decides what to create ahead of following its wake stream. And where each
+            # subscription the joining runner is first for was linked or acknowledged, as far as this
+            # runner knows: the joining runner would otherwise create or confirm each to learn that
+            # (up to M/N requests; `Dispatcher._learn_links`), or put it back after a server restart
+            # without its gap. It hears only what follows its hello.
+            members = [self.runner_id, *self.peers()]
+            fresh = self._journal.take_fresh()
+            theirs = self._journal.vouchable(lambda sub: first(sub, members) == peer)
+            if acked := {**fresh, **theirs}:  # whole, where fresh has some of a subscription's streams
+                record["acked"] = acked
         self._say(record)
 
     def _learn(self, acked: Mapping[object, object]) -> None:

@@ -19,3 +19,8 @@ def _weight(member: str, subscription: str) -> int:
 def ranked(subscription: str, members: Iterable[str]) -> list[str]:
     """`members` in order of preference for `subscription`: the first claims its wakes at once."""
     return sorted(set(members), key=lambda member: (_weight(member, subscription), member), reverse=True)
+
+
+def first(subscription: str, members: Iterable[str]) -> str:
+    """The member that claims `subscription`'s wakes at once: `ranked(...)[0]`, without the sort."""
+    return max(members, key=lambda member: (_weight(member, subscription), member))

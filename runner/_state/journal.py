@@ -204,6 +204,16 @@ class Journal:
         if moved:
             self._record({"op": "learned", "sub": subscription, "offsets": moved})
 
+    def vouchable(self, wanted: Callable[[str], bool]) -> dict[str, dict[str, str]]:
+        """Where each known subscription `wanted` was acknowledged or linked, for a peer to `learn`;
+        only without a gap of this runner's pending (it alone holds those events until it has
+        replayed them: a peer that learnt past them would put the subscription back without)."""
+        return {
+            sub: dict(offsets)
+            for sub, offsets in self._state.acked.items()
+            if offsets and not self._state.gaps.get(sub) and wanted(sub)
+        }
+
     def sole_stream(self, subscription: str) -> tuple[str, str] | None:
         """The subscription's only known stream and the offset acknowledged there, if it has one only."""
         offsets = self._state.acked.get(subscription)
