@@ -131,11 +131,12 @@ async def test_a_runner_alone_claims_at_once_and_says_nothing(autojump_clock: tr
         assert [record["type"] for record in wire.streams[PATH]] == ["alive"], "its hello, nothing on a wake's path"
 
 
-async def test_a_runner_joins_with_three_requests_and_hears_what_follows_its_hello(
+async def test_a_runner_joins_with_two_requests_and_hears_what_follows_its_hello(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Fleet start (issue 22): create the fleet stream, say hello, follow from just past the hello
-    (its append's answer says where); no HEAD for the tail first (N requests fewer per fleet start)."""
+    """Fleet start (issue 22): say hello, follow from just past the hello (its append's answer says
+    where); no HEAD for the tail first, and no create of the fleet stream that the first runner
+    made (2N - 1 requests fewer per fleet start)."""
     wire = FakeWire()
     a, b = member(wire, "a"), member(wire, "b")
     async with fleet_of(wire, a):
@@ -144,11 +145,12 @@ async def test_a_runner_joins_with_three_requests_and_hears_what_follows_its_hel
             await nursery.start(b.run)
             await trio.sleep(JOIN_WINDOW + 0.1)
             assert b.peers() == {"a"}, "a's answer to the hello was heard"
-            assert [call.method for call in wire.calls[joining:] if call.args[0] == PATH][:3] == [
+            assert [call.method for call in wire.calls[joining:] if call.args[0] == PATH][:2] == ["append", "open_sse"]
+            assert [call.method for call in wire.calls[:joining] if call.args[0] == PATH][:3] == [
+                "append",
                 "create_stream",
                 "append",
-                "open_sse",
-            ]
+            ], "the first runner ever: its hello found no fleet stream"
             assert not wire.called("tail")
             nursery.cancel_scope.cancel()
 

@@ -38,7 +38,15 @@ from .._state.journal import Journal
 from .._wake.reading import Tally, paced_long_polls
 from .._wire.protocol import LiveRead, Wire, is_after
 from .._wire.retrying import Backoff, next_attempt
-from ..errors import ClientError, ImmediateClose, SSERefused, StreamSilent, TransportError, Unreachable
+from ..errors import (
+    ClientError,
+    ImmediateClose,
+    SSERefused,
+    StreamNotFound,
+    StreamSilent,
+    TransportError,
+    Unreachable,
+)
 from .ring import first, ranked
 
 log = structlog.get_logger("pullwake.fleet")
@@ -303,9 +311,8 @@ class Fleet:
         while True:
             try:
                 if self._offset is None:
-                    created = await self._wire.create_stream(self.path)
                     sent_at = trio.current_time()
-                    await self._hello()
+                    created = await self._hello()
                     round_trip = trio.current_time() - sent_at
                     nursery.start_soon(self._beat)
                     if created:
@@ -389,15 +396,25 @@ class Fleet:
         if (lived := trio.current_time() - started) < MIN_USEFUL_READ:
             raise ImmediateClose(f"the fleet stream's live read ended after {lived:.2f} s")
 
-    async def _hello(self) -> None:
+    async def _hello(self) -> bool:
         """Say `hello`, and follow the fleet stream from just past it: the members' answers come after
         it (no HEAD for the tail first; a record a peer wrote just before it is not missed either:
         that peer hears this hello and answers it).
 
         Bounded by the request timeout only, not `APPEND_TIMEOUT`: a hello the server stored but
         answered late must still be followed from, or its answers go unheard and this runner,
-        counting itself alone, takes every share (a server is slowest at a fleet's start)."""
-        self._offset = await self._wire.append(self.path, {"type": "alive", "hello": True, "runner_id": self.runner_id})
+        counting itself alone, takes every share (a server is slowest at a fleet's start).
+
+        The fleet stream is created only if the hello finds none (one request fewer per runner but
+        the first ever); True if this runner created it: it is the first, nobody to wait for."""
+        hello = {"type": "alive", "hello": True, "runner_id": self.runner_id}
+        try:
+            self._offset = await self._wire.append(self.path, hello)
+        except StreamNotFound:
+            created = await self._wire.create_stream(self.path)
+            self._offset = await self._wire.append(self.path, hello)
+            return created
+        return False
 
     async def _join_window(self, seconds: float) -> None:
         await trio.sleep(seconds)
