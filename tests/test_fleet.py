@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+import runner._fleet.peers
 from runner._claims.outcome import Outcome
 from runner._config import SubscriptionSpec
 from runner._dispatch import Dispatcher, Wake
@@ -651,6 +652,37 @@ async def test_a_runner_that_joins_learns_from_the_answers_where_its_share_was_l
         dispatcher.resync()
         await trio.sleep(10)
         assert [message for batch in handler.seen for message in batch.messages] == jobs(1, f"jobs/{woken}")
+        dispatcher.interrupt_all()
+        work.cancel_scope.cancel()
+
+
+async def test_an_answer_says_where_a_bounded_number_of_subscriptions_were_linked_and_the_rest_are_confirmed(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One record per answer, whatever M: past `ANSWER_OFFSETS`, the joining runner learns where the
+    rest of its share was linked as it did before answers said it (it confirms them)."""
+    monkeypatch.setattr(runner._fleet.peers, "ANSWER_OFFSETS", 3)
+    wire = FakeWire()
+    for sub in SUBSCRIPTIONS:
+        wire.add_stream(f"jobs/{sub}")
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    journals = {runner_id: Journal(None, server_url="x") for runner_id in "ab"}
+    for sub in SUBSCRIPTIONS:
+        journals["a"].linked(sub, {f"jobs/{sub}": offset_of(0)}, created=False)
+    journals["a"].take_fresh()  # said at a beat long ago
+    a, b = member(wire, "a", journals["a"], covered=lambda: SUBSCRIPTIONS), member(wire, "b", journals["b"])
+    share = [sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"]
+    async with fleet_of(wire, a), trio.open_nursery() as work:
+        await work.start(b.run)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        [answer] = [record for record in wire.streams[PATH] if record["runner_id"] == "a" and "acked" in record]
+        assert len(answer["acked"]) == 3
+        dispatcher = keeping(wire, b, journals["b"], SUBSCRIPTIONS, work, Recorder(), max_concurrent=4)
+        dispatcher.resync()
+        await trio.sleep(1)
+        assert sorted(call.args[0] for call in wire.called("ensure_subscription")) == sorted(
+            set(share) - set(answer["acked"])
+        )
         dispatcher.interrupt_all()
         work.cancel_scope.cancel()
 

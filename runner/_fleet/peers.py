@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -61,6 +62,10 @@ JOIN_WINDOW = 0.5
 # loop cannot flood the stream), and every runner's: one limit for all hellos left a runner that
 # joined within a second of another blind to that member for an interval, and it took its share.
 ANSWER_EVERY = 1.0
+# An answer says where at most this many subscriptions of the joining runner's share were linked
+# (about 150 KB): a record stays far below what a server takes in one append; the joining runner
+# confirms the rest to learn it, as it did all of them before.
+ANSWER_OFFSETS = 2_000
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
 # Bound on opening the live read of the fleet stream (SSE: until the answer's headers are in).
@@ -483,7 +488,9 @@ class Fleet:
             # without its gap. It hears only what follows its hello.
             members = [self.runner_id, *self.peers()]
             fresh = self._journal.take_fresh()
-            theirs = self._journal.vouchable(lambda sub: first(sub, members) == peer)
+            theirs = dict(
+                islice(self._journal.vouchable(lambda sub: first(sub, members) == peer).items(), ANSWER_OFFSETS)
+            )
             if acked := {**fresh, **theirs}:  # whole, where fresh has some of a subscription's streams
                 record["acked"] = acked
         self._say(record)
