@@ -117,10 +117,11 @@ def test_a_runner_tells_a_joining_peer_where_a_subscription_was_linked_only_once
     journal.linked("s1", {"jobs/a": "0001"}, created=False)
     journal.linked("s2", {"jobs/b": "0001"}, created=False)
     [gap] = journal.linked("s2", {"jobs/b": "0009"}, created=True)  # forgotten, re-created past events
-    journal.linked("s3", {"jobs/c": "0001"}, created=False)
-    assert journal.vouchable(lambda sub: sub != "s3") == {"s1": {"jobs/a": "0001"}}
+    journal.linked("s3", {"jobs/c": "0001", "jobs/d": "0001"}, created=False)
+    assert journal.vouchable(["s1", "s2", "s4"], streams=10) == {"s1": {"jobs/a": "0001"}}
+    assert journal.vouchable(["s1", "s3"], streams=2) == {"s1": {"jobs/a": "0001"}}, "two streams in all"
     journal.replayed("s2", gap, "0009")
-    assert journal.vouchable(lambda sub: sub == "s2") == {"s2": {"jobs/b": "0009"}}
+    assert journal.vouchable(["s2"], streams=10) == {"s2": {"jobs/b": "0009"}}
 
 
 async def test_a_claim_waits_for_its_own_record_fsynced_with_its_directory_and_acks_wait_for_the_interval(

@@ -29,7 +29,6 @@ import math
 from collections.abc import Callable, Collection, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import structlog
@@ -62,9 +61,9 @@ JOIN_WINDOW = 0.5
 # loop cannot flood the stream), and every runner's: one limit for all hellos left a runner that
 # joined within a second of another blind to that member for an interval, and it took its share.
 ANSWER_EVERY = 1.0
-# An answer says where at most this many subscriptions of the joining runner's share were linked
-# (about 150 KB): a record stays far below what a server takes in one append; the joining runner
-# confirms the rest to learn it, as it did all of them before.
+# An answer says where at most this many streams of the joining runner's share were linked (about
+# 150 KB with short paths): a record stays far below what a server takes in one append (and a
+# reader's event bound); the joining runner confirms the rest to learn it.
 ANSWER_OFFSETS = 2_000
 # Bound on one announcement: a slow server must not hold up leaving or the next beat.
 APPEND_TIMEOUT = 2.0
@@ -482,14 +481,15 @@ class Fleet:
             # What this runner linked (created or confirmed) or acknowledged since its last beat, kept
             # while it was alone: the member that joins knows those subscriptions exist (`Journal.knows`)
             # before it decides what to create ahead of following its wake stream. And where each
-            # subscription the joining runner is first for was linked or acknowledged, as far as this
-            # runner knows: the joining runner would otherwise create or confirm each to learn that
-            # (up to M/N requests; `Dispatcher._learn_links`), or put it back after a server restart
+            # subscription it covered (it linked or claimed in this run, so it exists as configured)
+            # that the joining runner is first for was linked or acknowledged: the joining runner
+            # neither creates nor sweeps those, and would otherwise confirm each to learn that (up
+            # to M/N requests; `Dispatcher._learn_links`), lest it put one back after a server restart
             # without its gap. It hears only what follows its hello.
             members = [self.runner_id, *self.peers()]
             fresh = self._journal.take_fresh()
-            theirs = dict(
-                islice(self._journal.vouchable(lambda sub: first(sub, members) == peer).items(), ANSWER_OFFSETS)
+            theirs = self._journal.vouchable(
+                (sub for sub in covered if first(sub, members) == peer), streams=ANSWER_OFFSETS
             )
             if acked := {**fresh, **theirs}:  # whole, where fresh has some of a subscription's streams
                 record["acked"] = acked

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -204,15 +204,21 @@ class Journal:
         if moved:
             self._record({"op": "learned", "sub": subscription, "offsets": moved})
 
-    def vouchable(self, wanted: Callable[[str], bool]) -> dict[str, dict[str, str]]:
-        """Where each known subscription `wanted` was acknowledged or linked, for a peer to `learn`;
-        only without a gap of this runner's pending (it alone holds those events until it has
-        replayed them: a peer that learnt past them would put the subscription back without)."""
-        return {
-            sub: dict(offsets)
-            for sub, offsets in self._state.acked.items()
-            if offsets and not self._state.gaps.get(sub) and wanted(sub)
-        }
+    def vouchable(self, subscriptions: Iterable[str], *, streams: int) -> dict[str, dict[str, str]]:
+        """Where each of `subscriptions` was acknowledged or linked, for a peer to `learn`, up to
+        `streams` offsets in all (one fleet record); only without a gap of this runner's pending (it
+        alone holds those events until it has replayed them: a peer that learnt past them would put
+        the subscription back without)."""
+        vouched: dict[str, dict[str, str]] = {}
+        for sub in subscriptions:
+            offsets = self._state.acked.get(sub)
+            if not offsets or self._state.gaps.get(sub):
+                continue
+            streams -= len(offsets)
+            if streams < 0:
+                break
+            vouched[sub] = dict(offsets)
+        return vouched
 
     def sole_stream(self, subscription: str) -> tuple[str, str] | None:
         """The subscription's only known stream and the offset acknowledged there, if it has one only."""
