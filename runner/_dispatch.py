@@ -210,6 +210,11 @@ class _Subscription:
     """The wake the worker's next claim answers; None when it goes on by itself (`next_wake`)."""
     again: Wake | None = None
     """A wake that arrived while the worker was busy: claim again when it ends."""
+    stood_for: int | None = None
+    """The newest generation of a server's wake that the sweep in `again` (then `asked`) stands for
+    too (`remember`): where a peer is first for the subscription by the time it is claimed, the
+    sweep is that peer's, and this wake still gets its turn (a frozen or busy first in line would
+    leave it to the periodic sweep)."""
 
     def asked_again(self) -> bool:
         """Has the server written a wake for it since its worker's claim began?"""
@@ -218,6 +223,7 @@ class _Subscription:
     def reconnected(self) -> None:
         """A new connection: the server may have restarted since the put-backs counted so far."""
         self.put_back_in_a_row = 0
+        self.stood_for = None  # generations start over; the connection's sweep claims what is pending
         if self.pacing is not None:
             self._pacing_ends()
 
@@ -236,7 +242,8 @@ class _Subscription:
         return wake.generation is None or wake.generation > self.handled
 
     def remember(self, wake: Wake) -> None:
-        """Coalesce wakes that arrive while busy: a sweep counts for all, else the newest generation."""
+        """Coalesce wakes that arrive while busy: a sweep counts for all (and stands for the server's
+        wakes it took in: `stood_for`), else the newest generation."""
         earlier = self.again
         if (
             earlier is None
@@ -244,6 +251,10 @@ class _Subscription:
             or (earlier.generation is not None and wake.generation > earlier.generation)
         ):
             self.again = wake
+        kept = self.again
+        taken_in = [each.generation for each in (earlier, wake) if each is not None and each.generation is not None]
+        if kept is not None and kept.generation is None and taken_in:
+            self.stood_for = max(taken_in if self.stood_for is None else [*taken_in, self.stood_for])
 
     def take_again(self) -> bool:
         """Is a remembered wake newer than what has been handled since?"""
@@ -487,7 +498,8 @@ class Dispatcher:
         try:
             with worker.scope:
                 while self._serving(sub):
-                    our_turn, sweep = False, sub.asked is not None and sub.asked.generation is None
+                    our_turn = False
+                    sweep = sub.asked is not None and sub.asked.generation is None and sub.stood_for is None
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
                             with trio.move_on_at(sub.cooldown_until):
@@ -617,12 +629,20 @@ class Dispatcher:
     async def _our_turn(self, sub: _Subscription) -> bool:
         """Is the next claim this runner's to make (now), or left to a peer?"""
         asked, sub.asked = sub.asked, None
+        stood_for, sub.stood_for = sub.stood_for, None
         if self._peers is None or asked is None:
             return True
-        if asked.generation is not None and asked.generation <= sub.turn_came:
-            self._peers.take(sub.id, asked.generation)
+        generation = asked.generation
+        if generation is None:
+            if await self._peers.may_claim(sub.id, None):
+                return True
+            if stood_for is None or stood_for <= sub.handled:
+                return False
+            generation = stood_for  # a peer is first now: the server's wake the sweep stood for gets its turn
+        if generation <= sub.turn_came:
+            self._peers.take(sub.id, generation)
             return True
-        return await self._peers.may_claim(sub.id, asked.generation)
+        return await self._peers.may_claim(sub.id, generation)
 
     def _ended(self, sub: _Subscription, worker: Worker, result: ClaimResult | None) -> None:
         """Book a claim's end, however it ended.

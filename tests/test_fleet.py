@@ -22,7 +22,7 @@ from runner._wake.reading import Tally
 from runner._wake.subscriptions import SubscriptionKeeper
 from runner._wire.protocol import Ack
 from runner._wire.retrying import Backoff
-from tests.claim_harness import Recorder, jobs, make_context
+from tests.claim_harness import Recorder, jobs, make_context, sleep_for
 from tests.fake_wire import FakeWire, ScriptedRead, offset_of
 
 PATH = "__pullwake/fleet/wake/pool"
@@ -364,6 +364,44 @@ async def test_a_sweep_leaves_to_a_runner_that_joined_while_it_waited_for_slots_
         for each in dispatchers.values():
             each.interrupt_all()
         nursery.cancel_scope.cancel()
+        work.cancel_scope.cancel()
+
+
+async def test_a_servers_wake_that_came_with_a_sweep_while_busy_is_claimed_after_its_turn_if_a_peer_is_first_now(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A wake and a sweep that arrive while the subscription's claim runs are claimed once after it,
+    as a sweep (it counts for all). Where a runner that joined meanwhile is first for it now, a
+    sweep is that runner's: the wake's claim was dropped with it, and the server's wake waited for
+    the periodic sweep (a frozen or busy first in line never claims it). It is the wake's now: its
+    turn comes after the fallback, as for any wake left to a peer."""
+    wire = FakeWire()
+    sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b"])[0] == "b")
+    wire.add_stream(f"jobs/{sub}", jobs(1, f"jobs/{sub}"))
+    wire.subscribe(sub, [f"jobs/{sub}"])
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {sub: make_context(wire, Recorder(sleep_for(2)), runner_id="a")},
+            Vitals("a"),
+            work,
+            max_concurrent=1,
+            peers=a,
+        )
+        dispatcher.wake(wire.wake(sub))  # alone: a claims at once; its handler takes 2 s
+        await trio.sleep(0.5)
+        dispatcher.wake(Wake(sub, f"jobs/{sub}", generation=5))  # while busy: remembered
+        dispatcher.sweep([sub])  # the sweep stands for it
+        await work.start(b.run)  # b joins and is first for sub; it never claims (frozen, busy)
+        await trio.sleep(JOIN_WINDOW + 0.1)
+        claimed = [call.at for call in wire.called("claim")]
+        assert len(claimed) == 1
+        await trio.sleep(10)
+        claimed = [call.at for call in wire.called("claim")]
+        assert len(claimed) == 2, "the server's wake, after its turn"
+        assert claimed[1] - claimed[0] >= 2 + FALLBACK, "after the first claim, and after the fallback"
+        assert [record["subscription"] for record in wire.streams[PATH] if record.get("type") == "taking"] == [sub]
+        dispatcher.interrupt_all()
         work.cancel_scope.cancel()
 
 
