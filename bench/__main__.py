@@ -106,6 +106,11 @@ def cli() -> None:
     parser.add_argument("--fleet-rate", type=float, help="events/s the fleet section appends (default 40)")
     parser.add_argument("--fleet-runners", help="comma-separated N of the fleet rows (default 1,4,12)")
     parser.add_argument("--fleet-subscriptions", help="comma-separated M of the fleet rows (default 200,1000)")
+    parser.add_argument(
+        "--fleet-partitioned",
+        action="store_true",
+        help="each fleet runner its own wake stream and M/N of the subscriptions (what not reading every wake costs)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the scratch files (runner logs, configs) in this directory")
     options = parser.parse_args()
     if options.runner_python:
@@ -125,6 +130,8 @@ def cli() -> None:
         scale = dataclasses.replace(scale, fleet_rate=options.fleet_rate)
     if options.fleet_runners:
         scale = dataclasses.replace(scale, fleet_runners=tuple(int(n) for n in options.fleet_runners.split(",")))
+    if options.fleet_partitioned:
+        scale = dataclasses.replace(scale, fleet_partitioned=True)
     if options.fleet_subscriptions:
         scale = dataclasses.replace(
             scale, fleet_subscriptions=tuple(int(m) for m in options.fleet_subscriptions.split(","))

@@ -59,6 +59,9 @@ class Scale:
     """How long the server is down in each fleet row's restart under load."""
     fleet_after_seconds: float = 8.0
     """How long the producer goes on after the restarted server answers."""
+    fleet_partitioned: bool = False
+    """Each runner its own wake stream and M/N of the subscriptions (by configuration, no failover):
+    the floor of what runners that do not read every wake would cost (docs/design.md §5.9)."""
 
 
 FULL = Scale()

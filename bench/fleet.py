@@ -141,6 +141,7 @@ async def fleet(bench: Bench) -> None:
         "after_seconds": scale.fleet_after_seconds,
         "rows": rows,
         "load_average": list(os.getloadavg()),
+        "partitioned": scale.fleet_partitioned,
     }
 
 
@@ -169,12 +170,13 @@ async def _measure(bench: Bench, runners: int, subscriptions: int) -> dict[str, 
             try:
                 launched = time.time()
                 requests.take()
+                partitioned = bench.scale.fleet_partitioned
                 for k in range(runners):
                     port = free_port()
                     config = bench.runner_config(
                         f"{uid}-r{k}",
-                        wake,
-                        specs,
+                        f"{wake}/{k}" if partitioned else wake,
+                        specs[k::runners] if partitioned else specs,
                         port=port,
                         handler="bench.handlers:record",
                         server_url=proxy.url,
@@ -525,7 +527,13 @@ def render(results: dict[str, Any]) -> str:
             ]
         )
     out = table(
-        f"Fleet: N runner processes x M subscriptions, one wake stream ({section['rate']:g} events/s to random "
+        "Fleet: N runner processes x M subscriptions, "
+        + (
+            "PARTITIONED: each runner its own wake stream and M/N subscriptions, no failover "
+            if section.get("partitioned")
+            else "one wake stream "
+        )
+        + f"({section['rate']:g} events/s to random "
         f"subscriptions for {section['seconds']:g} s; server down {section['down_seconds']:g} s under load; "
         f"load average {', '.join(f'{x:.1f}' for x in section['load_average'])})",
         [
