@@ -81,6 +81,18 @@ def keeping(
     )
 
 
+def linked_by_a(wire: FakeWire, runners: str) -> dict[str, Journal]:
+    """Every subscription on `wire` (stream `jobs/<id>`), and a journal for each of `runners`: "a"'s
+    knows where each subscription was linked."""
+    for sub in SUBSCRIPTIONS:
+        wire.add_stream(f"jobs/{sub}")
+        wire.subscribe(sub, [f"jobs/{sub}"])
+    journals = {runner_id: Journal(None, server_url="x") for runner_id in runners}
+    for sub in SUBSCRIPTIONS:
+        journals["a"].linked(sub, {f"jobs/{sub}": offset_of(0)}, created=False)
+    return journals
+
+
 @asynccontextmanager
 async def fleet_of(wire: FakeWire, *members: Fleet) -> AsyncIterator[trio.Nursery]:
     with trio.fail_after(3600):
@@ -664,12 +676,7 @@ async def test_a_runner_that_joins_learns_from_the_answers_where_its_share_of_wh
     start that was up to M/N requests per runner), and still puts each back with its gap after a
     server restart."""
     wire = FakeWire()
-    for sub in SUBSCRIPTIONS:
-        wire.add_stream(f"jobs/{sub}")
-        wire.subscribe(sub, [f"jobs/{sub}"])
-    journals = {runner: Journal(None, server_url="x") for runner in "abc"}
-    for sub in SUBSCRIPTIONS:
-        journals["a"].linked(sub, {f"jobs/{sub}": offset_of(0)}, created=False)
+    journals = linked_by_a(wire, "abc")
     a = member(wire, "a", journals["a"], covered=lambda: SUBSCRIPTIONS)
     b, c = member(wire, "b", journals["b"]), member(wire, "c", journals["c"])
     share = [sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b", "c"])[0] == "c"]
@@ -700,12 +707,7 @@ async def test_an_answer_says_where_a_bounded_number_of_subscriptions_were_linke
     rest of its share was linked as it did before answers said it (it confirms them)."""
     monkeypatch.setattr(runner._fleet.peers, "ANSWER_OFFSETS", 3)
     wire = FakeWire()
-    for sub in SUBSCRIPTIONS:
-        wire.add_stream(f"jobs/{sub}")
-        wire.subscribe(sub, [f"jobs/{sub}"])
-    journals = {runner_id: Journal(None, server_url="x") for runner_id in "ab"}
-    for sub in SUBSCRIPTIONS:
-        journals["a"].linked(sub, {f"jobs/{sub}": offset_of(0)}, created=False)
+    journals = linked_by_a(wire, "ab")
     journals["a"].take_fresh()  # said at a beat long ago
     a, b = member(wire, "a", journals["a"], covered=lambda: SUBSCRIPTIONS), member(wire, "b", journals["b"])
     share = [sub for sub in SUBSCRIPTIONS if ranked(sub, ["a", "b"])[0] == "b"]
