@@ -33,6 +33,12 @@ from .errors import ClientError
 log = structlog.get_logger("pullwake.claims")
 
 
+Turn = Literal["now", "while first"] | None
+"""Whose the next claim is: this runner's ("now"), its only while it is first for the subscription
+when the claim gets a slot (a sweep of its share, no server's wake in it: "while first"), or a
+peer's (None)."""
+
+
 @dataclass(frozen=True)
 class Wake:
     """A reason to claim a subscription."""
@@ -498,8 +504,7 @@ class Dispatcher:
         try:
             with worker.scope:
                 while self._serving(sub):
-                    our_turn = False
-                    sweep = sub.asked is not None and sub.asked.generation is None and sub.stood_for is None
+                    our_turn: Turn = None
                     with worker.waiting:
                         if sub.cooldown_until > trio.current_time():
                             with trio.move_on_at(sub.cooldown_until):
@@ -520,7 +525,7 @@ class Dispatcher:
                     )
                     sub.woken_at, worker.run = None, run
                     try:
-                        result = await self._replay_then_claim(sub, worker, run, claim=our_turn, sweep=sweep)
+                        result = await self._replay_then_claim(sub, worker, run, turn=our_turn)
                     finally:
                         self._ended(sub, worker, run.result)
                         booked = True
@@ -556,11 +561,11 @@ class Dispatcher:
                 self._idle.set()
 
     async def _replay_then_claim(
-        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, claim: bool, sweep: bool = False
+        self, sub: _Subscription, worker: Worker, run: ClaimRun, *, turn: Turn
     ) -> ClaimResult | None:
-        """The subscription's gaps (if any), then the claim in a slot if `claim`; None when no
-        claim was made (not this runner's turn, or the drain came first, or a runner that joined
-        while a `sweep` waited for its slot is first for it now).
+        """The subscription's gaps (if any), then the claim in a slot if it is this runner's `turn`;
+        None when no claim was made (not its turn, or the drain came first, or a runner that joined
+        while a sweep ("while first") waited for its slot is first for it now).
 
         Replays take no claim slot: they have a lane of their own, as wide, so new events on
         other subscriptions never queue behind the replays a server restart leaves (the
@@ -572,7 +577,7 @@ class Dispatcher:
                 if (ended := await replay_gaps(run)) is not None:
                     run.result = ClaimResult(ended)
                     return run.result
-        if not claim:
+        if turn is None:
             return None
         worker.waiting = trio.CancelScope()  # a drain cancels the wait for a slot, never a replay
         if self._closed:
@@ -583,7 +588,7 @@ class Dispatcher:
         if worker.waiting.cancelled_caught:
             return None
         try:
-            if sweep and self._peers is not None and self._peers.rank(sub.id) != 0:
+            if turn == "while first" and self._peers is not None and self._peers.rank(sub.id) != 0:
                 # A start's sweep of all M waits for slots for seconds, while the fleet's other runners
                 # join: what became a newcomer's share is its sweep's (it swept what we had not
                 # claimed when we answered its hello), not claimed twice.
@@ -626,23 +631,23 @@ class Dispatcher:
                 return
         sub.confirmed = True
 
-    async def _our_turn(self, sub: _Subscription) -> bool:
-        """Is the next claim this runner's to make (now), or left to a peer?"""
+    async def _our_turn(self, sub: _Subscription) -> Turn:
+        """Is the next claim this runner's to make (now), or left to a peer (None)?"""
         asked, sub.asked = sub.asked, None
         stood_for, sub.stood_for = sub.stood_for, None
         if self._peers is None or asked is None:
-            return True
+            return "now"
         generation = asked.generation
         if generation is None:
             if await self._peers.may_claim(sub.id, None):
-                return True
+                return "while first" if stood_for is None else "now"
             if stood_for is None or stood_for <= sub.handled:
-                return False
+                return None
             generation = stood_for  # a peer is first now: the server's wake the sweep stood for gets its turn
         if generation <= sub.turn_came:
             self._peers.take(sub.id, generation)
-            return True
-        return await self._peers.may_claim(sub.id, generation)
+            return "now"
+        return "now" if await self._peers.may_claim(sub.id, generation) else None
 
     def _ended(self, sub: _Subscription, worker: Worker, result: ClaimResult | None) -> None:
         """Book a claim's end, however it ended.

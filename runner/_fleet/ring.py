@@ -8,7 +8,7 @@ member joins or leaves, only the subscriptions it is (or was) first for change h
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def _weight(member: str, subscription: str) -> int:
@@ -16,11 +16,15 @@ def _weight(member: str, subscription: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def _preference(subscription: str) -> Callable[[str], tuple[int, str]]:
+    return lambda member: (_weight(member, subscription), member)
+
+
 def ranked(subscription: str, members: Iterable[str]) -> list[str]:
     """`members` in order of preference for `subscription`: the first claims its wakes at once."""
-    return sorted(set(members), key=lambda member: (_weight(member, subscription), member), reverse=True)
+    return sorted(set(members), key=_preference(subscription), reverse=True)
 
 
 def first(subscription: str, members: Iterable[str]) -> str:
     """The member that claims `subscription`'s wakes at once: `ranked(...)[0]`, without the sort."""
-    return max(members, key=lambda member: (_weight(member, subscription), member))
+    return max(members, key=_preference(subscription))
