@@ -417,6 +417,39 @@ async def test_a_servers_wake_that_came_with_a_sweep_while_busy_is_claimed_after
         work.cancel_scope.cancel()
 
 
+async def test_a_sweep_that_took_in_a_servers_wake_is_claimed_even_if_a_peer_became_first_while_it_waited_for_a_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The slot-time check leaves only a pure sweep to a runner that joined meanwhile: one that stands
+    for a server's wake (which that runner never heard, joining after it) is claimed here."""
+    wire = FakeWire()
+    sub = next(s for s in SUBSCRIPTIONS if ranked(s, ["a", "b"])[0] == "b")
+    other = next(s for s in SUBSCRIPTIONS if s != sub)
+    for each in (sub, other):
+        wire.add_stream(f"jobs/{each}", jobs(1, f"jobs/{each}"))
+        wire.subscribe(each, [f"jobs/{each}"])
+    a, b = member(wire, "a"), member(wire, "b")
+    async with fleet_of(wire, a), trio.open_nursery() as work:
+        dispatcher = Dispatcher(
+            {each: make_context(wire, Recorder(sleep_for(2)), runner_id="a") for each in (sub, other)},
+            Vitals("a"),
+            work,
+            max_concurrent=1,
+            peers=a,
+        )
+        dispatcher.wake(wire.wake(sub))  # alone: claimed at once, the slot held 2 s
+        await trio.sleep(0.5)
+        dispatcher.wake(wire.wake(other))  # the next in the slot, for 2 s more
+        dispatcher.wake(Wake(sub, f"jobs/{sub}", generation=5))  # while busy: remembered
+        dispatcher.sweep([sub])  # the sweep stands for it; still alone when its turn is decided
+        await trio.sleep(2)
+        await work.start(b.run)  # b joins while sub waits for the slot, and is first for it
+        await trio.sleep(10)
+        assert [call.args[0] for call in wire.called("claim")].count(sub) == 2
+        dispatcher.interrupt_all()
+        work.cancel_scope.cancel()
+
+
 async def test_a_runner_that_leaves_hands_its_share_over_at_once(autojump_clock: trio.testing.MockClock) -> None:
     wire = FakeWire()
     a, b = member(wire, "a"), member(wire, "b")
